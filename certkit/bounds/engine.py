@@ -1,0 +1,236 @@
+"""Bound propagation over one graph: IBP, CROWN-IBP and full CROWN.
+
+``BoundedModel`` builds the graph once and bounds many boxes. Every method runs the
+same two passes over the graph:
+
+1. a forward sweep in topological order computing an interval for every node with
+   the operators' IBP rules; with ``method="crown"`` the interval of every node that
+   feeds a nonlinearity is tightened by a backward CROWN pass (only for neurons IBP
+   leaves unstable, intersected with IBP);
+2. a backward pass from the output with the specification matrix C: for ``ibp`` it
+   stops at the last nonlinearity (this is C folded into the last linear layers), for
+   ``crown-ibp`` and ``crown`` it runs to the input, and the result is intersected
+   with the IBP one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from certkit.bounds.graph import Graph, build_graph
+from certkit.errors import InvalidInput
+
+METHODS = ("ibp", "crown-ibp", "crown")
+Interval = tuple[Tensor, Tensor]
+
+# Largest A tensor (elements) one backward pass may hold for intermediate bounds.
+_BACKWARD_BUDGET = 1 << 26
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """Full float32 precision on CUDA while bounding: TF32 matmuls would break soundness."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def concretize(A: Tensor, box: Interval) -> Tensor:
+    """Lower bound of A·x over the box: A⁺l + A⁻u = A·c − |A|·r, for A of shape (B, S, *shape)."""
+    lo, up = box
+    B, S = A.shape[:2]
+    c = ((up + lo) / 2).reshape(B, -1, 1)
+    r = ((up - lo) / 2).reshape(B, -1, 1)
+    A = A.reshape(B, S, -1)
+    return (torch.bmm(A, c) - torch.bmm(A.abs(), r)).squeeze(-1)
+
+
+class BoundedModel:
+    """A network made ready for bounding: an ``nn.Module`` or the path of an ONNX file."""
+
+    def __init__(self, model: nn.Module | str | Path, input_shape: tuple[int, ...] | None = None):
+        self.onnx_path = None
+        if isinstance(model, (str, Path)):
+            from certkit.onnx_io import load_onnx
+
+            loaded = load_onnx(model)
+            self.onnx_path = Path(model)
+            model, input_shape = loaded.module, loaded.input_shape
+        self.module = model
+        self._graph: Graph | None = None
+        if input_shape is not None:
+            self._build(tuple(input_shape))
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build(self, input_shape: tuple[int, ...]) -> None:
+        self._graph = build_graph(self.module, input_shape)
+        self._ancestors: dict[str, list] = {}
+        self._exact = self._graph.ibp_exact()
+        self.pre_activation = {i for n in self._graph.nodes[1:] if not n.op.affine for i in n.inputs}
+
+    @property
+    def graph(self) -> Graph:
+        if self._graph is None:
+            raise RuntimeError("the graph is built on the first call (input shape unknown until then)")
+        return self._graph
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        """Build the graph on first use, move the model to x's device, cast x to its dtype."""
+        param = next(self.module.parameters(), None)
+        if param is not None and param.device != x.device:
+            self.module.to(x.device)
+            self._graph = None  # constants captured at build time must move too
+        if self._graph is None:
+            self._build(tuple(x.shape[1:]))
+        if tuple(x.shape[1:]) != self.graph.input_shape:
+            raise InvalidInput(
+                f"input of shape {tuple(x.shape)} does not fit the model, which expects (batch, "
+                f"{', '.join(map(str, self.graph.input_shape))})")
+        dtype = param.dtype if param is not None else torch.float32
+        return x.to(dtype)
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The concrete output, computed through the graph (records batch-norm statistics)."""
+        x = self._prepare(x)
+        values = {self.graph.input.name: x}
+        for n in self.graph.nodes[1:]:
+            values[n.name] = n.op.forward(*(values[i] for i in n.inputs))
+        return values[self.graph.output]
+
+    __call__ = forward
+
+    # ------------------------------------------------------------------ bounds
+
+    def intervals(self, lower: Tensor, upper: Tensor, method: str = "ibp") -> dict[str, Interval]:
+        """Interval bounds of every node: IBP, refined by CROWN when ``method == 'crown'``."""
+        bounds: dict[str, Interval] = {self.graph.input.name: (lower, upper)}
+        refine = method == "crown"
+        for n in self.graph.nodes[1:]:
+            lo, up = n.op.interval(*(bounds[i] for i in n.inputs))
+            if refine and n.name in self.pre_activation and not self._exact[n.name]:
+                lo, up = self._crown_refine(n.name, lo, up, bounds)
+            bounds[n.name] = (lo, up)
+        return bounds
+
+    def _crown_refine(self, name: str, lo: Tensor, up: Tensor, bounds: dict[str, Interval]) -> Interval:
+        """Tighten the neurons of node ``name`` that IBP leaves unstable with a CROWN pass."""
+        B, shape = lo.shape[0], lo.shape[1:]
+        lf, uf = lo.reshape(B, -1), up.reshape(B, -1)
+        idx = ((lf < 0) & (uf > 0)).any(0).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return lo, up
+        widest = max(math.prod(self.graph.by_name[a.name].shape) for a in self._ancestors_of(name))
+        chunk = max(1, _BACKWARD_BUDGET // (2 * B * widest))
+        lf, uf = lf.clone(), uf.clone()
+        n_flat = lf.shape[1]
+        for part in idx.split(chunk):
+            k = part.numel()
+            eye = torch.zeros(k, n_flat, dtype=lo.dtype, device=lo.device)
+            eye[torch.arange(k, device=lo.device), part] = 1
+            A = torch.cat([eye, -eye]).expand(B, 2 * k, n_flat).reshape(B, 2 * k, *shape)
+            lb = self._backward(name, A, bounds, stop_at_nonlinear=False)
+            lf[:, part] = torch.maximum(lf[:, part], lb[:, :k])
+            uf[:, part] = torch.minimum(uf[:, part], -lb[:, k:])
+        return lf.reshape(lo.shape), uf.reshape(up.shape)
+
+    def _ancestors_of(self, name: str):
+        if name not in self._ancestors:
+            self._ancestors[name] = self.graph.ancestors(name)
+        return self._ancestors[name]
+
+    def _backward(self, start: str, A: Tensor, bounds: dict[str, Interval], stop_at_nonlinear: bool,
+                  lower_slopes: dict[str, Tensor] | None = None) -> Tensor:
+        """Lower bound (B, S) of A·node[start] by backward linear propagation.
+
+        With ``stop_at_nonlinear`` the linear function is concretised at the outputs of
+        the last nonlinear nodes with their intervals (IBP with C folded in); otherwise it
+        is relaxed through them down to the input box (CROWN).
+        """
+        pending = {start: A}
+        lb = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
+        for node in self._ancestors_of(start):
+            A_n = pending.pop(node.name, None)
+            if A_n is None:
+                continue
+            if node.op is None or (stop_at_nonlinear and not node.op.affine):
+                lb = lb + concretize(A_n, bounds[node.name])
+                continue
+            kw = {}
+            if lower_slopes is not None and node.name in lower_slopes:
+                kw["lower_slope"] = lower_slopes[node.name]
+            A_ins, bias = node.op.backward(A_n, [bounds[i] for i in node.inputs], **kw)
+            if bias is not None:
+                lb = lb + bias
+            for i, A_i in zip(node.inputs, A_ins):
+                pending[i] = pending[i] + A_i if i in pending else A_i
+        return lb
+
+    def compute_bounds(self, lower: Tensor, upper: Tensor, method: str = "crown", C: Tensor | None = None,
+                       bound_upper: bool = True, x: Tensor | None = None, intersect: bool = True,
+                       lower_slopes: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Bounds (lb, ub) of the outputs (B, K), or of C·output (B, S) when C (B, S, K) is given.
+
+        ``x`` is the clean batch whose statistics train-mode batch norms use (default: the
+        box centre). ``intersect`` takes the better of the CROWN and IBP final bounds.
+        ``lower_slopes`` maps ReLU node names to lower slopes of shape (B, S, *shape) for
+        the final pass (α-CROWN). ``ub`` is None when ``bound_upper`` is False.
+        """
+        if method not in METHODS:
+            raise InvalidInput(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        lower, upper = self._prepare(lower), self._prepare(upper)
+        if lower.shape != upper.shape:
+            raise InvalidInput(f"lower {tuple(lower.shape)} and upper {tuple(upper.shape)} differ in shape")
+        if bool((lower > upper).any()):
+            raise InvalidInput("lower bound above upper bound in the input box")
+        with no_tf32():
+            if any(getattr(n.op, "module", None) is not None and n.op.module.training for n in self.graph.nodes[1:]):
+                self.forward((lower + upper) / 2 if x is None else x)
+            return self._compute(lower, upper, method, C, bound_upper, intersect, lower_slopes)
+
+    def _compute(self, lower, upper, method, C, bound_upper, intersect, lower_slopes):
+        B = lower.shape[0]
+        out_shape = self.graph.output_shape
+        K = math.prod(out_shape)
+        bounds = self.intervals(lower, upper, method)
+        if C is None:
+            if method == "ibp":
+                lo, up = bounds[self.graph.output]
+                return lo.reshape(B, K), (up.reshape(B, K) if bound_upper else None)
+            C = torch.eye(K, dtype=lower.dtype, device=lower.device).expand(B, K, K)
+        C = C.to(lower)
+        if C.dim() != 3 or C.shape[0] != B or C.shape[2] != K:
+            raise InvalidInput(f"C must have shape (batch={B}, specs, outputs={K}); got {tuple(C.shape)}")
+        S = C.shape[1]
+        A = (torch.cat([C, -C], 1) if bound_upper else C).reshape(B, -1, *out_shape)
+        lb = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=True)
+        if method != "ibp":
+            crown = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=False, lower_slopes=lower_slopes)
+            lb = torch.maximum(lb, crown) if intersect else crown
+        return lb[:, :S], (-lb[:, S:] if bound_upper else None)
+
+
+def compute_bounds(model: nn.Module | str | Path | BoundedModel, lower: Tensor, upper: Tensor,
+                   method: str = "crown", C: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Sound bounds on a network's outputs over the box [lower, upper].
+
+    ``model`` is an ``nn.Module``, a path to an ``.onnx`` file or a :class:`BoundedModel`;
+    ``lower``/``upper`` have a batch dimension. Returns ``(lb, ub)`` of shape (B, K), or
+    (B, S) for a specification matrix C of shape (B, S, K). Differentiable for ``ibp``
+    and ``crown-ibp``.
+    """
+    bm = model if isinstance(model, BoundedModel) else BoundedModel(model)
+    return bm.compute_bounds(lower, upper, method=method, C=C)

@@ -1,0 +1,462 @@
+"""Per-operator bound rules: one class per node kind, each in one place.
+
+Every operator knows three things about itself:
+
+- ``forward(*xs)``: the concrete computation (batched, first dimension is the batch);
+- ``interval(*bounds)``: the IBP rule, mapping input intervals ``(l, u)`` to an output
+  interval that contains every output reachable from inputs inside the boxes;
+- ``backward(A, in_bounds, ...)``: the CROWN rule. Given a linear function ``A · out``
+  (``A`` of shape ``(B, S, *out_shape)``, S the number of specifications), return the
+  coefficient tensors on each bounded input and a bias ``(B, S)`` such that
+  ``A · out >= sum_i A_i · in_i + bias`` for every input inside its box (a sound *lower*
+  bound; upper bounds are lower bounds of ``-A``).
+
+Affine operators (``affine = True``) satisfy the backward inequality with equality.
+``mixing`` marks affine operators that combine several input coordinates into one
+output (Linear, Conv, AvgPool); chains with at most one of them are bounded exactly by
+IBP, which lets full CROWN skip them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Interval = tuple[Tensor, Tensor]
+
+
+def _center_radius(b: Interval) -> tuple[Tensor, Tensor]:
+    lo, up = b
+    return (up + lo) / 2, (up - lo) / 2
+
+
+def _sum_to(A: Tensor, shape: Sequence[int]) -> Tensor:
+    """Sum ``A`` (B, S, *broadcast_shape) down to (B, S, *shape) (undo broadcasting)."""
+    target = (A.shape[0], A.shape[1], *shape)
+    if tuple(A.shape) == target:
+        return A
+    return A.sum_to_size(target)
+
+
+def _bias_sum(A: Tensor, t: Tensor) -> Tensor:
+    """sum over all non-(B, S) dims of ``A * t`` with t broadcast to one sample."""
+    return (A * t).flatten(2).sum(-1)
+
+
+class Op:
+    """Base class of the node kinds."""
+
+    kind = "op"
+    affine = False
+    mixing = False
+    diagonal = False  # element-wise or a permutation of coordinates
+
+    def forward(self, *xs: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def interval(self, *bounds: Interval) -> Interval:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, A: Tensor, in_bounds: Sequence[Interval], **kw) -> tuple[list[Tensor], Tensor | None]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def describe(self) -> str:
+        return ""
+
+    def num_params(self) -> int:
+        return 0
+
+
+# --------------------------------------------------------------------------- affine
+
+
+class Linear(Op):
+    """y = x W^T + b on the last dimension (nn.Linear, Gemm, MatMul by a constant)."""
+
+    kind = "linear"
+    affine = True
+    mixing = True
+
+    def __init__(self, params: Callable[[], tuple[Tensor, Tensor | None]]):
+        self._params = params  # live: reads the module's current weights
+
+    def forward(self, x):
+        w, b = self._params()
+        return F.linear(x, w, b)
+
+    def interval(self, b_in):
+        w, b = self._params()
+        c, r = _center_radius(b_in)
+        c2 = F.linear(c, w, b)
+        r2 = F.linear(r, w.abs())
+        return c2 - r2, c2 + r2
+
+    def backward(self, A, in_bounds, **kw):
+        w, b = self._params()
+        A_in = A.matmul(w)
+        bias = None if b is None else A.matmul(b).reshape(A.shape[0], A.shape[1], -1).sum(-1)
+        return [A_in], bias
+
+    def describe(self):
+        w, _ = self._params()
+        return f"{w.shape[1]}→{w.shape[0]}"
+
+    def num_params(self):
+        w, b = self._params()
+        return w.numel() + (0 if b is None else b.numel())
+
+
+class Conv2d(Op):
+    """2-D convolution with zero padding (any stride, dilation, groups)."""
+
+    kind = "conv"
+    affine = True
+    mixing = True
+
+    def __init__(self, params: Callable[[], tuple[Tensor, Tensor | None]], stride, padding, dilation, groups,
+                 in_shape: Sequence[int]):
+        self._params = params
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.in_shape = tuple(in_shape)
+
+    def _conv(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x):
+        w, b = self._params()
+        return self._conv(x, w, b)
+
+    def interval(self, b_in):
+        w, b = self._params()
+        c, r = _center_radius(b_in)
+        c2 = self._conv(c, w, b)
+        r2 = self._conv(r, w.abs(), None)
+        return c2 - r2, c2 + r2
+
+    def backward(self, A, in_bounds, **kw):
+        w, b = self._params()
+        B, S = A.shape[:2]
+        out = A.reshape(B * S, *A.shape[2:])
+        h_out, w_out = out.shape[-2:]
+        # output_padding recovers the input rows/cols that the stride skipped
+        pad = tuple(
+            self.in_shape[1 + d] - ((size - 1) * self.stride[d] - 2 * self.padding[d]
+                                    + self.dilation[d] * (w.shape[2 + d] - 1) + 1)
+            for d, size in enumerate((h_out, w_out)))
+        A_in = F.conv_transpose2d(out, w, None, self.stride, self.padding, pad, self.groups, self.dilation)
+        A_in = A_in.reshape(B, S, *A_in.shape[1:])
+        bias = None if b is None else A.sum((-2, -1)).matmul(b)
+        return [A_in], bias
+
+    def describe(self):
+        w, _ = self._params()
+        pair = lambda t: f"{t[0]}" if t[0] == t[1] else f"{t[0]}x{t[1]}"  # noqa: E731
+        return (f"{w.shape[1] * self.groups}→{w.shape[0]} k{pair(w.shape[-2:])} s{pair(self.stride)} "
+                f"p{pair(self.padding)}" + (f" g{self.groups}" if self.groups > 1 else ""))
+
+    def num_params(self):
+        w, b = self._params()
+        return w.numel() + (0 if b is None else b.numel())
+
+
+class ElementwiseAffine(Op):
+    """y = x * s + t with constant s, t broadcast over one sample (Add/Sub/Mul/Div by constants)."""
+
+    kind = "affine"
+    affine = True
+    diagonal = True
+
+    def __init__(self, scale: Tensor | None, shift: Tensor | None, in_shape: Sequence[int]):
+        self.scale, self.shift = scale, shift
+        self.in_shape = tuple(in_shape)
+
+    def forward(self, x):
+        y = x if self.scale is None else x * self.scale
+        return y if self.shift is None else y + self.shift
+
+    def interval(self, b_in):
+        if self.scale is None:
+            return self.forward(b_in[0]), self.forward(b_in[1])
+        c, r = _center_radius(b_in)
+        c2 = self.forward(c)
+        r2 = r * self.scale.abs()
+        return c2 - r2, c2 + r2
+
+    def backward(self, A, in_bounds, **kw):
+        A_in = A if self.scale is None else A * self.scale
+        bias = None if self.shift is None else _bias_sum(A, self.shift)
+        return [_sum_to(A_in, self.in_shape)], bias
+
+    def describe(self):
+        parts = []
+        if self.scale is not None:
+            parts.append(f"* {_short(self.scale)}")
+        if self.shift is not None:
+            parts.append(f"+ {_short(self.shift)}")
+        return " ".join(parts)
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "×".join(map(str, shape))
+
+
+def _short(t: Tensor) -> str:
+    return f"{t.item():.4g}" if t.numel() == 1 else f"tensor{tuple(t.shape)}"
+
+
+class BatchNorm(Op):
+    """Batch norm as a per-channel affine map (channel dimension 1).
+
+    Eval mode uses running statistics. Train mode uses the mean and biased variance of
+    the clean batch recorded by the last ``forward`` (not detached: gradients flow
+    through them), as the reference implementation of the fast-training paper does.
+    """
+
+    kind = "batchnorm"
+    affine = True
+    diagonal = True
+
+    def __init__(self, module: torch.nn.modules.batchnorm._BatchNorm):
+        self.module = module
+        self.stats: tuple[Tensor, Tensor] | None = None
+
+    def _shape(self, ndim: int) -> list[int]:
+        return [-1] + [1] * (ndim - 2)
+
+    def forward(self, x):
+        m = self.module
+        if m.training:
+            dims = [0] + list(range(2, x.dim()))
+            self.stats = (x.mean(dims), x.var(dims, unbiased=False))
+        return m(x)
+
+    def scale_shift(self, ndim: int) -> tuple[Tensor, Tensor]:
+        m = self.module
+        if m.training:
+            if self.stats is None:
+                raise RuntimeError("batch norm in train mode: run a clean forward pass before bounding")
+            mean, var = self.stats
+        else:
+            mean, var = m.running_mean, m.running_var
+        w = m.weight if m.affine else torch.ones_like(mean)
+        b = m.bias if m.affine else torch.zeros_like(mean)
+        scale = w / torch.sqrt(var + m.eps)
+        shift = b - mean * scale
+        return scale.reshape(self._shape(ndim)), shift.reshape(self._shape(ndim))
+
+    def interval(self, b_in):
+        s, t = self.scale_shift(b_in[0].dim())
+        c, r = _center_radius(b_in)
+        c2 = c * s + t
+        r2 = r * s.abs()
+        return c2 - r2, c2 + r2
+
+    def backward(self, A, in_bounds, **kw):
+        s, t = self.scale_shift(A.dim() - 1)
+        return [A * s], _bias_sum(A, t)
+
+    def describe(self):
+        return f"{self.module.num_features} ch" + (" (train stats)" if self.module.training else "")
+
+    def num_params(self):
+        return sum(p.numel() for p in self.module.parameters())
+
+
+class Reshape(Op):
+    """Flatten / Reshape / Squeeze / Unsqueeze: a reshape of each sample to a fixed shape."""
+
+    kind = "reshape"
+    affine = True
+    diagonal = True
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int]):
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.out_shape)
+
+    def interval(self, b_in):
+        return self.forward(b_in[0]), self.forward(b_in[1])
+
+    def backward(self, A, in_bounds, **kw):
+        return [A.reshape(A.shape[0], A.shape[1], *self.in_shape)], None
+
+    def describe(self):
+        return f"{_dims(self.in_shape)}→{_dims(self.out_shape)}"
+
+
+class Permute(Op):
+    """Transpose / Permute of the per-sample dimensions (the batch dimension stays first)."""
+
+    kind = "permute"
+    affine = True
+    diagonal = True
+
+    def __init__(self, perm: Sequence[int]):
+        self.perm = tuple(perm)  # includes the batch dim, perm[0] == 0
+        inv = [0] * len(perm)
+        for i, p in enumerate(perm):
+            inv[p] = i
+        self.inv = tuple(inv)
+
+    def forward(self, x):
+        return x.permute(self.perm)
+
+    def interval(self, b_in):
+        return self.forward(b_in[0]), self.forward(b_in[1])
+
+    def backward(self, A, in_bounds, **kw):
+        return [A.permute(0, 1, *(i + 1 for i in self.inv[1:]))], None
+
+    def describe(self):
+        return f"perm {self.perm}"
+
+
+class Concat(Op):
+    """Concatenation of bounded tensors along a per-sample dimension."""
+
+    kind = "concat"
+    affine = True
+    diagonal = True
+
+    def __init__(self, dim: int, sizes: Sequence[int]):
+        self.dim = dim  # >= 1, in batched coordinates
+        self.sizes = list(sizes)
+
+    def forward(self, *xs):
+        return torch.cat(xs, self.dim)
+
+    def interval(self, *bs):
+        return torch.cat([b[0] for b in bs], self.dim), torch.cat([b[1] for b in bs], self.dim)
+
+    def backward(self, A, in_bounds, **kw):
+        return list(torch.split(A, self.sizes, self.dim + 1)), None
+
+    def describe(self):
+        return f"dim {self.dim}"
+
+
+class AvgPool2d(Op):
+    """Average pooling: a linear map with non-negative weights (monotone)."""
+
+    kind = "avgpool"
+    affine = True
+    mixing = True
+
+    def __init__(self, kernel_size, stride, padding, ceil_mode, count_include_pad, in_shape):
+        self.args = (kernel_size, stride, padding, ceil_mode, count_include_pad)
+        self.in_shape = tuple(in_shape)
+
+    def forward(self, x):
+        return F.avg_pool2d(x, *self.args)
+
+    def interval(self, b_in):
+        return self.forward(b_in[0]), self.forward(b_in[1])
+
+    def backward(self, A, in_bounds, **kw):
+        B, S = A.shape[:2]
+        flat = A.reshape(B * S, *A.shape[2:])
+        zeros = flat.new_zeros(B * S, *self.in_shape)
+        _, vjp = torch.func.vjp(self.forward, zeros)
+        (A_in,) = vjp(flat)
+        return [A_in.reshape(B, S, *self.in_shape)], None
+
+    def describe(self):
+        return f"k{self.args[0]} s{self.args[1]} p{self.args[2]}"
+
+
+class Add(Op):
+    """Sum of two bounded tensors (residual connections)."""
+
+    kind = "add"
+    affine = True
+
+    def __init__(self, in_shapes: Sequence[Sequence[int]], sign: float = 1.0):
+        self.in_shapes = [tuple(s) for s in in_shapes]
+        self.sign = sign
+
+    def forward(self, x, y):
+        return x + y if self.sign > 0 else x - y
+
+    def interval(self, bx, by):
+        if self.sign > 0:
+            return bx[0] + by[0], bx[1] + by[1]
+        return bx[0] - by[1], bx[1] - by[0]
+
+    def backward(self, A, in_bounds, **kw):
+        Ay = A if self.sign > 0 else -A
+        return [_sum_to(A, self.in_shapes[0]), _sum_to(Ay, self.in_shapes[1])], None
+
+
+class Sub(Add):
+    """Difference of two bounded tensors."""
+
+    kind = "sub"
+
+    def __init__(self, in_shapes):
+        super().__init__(in_shapes, sign=-1.0)
+
+
+# ----------------------------------------------------------------------- nonlinear
+
+
+class Activation(Op):
+    """An element-wise nonlinearity bounded by two lines per neuron.
+
+    Subclasses give ``fn`` and ``relax(l, u) -> (a_l, b_l, a_u, b_u)`` with
+    ``a_l h + b_l <= fn(h) <= a_u h + b_u`` for all h in [l, u]. Monotone functions get
+    their IBP rule for free.
+    """
+
+    def fn(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x):
+        return self.fn(x)
+
+    def interval(self, b_in):
+        return self.fn(b_in[0]), self.fn(b_in[1])
+
+    def relax(self, lo: Tensor, up: Tensor, lower_slope: Tensor | None = None):
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def backward(self, A, in_bounds, lower_slope: Tensor | None = None, **kw):
+        lo, up = in_bounds[0]
+        a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), lower_slope)
+        pos, neg = A.clamp(min=0), A.clamp(max=0)
+        A_in = pos * a_l + neg * a_u
+        bias = _bias_sum(neg, b_u)
+        if b_l is not None:
+            bias = bias + _bias_sum(pos, b_l)
+        return [A_in], bias
+
+
+class ReLU(Activation):
+    """ReLU with CROWN's triangle relaxation.
+
+    Unstable neurons (l < 0 < u): upper line u/(u-l)·(h - l); lower line a·h with a in
+    [0, 1]: the adaptive choice (1 if u >= -l else 0) unless ``lower_slope`` gives a
+    (α-CROWN optimises it). Stable neurons are exact.
+    """
+
+    kind = "relu"
+
+    def fn(self, x):
+        return torch.relu(x)
+
+    @staticmethod
+    def default_slope(lo: Tensor, up: Tensor) -> Tensor:
+        return (up >= -lo).to(lo.dtype)
+
+    def relax(self, lo, up, lower_slope=None):
+        active = lo >= 0
+        unstable = (lo < 0) & (up > 0)
+        denom = torch.where(unstable, up - lo, torch.ones_like(up))
+        a_u = torch.where(unstable, up / denom, active.to(up.dtype))
+        b_u = torch.where(unstable, -a_u * lo, torch.zeros_like(lo))
+        slope = self.default_slope(lo, up) if lower_slope is None else lower_slope.clamp(0, 1)
+        a_l = torch.where(unstable, slope, active.to(lo.dtype))
+        return a_l, None, a_u, b_u

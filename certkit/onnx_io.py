@@ -1,0 +1,156 @@
+"""ONNX in: check operators up front, upgrade old opsets, convert with onnx2torch.
+
+Many published ONNX files use opsets that onnx2torch cannot read directly
+(Flatten-1, Dropout-7, ...); those are upgraded with onnx's version converter first.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from certkit.errors import InvalidInput, InvalidModel, UnsupportedOperator
+
+# ONNX operators the bound engine has sound rules for (Mul/Div need a constant operand,
+# MatMul a constant matrix; the graph builder checks those details).
+SUPPORTED_OPS = frozenset({
+    "Gemm", "MatMul", "Conv", "BatchNormalization", "Relu", "Add", "Sub", "Mul", "Div",
+    "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "AveragePool",
+    "Identity", "Dropout", "Constant",
+})
+UPGRADE_OPSET = 11
+
+
+@dataclass
+class LoadedOnnx:
+    """An ONNX file converted to a torch.fx module, with its input description."""
+
+    module: torch.nn.Module
+    proto: onnx.ModelProto
+    input_name: str
+    input_shape: tuple[int, ...]  # per sample (the first dimension is the batch)
+    opset: int
+
+
+def read_proto(path: str | Path) -> onnx.ModelProto:
+    """Read an ONNX file, with a one-line error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidModel(f"{path}: no such file")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        raise InvalidModel(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+
+
+def opset_of(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def graph_input(proto: onnx.ModelProto) -> tuple[str, tuple[int, ...]]:
+    """Name and per-sample shape of the single real input (symbolic batch dims count as 1)."""
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise InvalidModel(f"certkit needs a network with exactly one input; this one has {len(inputs)}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
+    if len(shape) < 2:
+        raise InvalidModel(f"input {inputs[0].name!r} has shape {shape}; expected (batch, ...)")
+    return inputs[0].name, shape[1:]
+
+
+def unsupported_nodes(proto: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(node name, op type) of every node without a bound rule."""
+    return [(n.name or f"#{i}", n.op_type) for i, n in enumerate(proto.graph.node) if n.op_type not in SUPPORTED_OPS]
+
+
+def check_supported(proto: onnx.ModelProto) -> None:
+    """Raise UnsupportedOperator naming the first unsupported node (and counting the rest)."""
+    bad = unsupported_nodes(proto)
+    if bad:
+        name, op = bad[0]
+        others = sorted({o for _, o in bad[1:] if o != op})
+        detail = f"{len(bad)} unsupported node(s)" + (f"; also {', '.join(others)}" if others else "")
+        raise UnsupportedOperator(name, op, detail)
+
+
+def _convert(proto: onnx.ModelProto) -> torch.nn.Module:
+    from onnx2torch import convert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return convert(proto)
+        except Exception as first:
+            if opset_of(proto) >= UPGRADE_OPSET:
+                raise InvalidModel(f"onnx2torch cannot convert this model: {first}") from None
+        try:
+            upgraded = onnx.version_converter.convert_version(proto, UPGRADE_OPSET)
+            return convert(upgraded)
+        except Exception as e:
+            raise InvalidModel(f"cannot convert opset {opset_of(proto)} model (also after upgrading to "
+                               f"opset {UPGRADE_OPSET}): {e}") from None
+
+
+def load_onnx(path: str | Path) -> LoadedOnnx:
+    """Load an ONNX network for bounding: operators checked before anything is computed."""
+    proto = read_proto(path)
+    check_supported(proto)
+    name, shape = graph_input(proto)
+    module = _convert(proto).eval()
+    return LoadedOnnx(module, proto, name, shape, opset_of(proto))
+
+
+def run_onnxruntime(path: str | Path, x: np.ndarray) -> np.ndarray:
+    """The network's output on ``x`` (batch first) according to onnxruntime, one sample at a time
+    when the file fixes the batch size to 1."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    x = np.asarray(x, dtype=np.float32)
+    full_shape = [d if isinstance(d, int) else None for d in inp.shape]
+    if len(full_shape) != x.ndim:
+        raise InvalidInput(f"onnxruntime input {inp.name!r} has rank {len(full_shape)}, got array of shape {x.shape}")
+    if full_shape[0] == 1 and x.shape[0] != 1:
+        return np.concatenate([sess.run(None, {inp.name: x[i:i + 1]})[0] for i in range(x.shape[0])])
+    return sess.run(None, {inp.name: x})[0]
+
+
+@dataclass
+class OnnxSummary:
+    """What ``certkit inspect`` shows about a file, readable even when conversion fails."""
+
+    path: Path
+    opset: int
+    input_name: str
+    input_shape: tuple[int, ...]
+    nodes: list[tuple[str, str, str]]  # (name, op type, output shape)
+    num_params: int
+    unsupported: list[tuple[str, str]]
+
+
+def summarize_onnx(path: str | Path) -> OnnxSummary:
+    """Nodes, op types, inferred shapes and parameter count of an ONNX file."""
+    proto = read_proto(path)
+    name, shape = graph_input(proto)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:
+        inferred = proto
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = "×".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+    nodes = [(n.name or f"#{i}", n.op_type, shapes.get(n.output[0], "?") if n.output else "")
+             for i, n in enumerate(proto.graph.node)]
+    n_params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    return OnnxSummary(Path(path), opset_of(proto), name, shape, nodes, n_params, unsupported_nodes(proto))

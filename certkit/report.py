@@ -1,0 +1,60 @@
+"""Rich terminal output: graph tables and bound tables."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from certkit.bounds.graph import Graph
+from certkit.onnx_io import OnnxSummary
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def graph_table(graph: Graph, title: str) -> Table:
+    """One row per normalised node: kind, source operator, per-sample shape, parameters."""
+    t = Table(title=title, title_justify="left")
+    for col in ("#", "node", "kind", "from", "inputs", "shape", "params", "details"):
+        t.add_column(col, justify="right" if col in ("#", "params") else "left")
+    for i, n in enumerate(graph.nodes):
+        kind = "input" if n.op is None else n.op.kind
+        params = 0 if n.op is None else n.op.num_params()
+        details = "" if n.op is None else n.op.describe()
+        t.add_row(str(i), n.name, kind, n.source, ", ".join(n.inputs), "×".join(map(str, n.shape)),
+                  f"{params:,}" if params else "", details)
+    return t
+
+
+def onnx_table(summary: OnnxSummary) -> Table:
+    """The raw ONNX node list (used when the file cannot be normalised)."""
+    bad = {name for name, _ in summary.unsupported}
+    t = Table(title=f"{summary.path.name}: ONNX nodes (opset {summary.opset})", title_justify="left")
+    for col in ("#", "node", "op type", "output shape"):
+        t.add_column(col)
+    for i, (name, op, shape) in enumerate(summary.nodes):
+        style = "bold red" if name in bad else None
+        t.add_row(str(i), name, op, shape, style=style)
+    return t
+
+
+def bounds_table(lb: Tensor, ub: Tensor | None, row_names: list[str], max_samples: int = 8) -> Table:
+    """Lower / upper bounds per sample and output (or specification row)."""
+    t = Table(title="bounds", title_justify="left")
+    for col in ("sample", "output", "lower", "upper", "width"):
+        t.add_column(col, justify="left" if col == "output" else "right")
+    B = lb.shape[0]
+    for b in range(min(B, max_samples)):
+        for j, name in enumerate(row_names):
+            lo = float(lb[b, j])
+            up = float(ub[b, j]) if ub is not None else math.nan
+            style = "green" if lo > 0 else None
+            t.add_row(str(b), name, f"{lo:.6g}", f"{up:.6g}", f"{up - lo:.4g}", style=style)
+        if b + 1 < min(B, max_samples):
+            t.add_section()
+    if B > max_samples:
+        t.caption = f"{B - max_samples} more samples in the output file"
+    return t

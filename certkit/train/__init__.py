@@ -1,0 +1,1 @@
+"""Certified robust training: models, IBP init, regularisers, ε schedule, the loop, datasets."""

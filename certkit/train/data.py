@@ -1,0 +1,99 @@
+"""Datasets read by certkit itself: MNIST (idx files, torchvision layout) and CIFAR-10 (python batches).
+
+Images come back as uint8 tensors (N, C, H, W) and int64 labels; ``to_float`` maps
+pixels to [0, 1]. Missing files give an error that lists what is expected where.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from certkit.errors import InvalidInput
+
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def default_data_dir() -> Path:
+    """$CERTKIT_DATA, else ../shared/data beside the repository, else ./data."""
+    env = os.environ.get("CERTKIT_DATA")
+    if env:
+        return Path(env)
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return shared if shared.is_dir() else Path("data")
+
+
+def _open_maybe_gz(path: Path) -> bytes:
+    for p in (path, path.with_name(path.name + ".gz")):
+        if p.is_file():
+            opener = gzip.open if p.suffix == ".gz" else open
+            with opener(p, "rb") as f:
+                return f.read()
+    raise FileNotFoundError(path)
+
+
+def _parse_idx(raw: bytes) -> np.ndarray:
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_mnist(data_dir: str | Path, split: str) -> tuple[Tensor, Tensor]:
+    """MNIST from ``data_dir/MNIST/raw/`` (or ``data_dir`` itself), gzipped or not."""
+    data_dir = Path(data_dir)
+    img_name, lbl_name = _MNIST_FILES[split]
+    for raw in (data_dir / "MNIST" / "raw", data_dir / "raw", data_dir):
+        try:
+            images = _parse_idx(_open_maybe_gz(raw / img_name))
+            labels = _parse_idx(_open_maybe_gz(raw / lbl_name))
+            break
+        except FileNotFoundError:
+            continue
+    else:
+        raise InvalidInput(f"MNIST {split} split not found: expected {data_dir}/MNIST/raw/{img_name}.gz and "
+                           f"{lbl_name}.gz (the four original files, torchvision layout); set --data-dir")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_cifar10(data_dir: str | Path, split: str) -> tuple[Tensor, Tensor]:
+    """CIFAR-10 python batches from ``data_dir/cifar-10-batches-py/`` (training: every
+    ``data_batch_*`` present)."""
+    data_dir = Path(data_dir)
+    folder = next((d for d in (data_dir / "cifar-10-batches-py", data_dir) if (d / "test_batch").is_file()), None)
+    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    files = [] if folder is None else [folder / n for n in names if (folder / n).is_file()]
+    if not files:
+        raise InvalidInput(f"CIFAR-10 {split} split not found: expected {data_dir}/cifar-10-batches-py/"
+                           f"{'test_batch' if split == 'test' else 'data_batch_1 … data_batch_5'} "
+                           "(the standard python batches); set --data-dir")
+    xs, ys = [], []
+    for f in files:
+        with open(f, "rb") as fh:
+            d = pickle.load(fh, encoding="latin1")
+        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d["labels"], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+LOADERS = {"mnist": load_mnist, "cifar10": load_cifar10}
+
+
+def load_dataset(name: str, data_dir: str | Path | None, split: str) -> tuple[Tensor, Tensor]:
+    """(uint8 images N×C×H×W, int64 labels) of a named dataset split."""
+    if name not in LOADERS:
+        raise InvalidInput(f"unknown dataset {name!r}; choose one of {', '.join(LOADERS)}")
+    return LOADERS[name](default_data_dir() if data_dir is None else data_dir, split)
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 pixels to float32 in [0, 1]."""
+    return images.float().div_(255)

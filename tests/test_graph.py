@@ -1,0 +1,57 @@
+"""Graph building: normalisation of modules and ONNX files, unsupported operators reported up front."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from certkit.bounds import BoundedModel, compute_bounds
+from certkit.errors import InvalidInput, UnsupportedOperator
+from certkit.train.models import build_model
+
+
+class Sig(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x))
+
+
+class Square(nn.Module):
+    def forward(self, x):
+        return x * x
+
+
+@pytest.mark.parametrize("model,op", [(Sig(), "sigmoid"), (nn.Sequential(nn.Linear(4, 4), nn.MaxPool1d(2)),
+                                                            "MaxPool1d"), (Square(), "Mul")])
+def test_unsupported_module_operator_is_named_before_computing(model, op):
+    x = torch.zeros(1, 4)
+    with pytest.raises(UnsupportedOperator) as info:
+        compute_bounds(model, x, x + 1)
+    assert info.value.op_type == op and info.value.node
+
+
+def test_cnn7_graph_kinds():
+    bm = BoundedModel(build_model("cnn7", "cifar10").eval(), (3, 32, 32))
+    kinds = [n.op.kind for n in bm.graph.nodes[1:]]
+    assert kinds.count("conv") == 5 and kinds.count("linear") == 2 and kinds.count("batchnorm") == 6
+    assert kinds.count("relu") == 6 and kinds[:2] == ["affine", "affine"]  # normalisation: sub, div
+    assert bm.graph.output_shape == (10,)
+
+
+def test_input_shape_mismatch_is_reported():
+    model = build_model("mlp", "mnist").eval()
+    with pytest.raises(InvalidInput, match=r"cannot run on inputs of per-sample shape \(3, 28, 28\)"):
+        compute_bounds(model, torch.zeros(1, 3, 28, 28), torch.ones(1, 3, 28, 28))
+    bm = BoundedModel(model, (1, 28, 28))
+    with pytest.raises(InvalidInput, match=r"expects \(batch, 1, 28, 28\)"):
+        bm.compute_bounds(torch.zeros(1, 3, 28, 28), torch.ones(1, 3, 28, 28))
+
+
+def test_unknown_method():
+    model = build_model("mlp", "mnist").eval()
+    with pytest.raises(InvalidInput, match="unknown method"):
+        compute_bounds(model, torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28), method="magic")

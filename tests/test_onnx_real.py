@@ -1,0 +1,94 @@
+"""Every real VNN-COMP network: loads (or is refused by name), matches onnxruntime, gets sound bounds."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from certkit.bounds import BoundedModel, margin_matrix
+from certkit.errors import UnsupportedOperator
+from certkit.onnx_io import SUPPORTED_OPS, run_onnxruntime
+from tests.conftest import VNNCOMP
+
+# The issue's operator set, written out independently of certkit's own list.
+ISSUE_OPS = {"Gemm", "MatMul", "Conv", "BatchNormalization", "Relu", "Add", "Sub", "Mul", "Div", "Flatten",
+             "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "AveragePool", "Identity", "Dropout",
+             "Constant"}
+
+
+def _networks() -> list[tuple[str, set[str]]]:
+    """(onnx path, op types) from net_info.csv, written by the benchmark's publishers."""
+    info = VNNCOMP / "net_info.csv"
+    if not info.is_file():
+        return []
+    with open(info) as f:
+        rows = list(csv.DictReader(f))
+    return [(str(VNNCOMP / r["family"] / r["onnx"]), {t.split(":")[0] for t in r["op_types"].split()}) for r in rows]
+
+
+NETWORKS = _networks()
+SUPPORTED = [p for p, o in NETWORKS if o <= ISSUE_OPS]
+UNSUPPORTED = [(p, o - ISSUE_OPS) for p, o in NETWORKS if not o <= ISSUE_OPS]
+
+
+def _id(p) -> str:
+    return p.split("vnncomp/")[-1] if isinstance(p, str) else ""
+
+
+def test_operator_lists_agree():
+    assert SUPPORTED_OPS == ISSUE_OPS
+    if NETWORKS:
+        assert len(SUPPORTED) >= 40 and UNSUPPORTED
+
+
+@pytest.mark.parametrize("path", SUPPORTED, ids=_id)
+def test_real_network_matches_onnxruntime_and_bounds_are_sound(path, vnncomp_dir):
+    torch.manual_seed(0)
+    bm = BoundedModel(path)
+    shape = bm.graph.input_shape
+    x = torch.rand(3, *shape)
+    ref = run_onnxruntime(path, x.numpy())
+    with torch.no_grad():
+        out = bm(x).numpy()
+    np.testing.assert_allclose(out.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4 * (1 + np.abs(ref).max()))
+
+    center = x[:1]
+    eps = 0.02
+    lo, up = center - eps, center + eps
+    n_in = int(np.prod(shape))
+    samples = lo + (up - lo) * torch.rand(2000, *shape)
+    if n_in <= 14:  # every corner of the box too
+        corners = torch.tensor(list(itertools.product([0.0, 1.0], repeat=n_in))).reshape(-1, *shape)
+        samples = torch.cat([samples, lo + (up - lo) * corners])
+    with torch.no_grad():
+        ys = bm(samples).reshape(len(samples), -1)
+    K = ys.shape[1]
+    label = int(bm(center).reshape(-1).argmax()) if K > 1 else 0
+    for method in ("ibp", "crown-ibp", "crown"):
+        with torch.no_grad():
+            lb, ub = bm.compute_bounds(lo, up, method=method)
+        tol = 1e-5 * (1 + ys.abs())
+        assert torch.isfinite(lb).all() and torch.isfinite(ub).all(), method
+        assert (ys >= lb - tol).all(), f"{method}: lower bound violated by {float((lb - ys).max())}"
+        assert (ys <= ub + tol).all(), f"{method}: upper bound violated by {float((ys - ub).max())}"
+        if K > 1:
+            C = margin_matrix(torch.tensor([label]), K)
+            with torch.no_grad():
+                mlb, mub = bm.compute_bounds(lo, up, method=method, C=C)
+            margins = ys[:, label:label + 1] - ys
+            margins = torch.cat([margins[:, :label], margins[:, label + 1:]], 1)
+            mtol = 1e-5 * (1 + margins.abs())
+            assert (margins >= mlb - mtol).all() and (margins <= mub + mtol).all(), method
+
+
+@pytest.mark.parametrize("path,missing", UNSUPPORTED, ids=lambda v: _id(v))
+def test_unsupported_network_is_refused_by_name(path, missing, vnncomp_dir):
+    with pytest.raises(UnsupportedOperator) as info:
+        BoundedModel(path)
+    assert info.value.op_type in missing
+    assert info.value.node  # the node is named
+    assert info.value.op_type in str(info.value) and info.value.node in str(info.value)
