@@ -112,3 +112,24 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     from certkit.onnx_io import read_proto
 
     return {p.key: p.value for p in read_proto(path).metadata_props}
+
+
+CLASS_NAMES = {
+    "mnist": [str(i) for i in range(10)],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | None = None, check_samples: int = 64) -> dict:
+    """``certkit export --onnx``: a training checkpoint to a checked, BN-fused ONNX file."""
+    from certkit.train.data import load_dataset, to_float
+    from certkit.train.loop import load_checkpoint
+    from certkit.train.models import DATASETS
+
+    model, cfg, _ = load_checkpoint(ckpt)
+    info = DATASETS[cfg.dataset]
+    x, _ = load_dataset(cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, "test")
+    meta = {"dataset": cfg.dataset, "eps": cfg.eps_test, "eps_train": cfg.eps, "training_method": cfg.method,
+            "model": cfg.model, "class_names": CLASS_NAMES.get(cfg.dataset, [str(i) for i in range(info.num_classes)]),
+            "mean": list(info.mean), "std": list(info.std)}
+    return export_onnx(model, out, info.shape, meta, to_float(x[:check_samples]), cfg.eps_test)

@@ -58,3 +58,41 @@ def bounds_table(lb: Tensor, ub: Tensor | None, row_names: list[str], max_sample
     if B > max_samples:
         t.caption = f"{B - max_samples} more samples in the output file"
     return t
+
+
+class TrainProgress:
+    """A rich progress bar per epoch showing loss, ε, clean / IBP-verified error and speed."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TextColumn("{task.fields[speed]}"),
+                                 TimeRemainingColumn(), console=console, transient=False)
+        self.task = None
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def start_epoch(self, epoch: int, total: int) -> None:
+        import time
+
+        self.progress.start()
+        self.task = self.progress.add_task("", total=total, epoch=epoch, info="", speed="")
+        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+
+    def advance(self, stats: dict) -> None:
+        import time
+
+        self.count += 1
+        for k in ("loss", "clean_err", "ibp_err"):
+            v = stats[k]
+            if v == v:  # not NaN
+                self.sums[k] = self.sums.get(k, 0.0) + v
+        avg = {k: v / self.count for k, v in self.sums.items()}
+        info = (f"loss {avg.get('loss', 0):.4f}  ε {stats['eps']:.4g}  clean err {100 * avg.get('clean_err', 0):.1f}%"
+                + (f"  IBP err {100 * avg['ibp_err']:.1f}%" if "ibp_err" in avg else ""))
+        rate = self.count / max(time.perf_counter() - self.t0, 1e-9)
+        self.progress.update(self.task, advance=1, info=info, speed=f"{rate:.2f} it/s")
+
+    def end_epoch(self) -> None:
+        self.progress.stop()

@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from certkit.bounds.graph import Graph, build_graph
+from certkit.bounds.ops import BatchNorm
 from certkit.errors import InvalidInput
 
 METHODS = ("ibp", "crown-ibp", "crown")
@@ -79,6 +80,11 @@ class BoundedModel:
         self._ancestors: dict[str, list] = {}
         self._exact = self._graph.ibp_exact()
         self.pre_activation = {i for n in self._graph.nodes[1:] if not n.op.affine for i in n.inputs}
+
+    @property
+    def has_train_bn(self) -> bool:
+        """Whether some batch norm is in train mode (and so needs clean-batch statistics)."""
+        return any(isinstance(n.op, BatchNorm) and n.op.module.training for n in self.graph.nodes[1:])
 
     @property
     def graph(self) -> Graph:
@@ -181,11 +187,14 @@ class BoundedModel:
 
     def compute_bounds(self, lower: Tensor, upper: Tensor, method: str = "crown", C: Tensor | None = None,
                        bound_upper: bool = True, x: Tensor | None = None, intersect: bool = True,
-                       lower_slopes: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+                       lower_slopes: dict[str, Tensor] | None = None,
+                       reuse_stats: bool = False) -> tuple[Tensor, Tensor | None]:
         """Bounds (lb, ub) of the outputs (B, K), or of C·output (B, S) when C (B, S, K) is given.
 
         ``x`` is the clean batch whose statistics train-mode batch norms use (default: the
-        box centre). ``intersect`` takes the better of the CROWN and IBP final bounds.
+        box centre); with ``reuse_stats`` they use the statistics recorded by the last
+        ``forward`` instead (the training loop's clean pass of the same step).
+        ``intersect`` takes the better of the CROWN and IBP final bounds.
         ``lower_slopes`` maps ReLU node names to lower slopes of shape (B, S, *shape) for
         the final pass (α-CROWN). ``ub`` is None when ``bound_upper`` is False.
         """
@@ -197,15 +206,27 @@ class BoundedModel:
         if bool((lower > upper).any()):
             raise InvalidInput("lower bound above upper bound in the input box")
         with no_tf32():
-            if any(getattr(n.op, "module", None) is not None and n.op.module.training for n in self.graph.nodes[1:]):
+            if self.has_train_bn and not reuse_stats:
                 self.forward((lower + upper) / 2 if x is None else x)
             return self._compute(lower, upper, method, C, bound_upper, intersect, lower_slopes)
 
     def _compute(self, lower, upper, method, C, bound_upper, intersect, lower_slopes):
+        bounds = self.intervals(lower, upper, method)
+        return self.spec_bounds(bounds, C, method, bound_upper, intersect, lower_slopes)
+
+    def spec_bounds(self, bounds: dict[str, Interval], C: Tensor | None, method: str, bound_upper: bool = True,
+                    intersect: bool = True, lower_slopes: dict[str, Tensor] | None = None
+                    ) -> tuple[Tensor, Tensor | None]:
+        """The final pass: bounds of C·output given the node intervals from :meth:`intervals`.
+
+        ``ibp`` concretises at the last nonlinearity (C folded into the last linear layers);
+        ``crown-ibp`` / ``crown`` relax down to the input, intersected with the IBP result
+        unless ``intersect`` is False (the raw CROWN bound, as CROWN-IBP training mixes it).
+        """
+        lower = bounds[self.graph.input.name][0]
         B = lower.shape[0]
         out_shape = self.graph.output_shape
         K = math.prod(out_shape)
-        bounds = self.intervals(lower, upper, method)
         if C is None:
             if method == "ibp":
                 lo, up = bounds[self.graph.output]
@@ -216,10 +237,12 @@ class BoundedModel:
             raise InvalidInput(f"C must have shape (batch={B}, specs, outputs={K}); got {tuple(C.shape)}")
         S = C.shape[1]
         A = (torch.cat([C, -C], 1) if bound_upper else C).reshape(B, -1, *out_shape)
-        lb = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=True)
+        lb = None
+        if method == "ibp" or intersect:
+            lb = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=True)
         if method != "ibp":
             crown = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=False, lower_slopes=lower_slopes)
-            lb = torch.maximum(lb, crown) if intersect else crown
+            lb = crown if lb is None else torch.maximum(lb, crown)
         return lb[:, :S], (-lb[:, S:] if bound_upper else None)
 
 

@@ -210,12 +210,12 @@ def _convert(n: fx.Node, name: str, target, args, kwargs, values, bounded):
         if isinstance(mod, _ALIAS_MODULES):
             return bounded[dyn_args[0]]
         if isinstance(mod, nn.Linear):
-            return ops.Linear(lambda m=mod: (m.weight, m.bias)), dyn_args
+            return ops.Linear(lambda m=mod: (m.weight, m.bias), module=mod), dyn_args
         if isinstance(mod, nn.Conv2d):
             if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
                 raise UnsupportedOperator(n.name, name, f"padding {mod.padding!r} mode {mod.padding_mode!r}")
             return ops.Conv2d(lambda m=mod: (m.weight, m.bias), mod.stride, mod.padding, mod.dilation, mod.groups,
-                              _shape(values, dyn_args[0])), dyn_args
+                              _shape(values, dyn_args[0]), module=mod), dyn_args
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             if mod.running_mean is None:
                 raise UnsupportedOperator(n.name, name, "batch norm without running statistics")

@@ -80,8 +80,9 @@ class Linear(Op):
     affine = True
     mixing = True
 
-    def __init__(self, params: Callable[[], tuple[Tensor, Tensor | None]]):
+    def __init__(self, params: Callable[[], tuple[Tensor, Tensor | None]], module: torch.nn.Module | None = None):
         self._params = params  # live: reads the module's current weights
+        self.module = module
 
     def forward(self, x):
         w, b = self._params()
@@ -117,8 +118,9 @@ class Conv2d(Op):
     mixing = True
 
     def __init__(self, params: Callable[[], tuple[Tensor, Tensor | None]], stride, padding, dilation, groups,
-                 in_shape: Sequence[int]):
+                 in_shape: Sequence[int], module: torch.nn.Module | None = None):
         self._params = params
+        self.module = module
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_shape = tuple(in_shape)
 

@@ -1,4 +1,5 @@
-"""Datasets read by certkit itself: MNIST (idx files, torchvision layout) and CIFAR-10 (python batches).
+"""Datasets read by certkit itself: MNIST (idx files, torchvision layout), CIFAR-10 (python
+batches) and TinyImageNet (image folders).
 
 Images come back as uint8 tensors (N, C, H, W) and int64 labels; ``to_float`` maps
 pixels to [0, 1]. Missing files give an error that lists what is expected where.
@@ -84,7 +85,34 @@ def load_cifar10(data_dir: str | Path, split: str) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
-LOADERS = {"mnist": load_mnist, "cifar10": load_cifar10}
+def load_tinyimagenet(data_dir: str | Path, split: str) -> tuple[Tensor, Tensor]:
+    """TinyImageNet from ``data_dir/tiny-imagenet-200/``: ``train/<wnid>/images/*.JPEG`` and the
+    validation split reorganised by class, ``val/<wnid>/*.JPEG`` (or ``val/<wnid>/images/``).
+    Classes are the sorted wnids of ``train/``; ``split="test"`` reads the 10k val images."""
+    from PIL import Image
+
+    data_dir = Path(data_dir)
+    root = next((d for d in (data_dir / "tiny-imagenet-200", data_dir) if (d / "train").is_dir()), None)
+    sub = "train" if split == "train" else "val"
+    if root is None or not (root / sub).is_dir():
+        raise InvalidInput(f"TinyImageNet {split} split not found: expected {data_dir}/tiny-imagenet-200/train/"
+                           "<wnid>/images/*.JPEG and val/<wnid>/*.JPEG (val reorganised by class); set --data-dir")
+    wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    images, labels = [], []
+    for label, wnid in enumerate(wnids):
+        folder = root / sub / wnid
+        if (folder / "images").is_dir():
+            folder = folder / "images"
+        for f in sorted(folder.glob("*.[jJpP][pPnN][eEgG]*")):
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB").resize((64, 64)), dtype=np.uint8).transpose(2, 0, 1))
+            labels.append(label)
+    if not images:
+        raise InvalidInput(f"TinyImageNet {split} split: no images under {root / sub}")
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+LOADERS = {"mnist": load_mnist, "cifar10": load_cifar10, "tinyimagenet": load_tinyimagenet}
 
 
 def load_dataset(name: str, data_dir: str | Path | None, split: str) -> tuple[Tensor, Tensor]:
@@ -97,3 +125,21 @@ def load_dataset(name: str, data_dir: str | Path | None, split: str) -> tuple[Te
 def to_float(images: Tensor) -> Tensor:
     """uint8 pixels to float32 in [0, 1]."""
     return images.float().div_(255)
+
+
+def augment(x: Tensor, pad: int, generator: torch.Generator) -> Tensor:
+    """Random horizontal flip and random crop with ``pad``-pixel edge padding, batched (no loop
+    over samples). ``x`` is float (B, C, H, W)."""
+    B, C, H, W = x.shape
+    flip = torch.rand(B, generator=generator) < 0.5
+    x = torch.where(flip.view(B, 1, 1, 1).to(x.device), x.flip(-1), x)
+    if pad == 0:
+        return x
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    oy = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (B,), generator=generator).to(x.device)
+    rows = (oy[:, None] + torch.arange(H, device=x.device))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(W, device=x.device))[:, None, None, :]
+    b = torch.arange(B, device=x.device)[:, None, None, None]
+    c = torch.arange(C, device=x.device)[None, :, None, None]
+    return padded[b, c, rows, cols]

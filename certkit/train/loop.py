@@ -1,0 +1,351 @@
+"""The training loop shared by ``fast``, ``vanilla`` and ``crown-ibp`` (ALGORITHMS.md §4–8).
+
+One epoch: per batch, ε from the smoothed schedule, a clean forward pass (train-mode batch
+norm records the clean batch statistics), IBP bounds of every node with those statistics,
+the robust loss on the margin lower bounds (mixed with CROWN for ``crown-ibp``), and during
+the warmup of ``fast`` the two regularisers. Then an evaluation at ε_max on the test split
+and on a validation split carved from the training set (which picks the ``best``
+checkpoint). Everything needed to continue bit-for-bit is in ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from certkit import __version__
+from certkit.bounds import BoundedModel, margin_matrix
+from certkit.bounds.ops import ElementwiseAffine
+from certkit.errors import InvalidInput
+from certkit.files import write_atomically
+from certkit.train.data import augment, load_dataset, to_float
+from certkit.train.init import ibp_init
+from certkit.train.metrics import MetricsFile
+from certkit.train.models import DATASETS, build_model
+from certkit.train.regularizers import robust_loss, warmup_regularizers
+from certkit.train.schedule import SmoothedEps
+
+METHODS = ("fast", "vanilla", "crown-ibp")
+AUGMENT_PAD = {"mnist": 0, "cifar10": 2, "tinyimagenet": 4}
+
+
+@dataclass
+class TrainConfig:
+    """Every hyper-parameter of a run (saved as RUN_DIR/config.json)."""
+
+    dataset: str = "mnist"
+    model: str = "cnn7"
+    bn: bool = True
+    method: str = "fast"
+    eps: float = 0.4  # ε_max for training
+    eps_eval: float | None = None  # ε for evaluation and checkpoint selection (default: eps)
+    epochs: int = 70
+    batch_size: int = 256
+    lr: float = 5e-4
+    milestones: tuple[int, ...] = (50, 60)
+    lr_decay: float = 0.2
+    schedule_start: int = 1
+    schedule_length: int = 20
+    lam: float = 0.5
+    tau: float = 0.5
+    grad_clip: float = 10.0
+    seed: int = 0
+    limit: int | None = None  # train on the first N training images only
+    val_size: int | None = None  # default: min(5000, 10% of the training images)
+    eval_limit: int | None = None  # evaluate on the first N test images only
+    data_dir: str | None = None
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eps_test(self) -> float:
+        return self.eps if self.eps_eval is None else self.eps_eval
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidInput(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.dataset not in DATASETS:
+            raise InvalidInput(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        for name in ("epochs", "batch_size", "schedule_start"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(f"{name} must be >= 1")
+        if self.schedule_length < 0 or self.eps < 0 or self.lr <= 0:
+            raise InvalidInput("schedule length and eps must be >= 0, lr > 0")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mnist": dict(dataset="mnist", eps=0.4, batch_size=256, schedule_start=1, schedule_length=20,
+                  milestones=(50, 60), epochs=70, lam=0.5),
+    "cifar10": dict(dataset="cifar10", eps=8 / 255, batch_size=128, schedule_start=2, schedule_length=80,
+                    milestones=(120, 140), epochs=160, lam=0.5),
+    "cifar10-short": dict(dataset="cifar10", eps=8 / 255, batch_size=128, schedule_start=2, schedule_length=20,
+                          milestones=(50, 60), epochs=70, lam=0.5),
+    "tinyimagenet": dict(dataset="tinyimagenet", eps=1 / 255, batch_size=128, schedule_start=2, schedule_length=20,
+                         milestones=(61, 71), epochs=80, lam=0.2),
+}
+
+
+def config_from(preset: str | None, **overrides: Any) -> TrainConfig:
+    """A preset's hyper-parameters with command-line overrides (None means 'not given')."""
+    base: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InvalidInput(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        base.update(PRESETS[preset])
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InvalidInput("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass
+class Splits:
+    train: tuple[Tensor, Tensor]
+    val: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+
+
+def load_splits(cfg: TrainConfig) -> Splits:
+    """Training images (minus a held-out validation tail), validation, and test (uint8)."""
+    x, y = load_dataset(cfg.dataset, cfg.data_dir, "train")
+    if cfg.limit is not None:
+        x, y = x[:cfg.limit], y[:cfg.limit]
+    n_val = cfg.val_size if cfg.val_size is not None else min(5000, len(x) // 10)
+    if not 0 < n_val < len(x):
+        raise InvalidInput(f"validation size {n_val} does not fit {len(x)} training images")
+    xt, yt = load_dataset(cfg.dataset, cfg.data_dir, "test")
+    if cfg.eval_limit is not None:
+        xt, yt = xt[:cfg.eval_limit], yt[:cfg.eval_limit]
+    return Splits((x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:]), (xt, yt))
+
+
+# ------------------------------------------------------------------------ training
+
+
+class Trainer:
+    """Holds the model, its bound graph, the optimiser, schedules and RNG of one run."""
+
+    def __init__(self, cfg: TrainConfig, splits: Splits):
+        self.cfg = cfg
+        self.splits = splits
+        self.device = resolve_device(cfg.device)
+        self.info = DATASETS[cfg.dataset]
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, cfg.dataset, cfg.bn).to(self.device)
+        self.bm = BoundedModel(self.model, self.info.shape)
+        graph = self.bm.graph
+        if cfg.method == "fast":
+            ibp_init(self.model, graph)
+        self.relu_inputs = [n.inputs[0] for n in graph.nodes[1:] if n.op.kind == "relu"]
+        self.input_node = self._normalised_input(graph)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.lr_sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(cfg.milestones), cfg.lr_decay)
+        self.batches = math.ceil(len(splits.train[0]) / cfg.batch_size)
+        self.eps_sched = SmoothedEps(cfg.eps, cfg.schedule_start, cfg.schedule_length, self.batches)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.epoch = 0  # epochs completed
+        self.best_val = math.inf
+
+    @staticmethod
+    def _normalised_input(graph) -> str:
+        """The node after the input normalisation (the box the reference implementation sees)."""
+        name = graph.input.name
+        while len(graph.consumers[name]) == 1 and isinstance(graph.by_name[graph.consumers[name][0]].op,
+                                                             ElementwiseAffine):
+            name = graph.consumers[name][0]
+        return name
+
+    # -- state -----------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "lr_scheduler": self.lr_sched.state_dict(), "generator": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(), "epoch": self.epoch, "best_val": self.best_val,
+                "config": dataclasses.asdict(self.cfg), "certkit_version": __version__}
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.lr_sched.load_state_dict(st["lr_scheduler"])
+        self.gen.set_state(st["generator"])
+        torch.set_rng_state(st["torch_rng"])
+        self.epoch, self.best_val = st["epoch"], st["best_val"]
+
+    # -- one step --------------------------------------------------------------
+
+    def step(self, x: Tensor, y: Tensor, eps: float, epoch: int) -> dict[str, Any]:
+        cfg = self.cfg
+        self.model.train()
+        logits = self.bm(x)
+        warm = cfg.method == "fast" and self.eps_sched.in_warmup(epoch)
+        stats: dict[str, Any] = {"clean_err": float((logits.argmax(1) != y).float().mean())}
+        e = eps if eps > 0 else 1e-6  # the ε = 0 phase computes the regularisers at ε = 1e-6
+        lo, up = (x - e).clamp(0, 1), (x + e).clamp(0, 1)
+        bounds = self.bm.intervals(lo, up, "ibp")
+        if eps > 0:
+            C = margin_matrix(y, self.info.num_classes)
+            lb, _ = self.bm.spec_bounds(bounds, C, "ibp", bound_upper=False)
+            stats["ibp_err"] = float(((lb <= 0).any(1) | (logits.argmax(1) != y)).float().mean())
+            if cfg.method == "crown-ibp" and eps < cfg.eps:
+                f = 1 - eps / cfg.eps
+                lb_crown, _ = self.bm.spec_bounds(bounds, C, "crown-ibp", bound_upper=False, intersect=False)
+                lb = f * lb_crown + (1 - f) * lb
+            loss = robust_loss(lb)
+        else:
+            loss = F.cross_entropy(logits, y)
+            stats["ibp_err"] = math.nan
+        with torch.set_grad_enabled(warm):
+            reg = warmup_regularizers(bounds[self.input_node], [bounds[n] for n in self.relu_inputs], cfg.tau)
+        if warm:
+            loss = loss + cfg.lam * (1 - eps / cfg.eps if cfg.eps > 0 else 1) * (reg.tightness + reg.relu)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        stats.update(loss=loss.item(), tightness=reg.tightness.item(), relu=reg.relu.item(), active=reg.active,
+                     inactive=reg.inactive, unstable=reg.unstable)
+        return stats
+
+    def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = self.splits.train
+        xb = to_float(x[idx])
+        pad = AUGMENT_PAD[self.cfg.dataset]
+        if pad:
+            xb = augment(xb, pad, self.gen)
+        return xb.to(self.device), y[idx].to(self.device)
+
+    # -- evaluation ------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, split: tuple[Tensor, Tensor], batch_size: int = 500) -> dict[str, float]:
+        """Clean error and IBP-verified error (%) at the evaluation ε, in eval mode."""
+        self.model.eval()
+        x_all, y_all = split
+        wrong = unverified = 0
+        eps = self.cfg.eps_test
+        for i in range(0, len(x_all), batch_size):
+            x = to_float(x_all[i:i + batch_size]).to(self.device)
+            y = y_all[i:i + batch_size].to(self.device)
+            pred = self.bm(x).argmax(1)
+            lb, _ = self.bm.compute_bounds((x - eps).clamp(0, 1), (x + eps).clamp(0, 1), "ibp",
+                                           C=margin_matrix(y, self.info.num_classes), bound_upper=False)
+            ok = (pred == y) & (lb > 0).all(1) & torch.isfinite(lb).all(1)
+            wrong += int((pred != y).sum())
+            unverified += int((~ok).sum())
+        n = len(x_all)
+        return {"clean_err": 100 * wrong / n, "verified_err": 100 * unverified / n}
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rows if not (isinstance(r[key], float) and math.isnan(r[key]))]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _layer_means(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [sum(col) / len(col) for col in zip(*(r[key] for r in rows))]
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: Any = None,
+          log: Any = print) -> dict[str, Any]:
+    """Train (or continue) a run in ``run_dir``; returns the last epoch's metrics.
+
+    ``progress`` is an optional object with ``start_epoch(epoch, total)``, ``advance(stats)``
+    and ``end_epoch()`` (the CLI passes a rich progress bar); ``log`` prints one line per epoch.
+    """
+    run_dir = Path(run_dir)
+    splits = load_splits(cfg)  # fails on missing data before anything is written
+    trainer = Trainer(cfg, splits)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        trainer.load_state(torch.load(run_dir / "last.pt", map_location=trainer.device, weights_only=False))
+    else:
+        write_atomically(run_dir / "config.json",
+                         lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2)))
+    metrics = MetricsFile(run_dir / "metrics.h5")
+    metrics.truncate(trainer.epoch)
+    x_train = splits.train[0]
+    last: dict[str, Any] = {}
+    for epoch in range(trainer.epoch + 1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(x_train), generator=trainer.gen)
+        rows = []
+        if progress is not None:
+            progress.start_epoch(epoch, trainer.batches)
+        for b in range(trainer.batches):
+            step = (epoch - 1) * trainer.batches + b
+            eps = trainer.eps_sched(step)
+            x, y = trainer.batch(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+            stats = trainer.step(x, y, eps, epoch)
+            stats["eps"] = eps
+            rows.append(stats)
+            if progress is not None:
+                progress.advance(stats)
+        if progress is not None:
+            progress.end_epoch()
+        trainer.lr_sched.step()
+        train_time = time.perf_counter() - t0
+        test = trainer.evaluate(splits.test)
+        val = trainer.evaluate(splits.val)
+        trainer.epoch = epoch
+        last = {
+            "epoch": epoch, "eps": rows[-1]["eps"], "lr": trainer.opt.param_groups[0]["lr"],
+            "loss": _mean(rows, "loss"), "train_clean_err": 100 * _mean(rows, "clean_err"),
+            "train_ibp_err": 100 * _mean(rows, "ibp_err"), "test_clean_err": test["clean_err"],
+            "test_verified_err": test["verified_err"], "val_clean_err": val["clean_err"],
+            "val_verified_err": val["verified_err"], "tightness": _mean(rows, "tightness"),
+            "relu": _mean(rows, "relu"), "train_time": train_time,
+            "active": _layer_means(rows, "active"), "inactive": _layer_means(rows, "inactive"),
+            "unstable": _layer_means(rows, "unstable"),
+        }
+        metrics.append(last)
+        state = trainer.state()
+        if val["verified_err"] < trainer.best_val:
+            trainer.best_val = val["verified_err"]
+            state["best_val"] = trainer.best_val
+            _save(state, run_dir / "best.pt")
+        _save(state, run_dir / "last.pt")
+        log(f"epoch {epoch}/{cfg.epochs}  ε {last['eps']:.4g}  loss {last['loss']:.4f}  "
+            f"test clean {test['clean_err']:.2f}%  verified {test['verified_err']:.2f}% (ε={cfg.eps_test:.4g})  "
+            f"val verified {val['verified_err']:.2f}%  {train_time:.1f}s")
+    return last
+
+
+def _save(state: dict[str, Any], path: Path) -> None:
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, TrainConfig, dict[str, Any]]:
+    """The model (eval mode), its config and the raw checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such checkpoint")
+    try:
+        st = torch.load(path, map_location=device, weights_only=False)
+        cfg_dict = dict(st["config"])
+    except Exception as e:
+        raise InvalidInput(f"{path}: not a certkit checkpoint ({type(e).__name__}: {e})") from None
+    cfg_dict["milestones"] = tuple(cfg_dict["milestones"])
+    cfg = TrainConfig(**cfg_dict)
+    model = build_model(cfg.model, cfg.dataset, cfg.bn)
+    model.load_state_dict(st["model"])
+    return model.eval(), cfg, st
