@@ -63,8 +63,9 @@ def bench_device(device: torch.device, repeats: int) -> None:
         lo, up = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
         C = margin_matrix(torch.randint(0, 10, (batch,)), 10).to(device)
         with torch.no_grad():
-            t_f = timeit(lambda: small(x), repeats, device)
-            t_c = timeit(lambda: sb.compute_bounds(lo, up, "crown", C=C, bound_upper=False), max(3, repeats // 3),
+            t_f = timeit(lambda x=x: small(x), repeats, device)
+            t_c = timeit(lambda lo=lo, up=up, C=C: sb.compute_bounds(lo, up, "crown", C=C, bound_upper=False),
+                         max(3, repeats // 3),
                          device)
             bounds = sb.intervals(lo, up, "ibp")
         unstable = sum(int(((bounds[i][0] < 0) & (bounds[i][1] > 0)).sum()) for i in sb.pre_activation) / batch
