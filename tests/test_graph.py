@@ -37,7 +37,8 @@ def test_unsupported_module_operator_is_named_before_computing(model, op):
 def test_cnn7_graph_kinds():
     bm = BoundedModel(build_model("cnn7", "cifar10").eval(), (3, 32, 32))
     kinds = [n.op.kind for n in bm.graph.nodes[1:]]
-    assert kinds.count("conv") == 5 and kinds.count("linear") == 2 and kinds.count("batchnorm") == 6
+    assert kinds.count("conv") == 5 and kinds.count("linear") == 2 and kinds.count("batchnorm") == 0
+    assert sum("+BatchNorm" in n.source for n in bm.graph.nodes) == 6  # every BN folded into its layer
     assert kinds.count("relu") == 6 and kinds[:2] == ["affine", "affine"]  # normalisation: sub, div
     assert bm.graph.output_shape == (10,)
 
@@ -55,3 +56,32 @@ def test_unknown_method():
     model = build_model("mlp", "mnist").eval()
     with pytest.raises(InvalidInput, match="unknown method"):
         compute_bounds(model, torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28), method="magic")
+
+
+def test_folded_batchnorm_matches_module_in_train_mode():
+    torch.manual_seed(0)
+    a = build_model("cnn-small", "cifar10").train()
+    b = build_model("cnn-small", "cifar10").train()
+    b.load_state_dict(a.state_dict())
+    bm = BoundedModel(b, (3, 32, 32))
+    x = torch.rand(16, 3, 32, 32)
+    assert torch.allclose(a(x), bm(x), atol=1e-5)
+    for ma, mb in zip(a.modules(), b.modules()):
+        if isinstance(ma, nn.modules.batchnorm._BatchNorm):
+            assert torch.allclose(ma.running_mean, mb.running_mean) and torch.allclose(ma.running_var, mb.running_var)
+    # bounds with the clean batch's statistics contain the train-mode outputs of points in the box
+    eps = 0.01
+    lo, up = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    lb, ub = bm.compute_bounds(lo, up, "ibp", reuse_stats=True)
+    stats = [m.stats for m in (n.op.bn for n in bm.graph.nodes[1:] if getattr(n.op, "bn", None) is not None)]
+    assert len(stats) == 3
+    with torch.no_grad():
+        ev = build_model("cnn-small", "cifar10")
+        ev.load_state_dict(b.state_dict())
+        bns = [m for m in ev.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m, (mean, var) in zip(bns, stats):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+        ev.eval()
+        y = ev(lo + (up - lo) * torch.rand(16, 3, 32, 32))
+    assert (y >= lb - 1e-4).all() and (y <= ub + 1e-4).all()

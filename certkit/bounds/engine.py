@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from certkit.bounds.graph import Graph, build_graph
-from certkit.bounds.ops import BatchNorm
+from certkit.bounds.ops import batchnorm_of
 from certkit.errors import InvalidInput
 
 METHODS = ("ibp", "crown-ibp", "crown")
@@ -84,7 +84,7 @@ class BoundedModel:
     @property
     def has_train_bn(self) -> bool:
         """Whether some batch norm is in train mode (and so needs clean-batch statistics)."""
-        return any(isinstance(n.op, BatchNorm) and n.op.module.training for n in self.graph.nodes[1:])
+        return any((bn := batchnorm_of(n.op)) is not None and bn.module.training for n in self.graph.nodes[1:])
 
     @property
     def graph(self) -> Graph:

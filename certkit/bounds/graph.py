@@ -188,7 +188,29 @@ def build_graph(module: nn.Module, input_shape: Sequence[int]) -> Graph:
             m.train(t)
     if output is None:
         raise InvalidModel("the traced network has no output")
-    return Graph(nodes, output)
+    return Graph(_fold_batchnorm(nodes, output), output)
+
+
+def _fold_batchnorm(nodes: list[Node], output: str) -> list[Node]:
+    """Merge each BatchNorm into the Linear/Conv that alone feeds it (the node keeps the BN's
+    name and shape). A Linear qualifies only on (batch, features) tensors, where BN1d's
+    channel is the Linear's output feature."""
+    by_name = {n.name: n for n in nodes}
+    uses: dict[str, int] = {}
+    for n in nodes:
+        for i in n.inputs:
+            uses[i] = uses.get(i, 0) + 1
+    drop = set()
+    for k, n in enumerate(nodes):
+        if not isinstance(n.op, ops.BatchNorm):
+            continue
+        prev = by_name[n.inputs[0]]
+        fits = isinstance(prev.op, ops.Conv2d) or (isinstance(prev.op, ops.Linear) and len(prev.shape) == 1)
+        if fits and prev.op.bn is None and uses[prev.name] == 1 and prev.name != output:
+            prev.op.bn = n.op
+            nodes[k] = Node(n.name, prev.op, prev.inputs, n.shape, f"{prev.source}+{n.source}")
+            drop.add(prev.name)
+    return [n for n in nodes if n.name not in drop]
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):

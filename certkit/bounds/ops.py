@@ -30,7 +30,7 @@ Interval = tuple[Tensor, Tensor]
 
 def _center_radius(b: Interval) -> tuple[Tensor, Tensor]:
     lo, up = b
-    return (up + lo) / 2, (up - lo) / 2
+    return torch.lerp(lo, up, 0.5), (up - lo) * 0.5
 
 
 def _sum_to(A: Tensor, shape: Sequence[int]) -> Tensor:
@@ -39,6 +39,13 @@ def _sum_to(A: Tensor, shape: Sequence[int]) -> Tensor:
     if tuple(A.shape) == target:
         return A
     return A.sum_to_size(target)
+
+
+def _batched_dot(A: Tensor, v: Tensor) -> Tensor:
+    """Σ over one sample's elements of A (B, S, *shape) times v (B or 1, 1, *shape): (B, S)."""
+    B, S = A.shape[:2]
+    v = v.expand(B, 1, *v.shape[2:]).reshape(B, -1, 1)
+    return torch.bmm(A.reshape(B, S, -1), v).squeeze(-1)
 
 
 def _bias_sum(A: Tensor, t: Tensor) -> Tensor:
@@ -73,69 +80,107 @@ class Op:
 # --------------------------------------------------------------------------- affine
 
 
-class Linear(Op):
-    """y = x W^T + b on the last dimension (nn.Linear, Gemm, MatMul by a constant)."""
+class _Weighted(Op):
+    """Shared by Linear and Conv2d: an affine map with weights read live from a module, and
+    optionally a BatchNorm folded in (``bn``), so bounding costs no extra pass for BN."""
 
-    kind = "linear"
     affine = True
     mixing = True
 
     def __init__(self, params: Callable[[], tuple[Tensor, Tensor | None]], module: torch.nn.Module | None = None):
-        self._params = params  # live: reads the module's current weights
+        self.raw = params  # live: reads the module's current weights
         self.module = module
+        self.bn: BatchNorm | None = None
+        self._abs_cache: tuple[tuple, Tensor] | None = None
+
+    def _apply(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _abs(self, w: Tensor) -> Tensor:
+        """|W|, cached while the weights are unchanged and no gradient is needed (verification)."""
+        if torch.is_grad_enabled():
+            return w.abs()
+        key = (w.data_ptr(), w._version, w.shape, w.device)
+        if self._abs_cache is None or self._abs_cache[0] != key:
+            self._abs_cache = (key, w.abs())
+        return self._abs_cache[1]
 
     def forward(self, x):
-        w, b = self._params()
+        y = self._apply(x, *self.raw())
+        return y if self.bn is None else self.bn.forward(y)  # records train-mode BN statistics
+
+    def num_params(self):
+        w, b = self.raw()
+        extra = 0 if self.bn is None else self.bn.num_params()
+        return w.numel() + (0 if b is None else b.numel()) + extra
+
+
+class Linear(_Weighted):
+    """y = x W^T + b on the last dimension (nn.Linear, Gemm, MatMul by a constant).
+
+    A folded batch norm (scale s, shift t) is applied on the output side, y·s + t: for a
+    Linear the outputs are far smaller than the weight matrix.
+    """
+
+    kind = "linear"
+
+    def _apply(self, x, w, b):
         return F.linear(x, w, b)
 
     def interval(self, b_in):
-        w, b = self._params()
+        w, b = self.raw()
         c, r = _center_radius(b_in)
         c2 = F.linear(c, w, b)
-        r2 = F.linear(r, w.abs())
+        r2 = F.linear(r, self._abs(w))
+        if self.bn is not None:
+            s, t = self.bn.channel_scale_shift()
+            c2, r2 = torch.addcmul(t, c2, s), r2 * s.abs()
         return c2 - r2, c2 + r2
 
     def backward(self, A, in_bounds, **kw):
-        w, b = self._params()
-        A_in = A.matmul(w)
-        bias = None if b is None else A.matmul(b).reshape(A.shape[0], A.shape[1], -1).sum(-1)
-        return [A_in], bias
+        w, b = self.raw()
+        bias = None
+        if self.bn is not None:
+            s, t = self.bn.channel_scale_shift()
+            bias = A.matmul(t).reshape(A.shape[0], A.shape[1], -1).sum(-1)
+            A = A * s
+        if b is not None:
+            b_part = A.matmul(b).reshape(A.shape[0], A.shape[1], -1).sum(-1)
+            bias = b_part if bias is None else bias + b_part
+        return [A.matmul(w)], bias
 
     def describe(self):
-        w, _ = self._params()
-        return f"{w.shape[1]}→{w.shape[0]}"
-
-    def num_params(self):
-        w, b = self._params()
-        return w.numel() + (0 if b is None else b.numel())
+        w, _ = self.raw()
+        return f"{w.shape[1]}→{w.shape[0]}" + (" +BN" if self.bn is not None else "")
 
 
-class Conv2d(Op):
-    """2-D convolution with zero padding (any stride, dilation, groups)."""
+class Conv2d(_Weighted):
+    """2-D convolution with zero padding (any stride, dilation, groups). A folded batch norm
+    is folded into the (small) kernel: W·s and b·s + t per output channel."""
 
     kind = "conv"
-    affine = True
-    mixing = True
 
     def __init__(self, params: Callable[[], tuple[Tensor, Tensor | None]], stride, padding, dilation, groups,
                  in_shape: Sequence[int], module: torch.nn.Module | None = None):
-        self._params = params
-        self.module = module
+        super().__init__(params, module)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_shape = tuple(in_shape)
 
-    def _conv(self, x, w, b):
+    def _apply(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, x):
-        w, b = self._params()
-        return self._conv(x, w, b)
+    def _params(self) -> tuple[Tensor, Tensor | None]:
+        w, b = self.raw()
+        if self.bn is None:
+            return w, b
+        s, t = self.bn.channel_scale_shift()
+        return w * s.reshape(-1, 1, 1, 1), (t if b is None else torch.addcmul(t, b, s))
 
     def interval(self, b_in):
         w, b = self._params()
         c, r = _center_radius(b_in)
-        c2 = self._conv(c, w, b)
-        r2 = self._conv(r, w.abs(), None)
+        c2 = self._apply(c, w, b)
+        r2 = self._apply(r, self._abs(w) if self.bn is None else w.abs(), None)
         return c2 - r2, c2 + r2
 
     def backward(self, A, in_bounds, **kw):
@@ -154,14 +199,11 @@ class Conv2d(Op):
         return [A_in], bias
 
     def describe(self):
-        w, _ = self._params()
+        w, _ = self.raw()
         pair = lambda t: f"{t[0]}" if t[0] == t[1] else f"{t[0]}x{t[1]}"  # noqa: E731
         return (f"{w.shape[1] * self.groups}→{w.shape[0]} k{pair(w.shape[-2:])} s{pair(self.stride)} "
-                f"p{pair(self.padding)}" + (f" g{self.groups}" if self.groups > 1 else ""))
-
-    def num_params(self):
-        w, b = self._params()
-        return w.numel() + (0 if b is None else b.numel())
+                f"p{pair(self.padding)}" + (f" g{self.groups}" if self.groups > 1 else "")
+                + (" +BN" if self.bn is not None else ""))
 
 
 class ElementwiseAffine(Op):
@@ -235,7 +277,8 @@ class BatchNorm(Op):
             self.stats = (x.mean(dims), x.var(dims, unbiased=False))
         return m(x)
 
-    def scale_shift(self, ndim: int) -> tuple[Tensor, Tensor]:
+    def channel_scale_shift(self) -> tuple[Tensor, Tensor]:
+        """Per-channel (scale, shift) of the affine map this batch norm currently applies."""
         m = self.module
         if m.training:
             if self.stats is None:
@@ -246,7 +289,10 @@ class BatchNorm(Op):
         w = m.weight if m.affine else torch.ones_like(mean)
         b = m.bias if m.affine else torch.zeros_like(mean)
         scale = w / torch.sqrt(var + m.eps)
-        shift = b - mean * scale
+        return scale, b - mean * scale
+
+    def scale_shift(self, ndim: int) -> tuple[Tensor, Tensor]:
+        scale, shift = self.channel_scale_shift()
         return scale.reshape(self._shape(ndim)), shift.reshape(self._shape(ndim))
 
     def interval(self, b_in):
@@ -428,11 +474,11 @@ class Activation(Op):
     def backward(self, A, in_bounds, lower_slope: Tensor | None = None, **kw):
         lo, up = in_bounds[0]
         a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), lower_slope)
-        pos, neg = A.clamp(min=0), A.clamp(max=0)
-        A_in = pos * a_l + neg * a_u
-        bias = _bias_sum(neg, b_u)
+        positive = A >= 0  # positive coefficients take the lower line, negative the upper line
+        A_in = A * torch.where(positive, a_l, a_u)
+        bias = _batched_dot(A.clamp(max=0), b_u)
         if b_l is not None:
-            bias = bias + _bias_sum(pos, b_l)
+            bias = bias + _batched_dot(A.clamp(min=0), b_l)
         return [A_in], bias
 
 
@@ -462,3 +508,10 @@ class ReLU(Activation):
         slope = self.default_slope(lo, up) if lower_slope is None else lower_slope.clamp(0, 1)
         a_l = torch.where(unstable, slope, active.to(lo.dtype))
         return a_l, None, a_u, b_u
+
+
+def batchnorm_of(op: Op | None) -> BatchNorm | None:
+    """The batch norm an operator applies (its own, or one folded into a Linear/Conv)."""
+    if isinstance(op, BatchNorm):
+        return op
+    return getattr(op, "bn", None)
