@@ -122,7 +122,11 @@ class BoundedModel:
     # ------------------------------------------------------------------ bounds
 
     def intervals(self, lower: Tensor, upper: Tensor, method: str = "ibp") -> dict[str, Interval]:
-        """Interval bounds of every node: IBP, refined by CROWN when ``method == 'crown'``."""
+        """Interval bounds of every node: IBP, refined by CROWN when ``method == 'crown'``.
+
+        Train-mode batch norms use the statistics of the last ``forward``."""
+        if self._graph is None:
+            self._build(tuple(lower.shape[1:]))
         bounds: dict[str, Interval] = {self.graph.input.name: (lower, upper)}
         refine = method == "crown"
         for n in self.graph.nodes[1:]:
@@ -192,8 +196,9 @@ class BoundedModel:
         """Bounds (lb, ub) of the outputs (B, K), or of C·output (B, S) when C (B, S, K) is given.
 
         ``x`` is the clean batch whose statistics train-mode batch norms use (default: the
-        box centre); with ``reuse_stats`` they use the statistics recorded by the last
-        ``forward`` instead (the training loop's clean pass of the same step).
+        box centre; like any train-mode forward pass this updates their running statistics);
+        with ``reuse_stats`` they use the statistics recorded by the last ``forward`` instead
+        (the training loop's clean pass of the same step).
         ``intersect`` takes the better of the CROWN and IBP final bounds.
         ``lower_slopes`` maps ReLU node names to lower slopes of shape (B, S, *shape) for
         the final pass (α-CROWN). ``ub`` is None when ``bound_upper`` is False.
