@@ -141,3 +141,14 @@ def test_augment_flips_and_crops_within_padding():
     for i in range(8):
         src = {round(v, 6) for v in x[i].flatten().tolist()}
         assert {round(v, 6) for v in y[i, :, 2:6, 2:6].flatten().tolist()} <= src
+
+
+def test_skipped_nan_layer_leaves_gradients_finite():
+    lo = torch.tensor([[-1.0, -2.0]], requires_grad=True)  # no active, no inactive neuron: α = 0/0
+    up = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    lo2 = torch.tensor([[1.0, -3, -1, 2]], requires_grad=True)
+    up2 = torch.tensor([[3.0, -1, 1, 4]], requires_grad=True)
+    r = warmup_regularizers((torch.zeros(1, 2), torch.full((1, 2), 0.2)), [(lo, up), (lo2, up2)])
+    (r.tightness + r.relu).backward()
+    for t in (lo, up, lo2, up2):
+        assert torch.isfinite(t.grad).all()

@@ -505,7 +505,10 @@ class ReLU(Activation):
         denom = torch.where(unstable, up - lo, torch.ones_like(up))
         a_u = torch.where(unstable, up / denom, active.to(up.dtype))
         b_u = torch.where(unstable, -a_u * lo, torch.zeros_like(lo))
-        slope = self.default_slope(lo, up) if lower_slope is None else lower_slope.clamp(0, 1)
+        if lower_slope is None:
+            slope = self.default_slope(lo, up)
+        else:  # clamped to [0, 1] (sound), gradient passed straight through (clamp's is 0 at 0 and 1)
+            slope = lower_slope + (lower_slope.clamp(0, 1) - lower_slope).detach()
         a_l = torch.where(unstable, slope, active.to(lo.dtype))
         return a_l, None, a_u, b_u
 

@@ -42,18 +42,23 @@ def warmup_regularizers(input_box: Interval, relu_inputs: list[Interval], tau: f
     tight = input_box[0].new_zeros(())
     relu = input_box[0].new_zeros(())
     fractions: tuple[list[float], list[float], list[float]] = ([], [], [])
+    counts = []
     for lo, up in relu_inputs:
         c, d = (up + lo) / 2, (up - lo) / 2
         tight = tight + F.relu(tau - delta0 / torch.clamp(d.mean(), min=1e-12)) / tau
         active, inactive = lo > 0, up < 0
-        alpha = (c * active).sum() / (-c * inactive).sum()
+        zero = c.new_zeros(())
+        alpha = torch.where(active, c, zero).sum() / torch.where(inactive, -c, zero).sum()
         spread = (c - c.mean()) ** 2
-        beta = (spread * active).sum() / (spread * inactive).sum()
+        beta = torch.where(active, spread, zero).sum() / torch.where(inactive, spread, zero).sum()
         term = (F.relu(tau - _balance(alpha)) + F.relu(tau - _balance(beta))) / tau
-        if torch.isfinite(term):
+        if torch.isfinite(term):  # NaN/Inf layers are skipped (a masked sum would leak NaN gradients)
             relu = relu + term
-        n = lo.numel()
-        unstable = ~(active | inactive)
-        for store, mask in zip(fractions, (active, inactive, unstable)):
-            store.append(float(mask.sum()) / n)
+        counts.append(torch.stack([active.sum(), inactive.sum()]) / lo.numel())
+    if counts:
+        frac = torch.stack(counts).tolist()  # one synchronisation for all layers
+        for act, inact in frac:
+            fractions[0].append(act)
+            fractions[1].append(inact)
+            fractions[2].append(1.0 - act - inact)
     return RegularizerTerms(tight / max(m, 1), relu / max(m, 1), *fractions)
