@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -270,6 +271,119 @@ def export(onnx_out, data_dir, check_samples) -> None:
     report = export_checkpoint(ckpt, out, data_dir=data_dir, check_samples=check_samples)
     console.print(f"wrote {out}: onnxruntime vs PyTorch max abs diff {report['max_abs_diff']:.2e}, "
                   f"IBP bounds relative gap {report['ibp_rel_gap']:.2e}", highlight=False)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--eps", required=True, help="ℓ∞ radius in pixel units of [0,1]: 8/255, 0.031, 2e-3.")
+@click.option("--dataset", help="mnist, cifar10, tinyimagenet or npz:FILE (arrays x, y). Default: the "
+              "model's metadata.")
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--start", type=int, default=0, show_default=True, help="First test sample.")
+@click.option("-n", "count", type=int, help="Number of samples (default: all from --start).")
+@click.option("--method", type=click.Choice(["auto", "ibp", "crown-ibp", "crown", "alpha-crown"]), default="auto",
+              show_default=True, help="auto runs IBP, CROWN-IBP, CROWN, α-CROWN in order, stopping per sample "
+              "at the first proof.")
+@click.option("--attack/--no-attack", default=True, show_default=True,
+              help="PGD on undecided samples; counterexamples are confirmed with onnxruntime.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="Results file (HDF5; docs/results.md).")
+@click.option("--emit-vnnlib", "vnnlib_dir", type=click.Path(file_okay=False),
+              help="Also write one VNN-LIB property per sample and instances.csv to this folder.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted --out file.")
+@click.option("--timeout-per-sample", type=float, help="Seconds per sample; stages past the budget are skipped.")
+@click.option("--pixel-range", help="MIN,MAX of the input pixels for models without certkit metadata.")
+@friendly_errors
+def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_size, device, out, vnnlib_dir,
+           resume, timeout_per_sample, pixel_range) -> None:
+    """Verify ℓ∞ robustness of an ONNX classifier on dataset samples.
+
+    \b
+    Examples:
+      certkit verify models/mnist_cnn_small_eps0.3.onnx --eps 0.3 -n 100
+      certkit verify model.onnx --eps 8/255 --dataset cifar10 --method crown --out results.h5
+      certkit verify model.onnx --eps 0.1 --dataset npz:mydata.npz --emit-vnnlib props/
+
+    Each sample ends verified (all margin lower bounds > 0), falsified (a PGD point that
+    onnxruntime confirms), misclassified, or unknown.
+    """
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from certkit.boxes import parse_eps
+    from certkit.errors import InvalidInput
+    from certkit.export import read_metadata
+    from certkit.onnx_io import graph_input, read_proto
+    from certkit.report import console, summary_table
+    from certkit.results import read_results, summarize
+    from certkit.verify import VerifyConfig, emit_vnnlib, load_verify_data, run_verify
+
+    eps_value = parse_eps(eps)
+    meta = read_metadata(model)
+    dataset = dataset or meta.get("dataset")
+    if dataset is None:
+        raise InvalidInput(f"{model} has no certkit metadata: give --dataset")
+    rng = (0.0, 1.0)
+    if pixel_range is not None:
+        rng = _pair(pixel_range, "--pixel-range", float)
+    elif "pixel_range" in meta:
+        rng = tuple(json.loads(meta["pixel_range"]))
+    if len(rng) != 2 or rng[0] >= rng[1]:
+        raise InvalidInput(f"bad pixel range {rng}")
+    if resume and out is None:
+        raise InvalidInput("--resume needs --out")
+    _, shape = graph_input(read_proto(model))
+    cfg = VerifyConfig(eps=eps_value, method=method, attack=attack, batch_size=batch_size, device=device,
+                       timeout_per_sample=timeout_per_sample, pixel_range=rng)
+    cfg.stages()  # validates the method before any work
+    x, y, indices = load_verify_data(dataset, data_dir, start, count, shape)
+    if vnnlib_dir:
+        from certkit.bounds import BoundedModel
+
+        k = int(np.prod(BoundedModel(model).graph.output_shape))
+        csv = emit_vnnlib(model, vnnlib_dir, x, y, indices, cfg, k)
+        console.print(f"wrote {len(x)} VNN-LIB properties and {csv}")
+    columns = (TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TextColumn("{task.fields[speed]}"), TimeRemainingColumn())
+    t0 = time.perf_counter()
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task("", total=len(x), info="", speed="")
+
+        def progress(st):
+            rate = st["done"] / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, completed=st["done"], speed=f"{rate:.1f} samples/s",
+                       info=f"[green]verified {st['verified']}[/] [red]falsified {st['falsified']}[/] "
+                            f"unknown {st['unknown']} misclassified {st['misclassified']}")
+
+        counts = run_verify(model, x, y, indices, cfg, dataset, start, out=out, resume=resume, progress=progress)
+    if out:
+        attrs, data = read_results(out)
+        console.print(summary_table(summarize(attrs, data)))
+        console.print(f"results in {out}")
+    else:
+        n = sum(counts.values())
+        console.print(f"verified {counts['verified']}/{n}, falsified {counts['falsified']}, unknown "
+                      f"{counts['unknown']}, misclassified {counts['misclassified']} (use --out for the full report)")
+
+
+@main.command()
+@click.argument("results", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@friendly_errors
+def report(results, as_json) -> None:
+    """Print the summary of a `certkit verify --out` results file."""
+    import json
+
+    from certkit.report import console, summary_table
+    from certkit.results import read_results, summarize
+
+    summary = summarize(*read_results(results))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        console.print(summary_table(summary))
 
 
 if __name__ == "__main__":  # pragma: no cover

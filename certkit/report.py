@@ -96,3 +96,25 @@ class TrainProgress:
 
     def end_epoch(self) -> None:
         self.progress.stop()
+
+
+def summary_table(s: dict) -> Table:
+    """The verification summary: accuracies per stage, PGD-robust accuracy, unknown, time."""
+    t = Table(title=f"certkit verify: ε = {s['eps']:.6g}, method {s['method']}, "
+                    f"{s['samples']} of {s['requested']} samples" + ("" if s["complete"] else " (incomplete)"),
+              title_justify="left")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    if s["samples"] == 0:
+        t.add_row("samples", "0")
+        return t
+    t.add_row("clean accuracy", f"{s['clean_accuracy']:.2f}%")
+    for stage, acc in s["verified_by_stage"].items():
+        t.add_row(f"verified accuracy after {stage}", f"{acc:.2f}%", style="green")
+    t.add_row("PGD-robust accuracy (upper bound)", f"{s['pgd_robust_accuracy']:.2f}%")
+    t.add_row("falsified (confirmed by onnxruntime)", f"{s['falsified']:.2f}%", style="red")
+    t.add_row("unknown", f"{s['unknown']:.2f}%")
+    for stage, sec in s["time_by_stage"].items():
+        t.add_row(f"time in {stage}", f"{sec:.2f} s")
+    t.add_row("total time", f"{s['time_total']:.2f} s ({s['time_total'] / s['samples']:.3f} s/sample)")
+    return t

@@ -1,0 +1,237 @@
+"""``certkit verify``: sound ℓ∞ robustness verification of an ONNX classifier on a dataset.
+
+Per batch: the clean prediction (wrong → ``misclassified``), then the bound stages in
+order (``auto``: IBP, CROWN-IBP, CROWN, α-CROWN; a single method runs only that one),
+each on the samples still undecided; a sample is ``verified`` when every margin lower
+bound is finite and > 0. Then PGD with random restarts on the rest: a candidate becomes
+``falsified`` only after onnxruntime, running the original file, confirms that another
+class scores strictly higher at a point inside the box. Everything else is ``unknown``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from certkit import __version__
+from certkit.attack import pgd_attack
+from certkit.bounds import BoundedModel, margin_matrix
+from certkit.errors import InvalidInput
+from certkit.results import STATUS, ResultsFile
+
+CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
+VERIFIED, FALSIFIED, UNKNOWN, MISCLASSIFIED = range(4)
+
+
+@dataclass
+class VerifyConfig:
+    eps: float
+    method: str = "auto"
+    attack: bool = True
+    batch_size: int = 32
+    device: str = "auto"
+    timeout_per_sample: float | None = None
+    pgd_steps: int = 50
+    pgd_restarts: int = 5
+    pixel_range: tuple[float, float] = (0.0, 1.0)
+    seed: int = 0
+
+    def stages(self) -> list[str]:
+        if self.method == "auto":
+            methods = list(CASCADE)
+        elif self.method in CASCADE:
+            methods = [self.method]
+        else:
+            raise InvalidInput(f"unknown method {self.method!r}; choose auto or one of {', '.join(CASCADE)}")
+        return methods + (["attack"] if self.attack else [])
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _confirm(onnx_path: Path, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """onnxruntime's verdict: does another class score strictly higher than the label?"""
+    from certkit.onnx_io import run_onnxruntime
+
+    out = run_onnxruntime(onnx_path, x).reshape(len(x), -1)
+    true = out[np.arange(len(x)), labels]
+    others = out.copy()
+    others[np.arange(len(x)), labels] = -np.inf
+    return others.max(1) > true
+
+
+def verify_batch(bm: BoundedModel, onnx_path: Path, x: Tensor, y: Tensor, cfg: VerifyConfig, stages: list[str],
+                 generator: torch.Generator) -> dict[str, np.ndarray]:
+    """Run the cascade on one batch; returns the rows of the results file."""
+    B = x.shape[0]
+    K = int(np.prod(bm.graph.output_shape))
+    S = len(stages)
+    margins = np.full((B, S, K - 1), np.nan, np.float32)
+    times = np.zeros((B, S), np.float32)
+    status = np.full(B, UNKNOWN, np.int8)
+    stage_of = np.full(B, -1, np.int8)
+    cex = np.full((B, int(np.prod(x.shape[1:]))), np.nan, np.float32)
+    deadline = None if cfg.timeout_per_sample is None else time.monotonic() + cfg.timeout_per_sample * B
+    with torch.no_grad():
+        pred = bm(x).reshape(B, -1).argmax(1)
+    status[(pred != y).cpu().numpy()] = MISCLASSIFIED
+    lo = (x - cfg.eps).clamp(*cfg.pixel_range)
+    up = (x + cfg.eps).clamp(*cfg.pixel_range)
+    C = margin_matrix(y, K).to(x.device)
+    for s, stage in enumerate(stages):
+        todo = np.flatnonzero(status == UNKNOWN)
+        if len(todo) == 0 or (deadline is not None and time.monotonic() > deadline):
+            break
+        idx = torch.as_tensor(todo, device=x.device)
+        t0 = time.perf_counter()
+        if stage == "attack":
+            xa, worst = pgd_attack(bm, lo[idx], up[idx], C[idx], cfg.pgd_steps, cfg.pgd_restarts, generator=generator)
+            cand = (worst < 0).cpu().numpy()
+            if cand.any():
+                pts = xa[torch.as_tensor(np.flatnonzero(cand), device=x.device)].cpu().numpy()
+                confirmed = _confirm(onnx_path, pts, y.cpu().numpy()[todo[cand]])
+                hit = todo[cand][confirmed]
+                status[hit] = FALSIFIED
+                stage_of[hit] = s
+                cex[hit] = pts[confirmed].reshape(len(hit), -1)
+        else:
+            with torch.no_grad() if stage != "alpha-crown" else torch.enable_grad():
+                lb, _ = bm.compute_bounds(lo[idx], up[idx], method=stage, C=C[idx], bound_upper=False)
+            lb = lb.detach().cpu().numpy()
+            margins[todo, s] = lb
+            ok = np.isfinite(lb).all(1) & (lb > 0).all(1)  # NaN/Inf is never verified
+            status[todo[ok]] = VERIFIED
+            stage_of[todo[ok]] = s
+        times[todo, s] = (time.perf_counter() - t0) / len(todo)
+    return {"label": y.cpu().numpy(), "prediction": pred.cpu().numpy(), "status": status, "stage": stage_of,
+            "margins": margins, "times": times, "counterexample": cex}
+
+
+def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray, cfg: VerifyConfig,
+               dataset: str, start: int, out: str | Path | None = None, resume: bool = False,
+               progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Verify samples ``x`` (N, *input shape, pixels) with labels ``y``; stream rows to ``out``.
+
+    Returns the counts per status. ``progress`` is called after every batch with the counts
+    so far and the number of samples done.
+    """
+    from certkit.train.loop import resolve_device
+
+    onnx_path = Path(onnx_path)
+    stages = cfg.stages()
+    device = resolve_device(cfg.device)
+    bm = BoundedModel(onnx_path)
+    if tuple(x.shape[1:]) != bm.graph.input_shape:
+        raise InvalidInput(f"the data has samples of shape {tuple(x.shape[1:])} but the model expects "
+                           f"{bm.graph.input_shape}")
+    K = int(np.prod(bm.graph.output_shape))
+    if len(y) and (int(y.max()) >= K or int(y.min()) < 0):
+        raise InvalidInput(f"labels range over [{int(y.min())}, {int(y.max())}] but the model has {K} outputs")
+    bm.module.to(device)
+    attrs = {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
+             "model_path": str(onnx_path), "model_sha256": sha256(onnx_path), "eps": float(cfg.eps),
+             "method": cfg.method, "dataset": dataset, "start": int(start), "n": int(len(x)),
+             "options": json.dumps({k: v for k, v in asdict(cfg).items()}),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    writer = None
+    done = 0
+    if out is not None:
+        writer = ResultsFile(out, attrs, stages, K - 1, int(np.prod(x.shape[1:])), resume=resume)
+        done = writer.done
+    generator = torch.Generator().manual_seed(cfg.seed)
+    counts = {name: 0 for name in STATUS}
+    if writer is not None and done:
+        from certkit.results import read_results
+
+        _, data = read_results(out)
+        for i, name in enumerate(STATUS):
+            counts[name] = int((data["status"] == i).sum())
+    for b in range(done, len(x), cfg.batch_size):
+        xb = x[b:b + cfg.batch_size].to(device)
+        yb = y[b:b + cfg.batch_size].to(device)
+        rows = verify_batch(bm, onnx_path, xb, yb, cfg, stages, generator)
+        rows["index"] = indices[b:b + cfg.batch_size]
+        for i, name in enumerate(STATUS):
+            counts[name] += int((rows["status"] == i).sum())
+        if writer is not None:
+            writer.append(rows)
+        if progress is not None:
+            progress({"done": min(b + cfg.batch_size, len(x)), "total": len(x), **counts})
+    if writer is not None:
+        writer.mark_complete()
+    return counts
+
+
+def load_verify_data(dataset: str, data_dir: str | None, start: int, n: int | None, input_shape: tuple[int, ...]
+                     ) -> tuple[Tensor, Tensor, np.ndarray]:
+    """Samples [start, start+n) of a dataset's test split, as float pixels, labels and indices.
+
+    ``dataset`` is mnist, cifar10, tinyimagenet, or ``npz:FILE`` with arrays ``x`` (N × input
+    shape; uint8 is scaled to [0, 1]) and ``y`` (N).
+    """
+    from certkit.train.data import load_dataset, to_float
+
+    if dataset.startswith("npz:"):
+        path = Path(dataset[4:])
+        if not path.is_file():
+            raise InvalidInput(f"{path}: no such file")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                x_all, y_all = f["x"], f["y"]
+        except KeyError:
+            raise InvalidInput(f"{path}: needs arrays 'x' and 'y'") from None
+        except Exception as e:
+            raise InvalidInput(f"{path}: not a readable .npz file ({e})") from None
+        x_all = torch.as_tensor(x_all)
+        x_all = to_float(x_all) if x_all.dtype == torch.uint8 else x_all.float()
+        y_all = torch.as_tensor(y_all).long().reshape(-1)
+        if len(x_all) != len(y_all):
+            raise InvalidInput(f"{path}: {len(x_all)} samples in x but {len(y_all)} labels in y")
+    else:
+        x_all, y_all = load_dataset(dataset, data_dir, "test")
+        x_all = to_float(x_all)
+    if not 0 <= start < len(x_all):
+        raise InvalidInput(f"--start {start} is outside the {len(x_all)} samples of {dataset}")
+    end = len(x_all) if n is None else min(len(x_all), start + n)
+    x, y = x_all[start:end], y_all[start:end]
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise InvalidInput(f"the {dataset} samples have shape {tuple(x.shape[1:])} but the model expects "
+                           f"{tuple(input_shape)}")
+    return x, y, np.arange(start, end)
+
+
+def emit_vnnlib(onnx_path: str | Path, out_dir: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
+                cfg: VerifyConfig, num_outputs: int, timeout: float = 60.0) -> Path:
+    """One VNN-LIB property per sample plus instances.csv (paths relative to ``out_dir``)."""
+    import os
+
+    from certkit.vnnlib import robustness_property, write_instances, write_property
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    onnx_rel = os.path.relpath(Path(onnx_path).resolve(), out_dir.resolve())
+    for xi, yi, i in zip(x, y, indices):
+        lo = (xi - cfg.eps).clamp(*cfg.pixel_range).numpy()
+        up = (xi + cfg.eps).clamp(*cfg.pixel_range).numpy()
+        name = f"{Path(onnx_path).stem}_idx{int(i)}_eps{cfg.eps:.6g}.vnnlib"
+        comment = (f"certkit {__version__}: robustness of {Path(onnx_path).name} on sample {int(i)} "
+                   f"(label {int(yi)}), Linf eps {cfg.eps!r}, box clipped to {list(cfg.pixel_range)}")
+        write_property(out_dir / name, robustness_property(lo, up, int(yi), num_outputs, comment))
+        rows.append((onnx_rel, name, timeout))
+    write_instances(out_dir / "instances.csv", rows)
+    return out_dir / "instances.csv"
