@@ -92,6 +92,7 @@ def verify_batch(bm: BoundedModel, onnx_path: Path, x: Tensor, y: Tensor, cfg: V
     lo = (x - cfg.eps).clamp(*cfg.pixel_range)
     up = (x + cfg.eps).clamp(*cfg.pixel_range)
     C = margin_matrix(y, K).to(x.device)
+    crown_cache = None
     for s, stage in enumerate(stages):
         todo = np.flatnonzero(status == UNKNOWN)
         if len(todo) == 0 or (deadline is not None and time.monotonic() > deadline):
@@ -108,9 +109,22 @@ def verify_batch(bm: BoundedModel, onnx_path: Path, x: Tensor, y: Tensor, cfg: V
                 status[hit] = FALSIFIED
                 stage_of[hit] = s
                 cex[hit] = pts[confirmed].reshape(len(hit), -1)
+        elif stage in ("crown", "alpha-crown"):
+            # full-CROWN intermediate bounds are computed once and reused (row-selected) by α-CROWN
+            if crown_cache is None:
+                with torch.no_grad():
+                    crown_cache = (todo, bm.intervals(lo[idx], up[idx], "crown"))
+            rows = torch.as_tensor(np.searchsorted(crown_cache[0], todo), device=x.device)
+            bounds = {k: (lo_[rows], up_[rows]) for k, (lo_, up_) in crown_cache[1].items()}
+            if stage == "crown":
+                with torch.no_grad():
+                    lb, _ = bm.spec_bounds(bounds, C[idx], "crown", bound_upper=False)
+            else:
+                lb, _ = bm.alpha_crown(bounds, C[idx], bound_upper=False)
         else:
-            with torch.no_grad() if stage != "alpha-crown" else torch.enable_grad():
+            with torch.no_grad():
                 lb, _ = bm.compute_bounds(lo[idx], up[idx], method=stage, C=C[idx], bound_upper=False)
+        if stage != "attack":
             lb = lb.detach().cpu().numpy()
             margins[todo, s] = lb
             ok = np.isfinite(lb).all(1) & (lb > 0).all(1)  # NaN/Inf is never verified
