@@ -23,12 +23,15 @@ lint: install
 	$(BIN)/ruff check certkit tests benchmarks
 
 demo: install
-	$(BIN)/certkit inspect models/mnist_demo.onnx
-	$(BIN)/certkit bounds models/mnist_demo.onnx --center models/mnist_demo_x.npy --eps 0.01 --clip 0,1 \
-		--label 7 --method crown --out demo_bounds.npz
+	$(BIN)/certkit inspect models/mnist_cnn_small_eps0.3.onnx
+	rm -f demo_results.h5
+	$(BIN)/certkit verify models/mnist_cnn_small_eps0.3.onnx --eps 0.3 --dataset npz:data/mnist_test_100.npz \
+		--out demo_results.h5
 
 bench: install
 	$(BIN)/python benchmarks/bounds_speed.py
+	$(BIN)/python benchmarks/training_speed.py
+	$(BIN)/python benchmarks/verify_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo_bounds.npz
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo_results.h5

@@ -13,28 +13,12 @@ Weights are random (PyTorch default init), so most neurons are unstable: a worst
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import timeit  # benchmarks/timing.py
 
 from certkit.bounds import BoundedModel, margin_matrix
 from certkit.train.models import build_model
-
-
-def timeit(fn, repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after two warm-up runs."""
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    once(), once()
-    return statistics.median(once() for _ in range(repeats))
 
 
 def bench_device(device: torch.device, repeats: int) -> None:

@@ -12,28 +12,13 @@ natural training.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import timeit  # benchmarks/timing.py
 
 from certkit.train.loop import Splits, Trainer, config_from, resolve_device
 from certkit.train.models import DATASETS
-
-
-def timeit(fn, repeats: int, device: torch.device) -> float:
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    once()
-    return statistics.median(once() for _ in range(repeats))
 
 
 def main() -> None:

@@ -13,14 +13,7 @@ import torch.nn.functional as F
 
 from certkit.bounds import METHODS, BoundedModel, compute_bounds, margin_matrix
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one intra-op thread is faster and immune to CPU oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def set_linear(layer: nn.Linear, weight, bias) -> nn.Linear:

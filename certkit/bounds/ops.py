@@ -59,7 +59,6 @@ class Op:
     kind = "op"
     affine = False
     mixing = False
-    diagonal = False  # element-wise or a permutation of coordinates
 
     def forward(self, *xs: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -211,7 +210,6 @@ class ElementwiseAffine(Op):
 
     kind = "affine"
     affine = True
-    diagonal = True
 
     def __init__(self, scale: Tensor | None, shift: Tensor | None, in_shape: Sequence[int]):
         self.scale, self.shift = scale, shift
@@ -261,7 +259,6 @@ class BatchNorm(Op):
 
     kind = "batchnorm"
     affine = True
-    diagonal = True
 
     def __init__(self, module: torch.nn.modules.batchnorm._BatchNorm):
         self.module = module
@@ -313,21 +310,24 @@ class BatchNorm(Op):
         return sum(p.numel() for p in self.module.parameters())
 
 
-class Reshape(Op):
+class Monotone(Op):
+    """An operator that is monotone in its input: its IBP rule applies it to both ends."""
+
+    def interval(self, b_in):
+        return self.forward(b_in[0]), self.forward(b_in[1])
+
+
+class Reshape(Monotone):
     """Flatten / Reshape / Squeeze / Unsqueeze: a reshape of each sample to a fixed shape."""
 
     kind = "reshape"
     affine = True
-    diagonal = True
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int]):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
 
     def forward(self, x):
         return x.reshape(x.shape[0], *self.out_shape)
-
-    def interval(self, b_in):
-        return self.forward(b_in[0]), self.forward(b_in[1])
 
     def backward(self, A, in_bounds, **kw):
         return [A.reshape(A.shape[0], A.shape[1], *self.in_shape)], None
@@ -336,12 +336,11 @@ class Reshape(Op):
         return f"{_dims(self.in_shape)}→{_dims(self.out_shape)}"
 
 
-class Permute(Op):
+class Permute(Monotone):
     """Transpose / Permute of the per-sample dimensions (the batch dimension stays first)."""
 
     kind = "permute"
     affine = True
-    diagonal = True
 
     def __init__(self, perm: Sequence[int]):
         self.perm = tuple(perm)  # includes the batch dim, perm[0] == 0
@@ -352,9 +351,6 @@ class Permute(Op):
 
     def forward(self, x):
         return x.permute(self.perm)
-
-    def interval(self, b_in):
-        return self.forward(b_in[0]), self.forward(b_in[1])
 
     def backward(self, A, in_bounds, **kw):
         return [A.permute(0, 1, *(i + 1 for i in self.inv[1:]))], None
@@ -368,7 +364,6 @@ class Concat(Op):
 
     kind = "concat"
     affine = True
-    diagonal = True
 
     def __init__(self, dim: int, sizes: Sequence[int]):
         self.dim = dim  # >= 1, in batched coordinates
@@ -387,7 +382,7 @@ class Concat(Op):
         return f"dim {self.dim}"
 
 
-class AvgPool2d(Op):
+class AvgPool2d(Monotone):
     """Average pooling: a linear map with non-negative weights (monotone)."""
 
     kind = "avgpool"
@@ -400,9 +395,6 @@ class AvgPool2d(Op):
 
     def forward(self, x):
         return F.avg_pool2d(x, *self.args)
-
-    def interval(self, b_in):
-        return self.forward(b_in[0]), self.forward(b_in[1])
 
     def backward(self, A, in_bounds, **kw):
         B, S = A.shape[:2]
@@ -451,12 +443,11 @@ class Sub(Add):
 # ----------------------------------------------------------------------- nonlinear
 
 
-class Activation(Op):
+class Activation(Monotone):
     """An element-wise nonlinearity bounded by two lines per neuron.
 
-    Subclasses give ``fn`` and ``relax(l, u) -> (a_l, b_l, a_u, b_u)`` with
-    ``a_l h + b_l <= fn(h) <= a_u h + b_u`` for all h in [l, u]. Monotone functions get
-    their IBP rule for free.
+    Subclasses give a monotone ``fn`` and ``relax(l, u) -> (a_l, b_l, a_u, b_u)`` with
+    ``a_l h + b_l <= fn(h) <= a_u h + b_u`` for all h in [l, u].
     """
 
     def fn(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -464,9 +455,6 @@ class Activation(Op):
 
     def forward(self, x):
         return self.fn(x)
-
-    def interval(self, b_in):
-        return self.fn(b_in[0]), self.fn(b_in[1])
 
     def relax(self, lo: Tensor, up: Tensor, lower_slope: Tensor | None = None):
         raise NotImplementedError  # pragma: no cover - abstract
