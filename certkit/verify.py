@@ -223,8 +223,10 @@ def load_verify_data(dataset: str, data_dir: str | None, start: int, n: int | No
     end = len(x_all) if n is None else min(len(x_all), start + n)
     x, y = x_all[start:end], y_all[start:end]
     if tuple(x.shape[1:]) != tuple(input_shape):
-        raise InvalidInput(f"the {dataset} samples have shape {tuple(x.shape[1:])} but the model expects "
-                           f"{tuple(input_shape)}")
+        if int(np.prod(x.shape[1:])) != int(np.prod(input_shape)):
+            raise InvalidInput(f"the {dataset} samples have shape {tuple(x.shape[1:])} but the model expects "
+                               f"{tuple(input_shape)}")
+        x = x.reshape(len(x), *input_shape)  # same values in another layout (row-major), e.g. 784×1
     return x, y, np.arange(start, end)
 
 

@@ -158,3 +158,11 @@ def test_not_onnx_and_unsupported_operator(tmp_path, vnncomp_dir):
     _clean_error(CliRunner().invoke(main, ["verify", str(maxpool), "--eps", "0.1", "--dataset", "mnist", "-n", "2",
                                            "--out", str(out)]), "MaxPool")
     assert not out.exists()
+
+
+def test_flat_input_model_takes_dataset_images_row_major(data_dir, vnncomp_dir):
+    model = VNNCOMP / "mnist_fc_2022" / "onnx" / "mnist-net_256x2.onnx"  # input 1×784×1
+    x, y, idx = load_verify_data("mnist", str(data_dir), 0, 4, (784, 1))
+    assert x.shape == (4, 784, 1)
+    counts = run_verify(model, x, y, idx, VerifyConfig(eps=0.01, method="crown", attack=False), "mnist", 0)
+    assert sum(counts.values()) == 4 and counts["misclassified"] <= 1
