@@ -1,33 +1,368 @@
-"""VNN-LIB 1.0 properties as the competitions use them (writing; reading comes with VNN-COMP support).
+"""VNN-LIB 1.0 as the competitions use it: read (plain or .gz) and write.
 
-A property describes the *unsafe* set: ``unsat`` means no input in the box reaches it.
+A property describes the *unsafe* set; ``unsat`` means no input in the box reaches it. It
+is normalised into a disjunction of :class:`Case`: an input box and a disjunction of
+output polytopes ``A·y ≤ b``. Strict comparisons are read as non-strict (the closure of
+the unsafe set: proving it empty is sound, and counterexamples are checked on the
+original inequalities by the caller).
+
+The reader streams tokens and builds expressions with an explicit stack, so files of
+tens of MB and deep nesting are fine; errors name the line and the token.
 """
 
 from __future__ import annotations
 
+import gzip
+import itertools
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from certkit.errors import CertkitError
 from certkit.files import write_atomically
+
+_TOKEN = re.compile(r";[^\n]*|\(|\)|[^\s();]+")
+_VAR = re.compile(r"([XY])_(\d+)$")
+MAX_DISJUNCTS = 1_000_000
+
+
+class VnnlibError(CertkitError):
+    """A malformed or unsupported VNN-LIB file (the message names the line)."""
+
+
+@dataclass
+class Case:
+    """x in [lower, upper] and y in one of the polytopes A·y ≤ b."""
+
+    lower: np.ndarray
+    upper: np.ndarray
+    polytopes: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+@dataclass
+class Property:
+    num_inputs: int
+    num_outputs: int
+    cases: list[Case]
+
+    def equals(self, other: Property) -> bool:
+        if (self.num_inputs, self.num_outputs, len(self.cases)) != (other.num_inputs, other.num_outputs,
+                                                                     len(other.cases)):
+            return False
+        for a, b in zip(self.cases, other.cases):
+            if not (np.array_equal(a.lower, b.lower) and np.array_equal(a.upper, b.upper)):
+                return False
+            if len(a.polytopes) != len(b.polytopes):
+                return False
+            for (A1, b1), (A2, b2) in zip(a.polytopes, b.polytopes):
+                if not (np.array_equal(A1, A2) and np.array_equal(b1, b2)):
+                    return False
+        return True
+
+
+class _Node(list):
+    """An s-expression (a list) that remembers where it started."""
+
+    offset = 0
+
+
+def _line(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _parse_sexprs(text: str):
+    """Top-level s-expressions as nested lists of str, built without recursion."""
+    stack: list[_Node] = []
+    for m in _TOKEN.finditer(text):
+        tok = m.group()
+        if tok[0] == ";":
+            continue
+        if tok == "(":
+            node = _Node()
+            node.offset = m.start()
+            stack.append(node)
+        elif tok == ")":
+            if not stack:
+                raise VnnlibError(f"line {_line(text, m.start())}: unexpected ')'")
+            node = stack.pop()
+            if stack:
+                stack[-1].append(node)
+            else:
+                yield node
+        else:
+            if not stack:
+                raise VnnlibError(f"line {_line(text, m.start())}: token {tok!r} outside parentheses")
+            stack[-1].append(tok)
+    if stack:
+        raise VnnlibError(f"line {_line(text, stack[-1].offset)}: '(' is never closed")
+
+
+class _Reader:
+    def __init__(self, text: str):
+        self.text = text
+        self.nx = self.ny = 0
+
+    def fail(self, node, msg: str):
+        where = f"line {_line(self.text, node.offset)}: " if isinstance(node, _Node) else ""
+        raise VnnlibError(where + msg)
+
+    def linear(self, e, ctx) -> dict:
+        """A linear term as {variable or '': coefficient} ('' is the constant)."""
+        if isinstance(e, str):
+            m = _VAR.match(e)
+            if m:
+                self.check_var(m, e, ctx)
+                return {e: 1.0}
+            try:
+                return {"": float(e)}
+            except ValueError:
+                self.fail(ctx, f"unknown token {e!r}")
+        if not e or not isinstance(e[0], str):
+            self.fail(e, "empty or malformed term")
+        op, args = e[0], [self.linear(a, e) for a in e[1:]]
+        if op == "+":
+            return _add(*args)
+        if op == "-":
+            if len(args) == 1:
+                return _scale(args[0], -1.0)
+            return _add(args[0], *(_scale(a, -1.0) for a in args[1:]))
+        if op == "*":
+            consts = [a for a in args if set(a) <= {""}]
+            others = [a for a in args if not set(a) <= {""}]
+            if len(others) > 1:
+                self.fail(e, "product of two variables is not linear")
+            factor = float(np.prod([a.get("", 0.0) for a in consts]))
+            return _scale(others[0], factor) if others else {"": factor}
+        self.fail(e, f"unsupported operator {op!r} in a term")
+
+    def check_var(self, m, tok, ctx):
+        n = self.nx if m.group(1) == "X" else self.ny
+        if int(m.group(2)) >= n:
+            self.fail(ctx, f"{tok} is not declared")
+
+    def formula(self, e):
+        """DNF of a formula: a list of conjunctions, each a list of (coefficients, node) with
+        Σ coefficients·vars + const ≤ 0."""
+        if isinstance(e, str) or not e:
+            self.fail(e, "expected a formula")
+        op = e[0]
+        if op in ("<=", "<", ">=", ">"):
+            if len(e) != 3:
+                self.fail(e, f"{op} takes two arguments")
+            lhs, rhs = self.linear(e[1], e), self.linear(e[2], e)
+            diff = _add(lhs, _scale(rhs, -1.0)) if op in ("<=", "<") else _add(rhs, _scale(lhs, -1.0))
+            return [[(diff, e)]]
+        if op == "and":
+            return _conjoin([self.formula(part) for part in e[1:]], lambda: self.fail(e, "too many disjuncts"))
+        if op == "or":
+            return [c for part in e[1:] for c in self.formula(part)]
+        self.fail(e, f"unsupported operator {op!r}")
+
+
+def _split_conjunction(parts: list[list[list]], too_many) -> tuple[list, list[list]]:
+    """A conjunction of DNFs as (atoms common to every disjunct, each disjunct's own atoms):
+    plain conjunctions are gathered once (linear time for the thousands of input bounds of
+    image properties), products are taken only over real disjunctions."""
+    common = [atom for f in parts if len(f) == 1 for atom in f[0]]
+    extra: list[list] = [[]]
+    for f in parts:
+        if len(f) != 1:
+            extra = [a + b for a, b in itertools.product(extra, f)]
+            if len(extra) > MAX_DISJUNCTS:
+                too_many()
+    return common, extra
+
+
+def _conjoin(parts: list[list[list]], too_many) -> list[list]:
+    common, extra = _split_conjunction(parts, too_many)
+    return [common + e for e in extra]
+
+
+def _add(*terms: dict) -> dict:
+    out: dict = {}
+    for t in terms:
+        for k, v in t.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def _scale(t: dict, c: float) -> dict:
+    return {k: v * c for k, v in t.items()}
+
+
+def parse_vnnlib(text: str) -> Property:
+    """Parse VNN-LIB text into a :class:`Property`."""
+    r = _Reader(text)
+    asserts = []
+    for e in _parse_sexprs(text):
+        if not e or not isinstance(e[0], str):
+            r.fail(e, "malformed command")
+        if e[0] == "declare-const":
+            if len(e) != 3 or not isinstance(e[1], str):
+                r.fail(e, "malformed declare-const")
+            m = _VAR.match(e[1])
+            if not m:
+                r.fail(e, f"unsupported variable name {e[1]!r} (expected X_i or Y_j)")
+            idx = int(m.group(2))
+            if m.group(1) == "X":
+                if idx != r.nx:
+                    r.fail(e, f"X_{idx} declared out of order")
+                r.nx += 1
+            else:
+                if idx != r.ny:
+                    r.fail(e, f"Y_{idx} declared out of order")
+                r.ny += 1
+        elif e[0] == "assert":
+            if len(e) != 2:
+                r.fail(e, "assert takes one formula")
+            asserts.append(e[1])
+        else:
+            r.fail(e, f"unsupported command {e[0]!r}")
+    if r.nx == 0 or r.ny == 0:
+        raise VnnlibError("the property declares no X_ or no Y_ variables")
+    def too_many():
+        raise VnnlibError("too many disjuncts")
+
+    common, extra = _split_conjunction([r.formula(a) for a in asserts], too_many)
+    return Property(r.nx, r.ny, _cases(r, common, extra))
+
+
+class _Conjunct:
+    """The input box and output rows that a conjunction of atoms describes so far."""
+
+    def __init__(self, r: _Reader):
+        self.r = r
+        self.lo, self.up = np.full(r.nx, -np.inf), np.full(r.nx, np.inf)
+        self.rows: list[np.ndarray] = []
+        self.consts: list[float] = []
+        self.empty = False
+
+    def copy(self) -> _Conjunct:
+        c = _Conjunct.__new__(_Conjunct)
+        c.r, c.lo, c.up = self.r, self.lo.copy(), self.up.copy()
+        c.rows, c.consts, c.empty = list(self.rows), list(self.consts), self.empty
+        return c
+
+    def add(self, atoms) -> _Conjunct:
+        r = self.r
+        for coeffs, node in atoms:
+            xs = [k for k, v in coeffs.items() if v != 0 and k[:1] == "X"]
+            ys = [k for k, v in coeffs.items() if v != 0 and k[:1] == "Y"]
+            c = coeffs.get("", 0.0)
+            if xs and ys:
+                r.fail(node, "constraints mixing inputs and outputs are not supported")
+            if xs:
+                if len(xs) > 1:
+                    r.fail(node, "only bounds on single inputs are supported (X_i <= c, X_i >= c)")
+                a, i = coeffs[xs[0]], int(xs[0][2:])
+                if a > 0:
+                    self.up[i] = min(self.up[i], -c / a)
+                else:
+                    self.lo[i] = max(self.lo[i], -c / a)
+            elif ys:
+                row = np.zeros(r.ny)
+                for k in ys:
+                    row[int(k[2:])] = coeffs[k]
+                self.rows.append(row)
+                self.consts.append(-c)
+            elif c > 0:
+                self.empty = True  # a false constant constraint: this disjunct is empty
+        return self
+
+
+def _cases(r: _Reader, common: list, extra: list[list]) -> list[Case]:
+    base = _Conjunct(r).add(common)
+    cases: list[Case] = []
+    index: dict[tuple, Case] = {}
+    for atoms in extra:
+        conj = base.copy().add(atoms)
+        if conj.empty:
+            continue
+        missing = np.flatnonzero(~np.isfinite(conj.lo) | ~np.isfinite(conj.up))
+        if len(missing):
+            raise VnnlibError(f"input X_{missing[0]} has no lower or upper bound")
+        key = (conj.lo.tobytes(), conj.up.tobytes())
+        case = index.get(key)
+        if case is None:
+            case = index[key] = Case(conj.lo, conj.up)
+            cases.append(case)
+        case.polytopes.append((np.array(conj.rows).reshape(len(conj.rows), r.ny), np.array(conj.consts)))
+    return cases
+
+
+def read_vnnlib(path: str | Path) -> Property:
+    """Read a .vnnlib or .vnnlib.gz file."""
+    path = Path(path)
+    if not path.is_file():
+        raise VnnlibError(f"{path}: no such file")
+    try:
+        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise VnnlibError(f"{path}: cannot read ({e})") from None
+    try:
+        return parse_vnnlib(text)
+    except VnnlibError as e:
+        raise VnnlibError(f"{path}: {e}") from None
+
+
+# ------------------------------------------------------------------------ writing
+
+
+def _term(row: np.ndarray) -> str:
+    parts = [f"(* {float(v)!r} Y_{j})" for j, v in enumerate(row) if v != 0]
+    if not parts:
+        return "0.0"
+    return parts[0] if len(parts) == 1 else f"(+ {' '.join(parts)})"
+
+
+def format_vnnlib(prop: Property, comment: str = "") -> str:
+    """VNN-LIB text whose :func:`parse_vnnlib` gives back ``prop`` exactly."""
+    lines = [f"; {line}" for line in comment.splitlines()] if comment else []
+    lines += [f"(declare-const X_{i} Real)" for i in range(prop.num_inputs)]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(prop.num_outputs)]
+    lines.append("")
+
+    def box(case: Case) -> list[str]:
+        return [f"(<= X_{i} {float(u)!r}) (>= X_{i} {float(lo)!r})" for i, (lo, u) in
+                enumerate(zip(case.lower, case.upper))]
+
+    def polytope(A: np.ndarray, b: np.ndarray) -> str:
+        return "(and " + " ".join(f"(<= {_term(row)} {float(c)!r})" for row, c in zip(A, b)) + ")"
+
+    if len(prop.cases) == 1:
+        case = prop.cases[0]
+        lines += [f"(assert {atom})" for pair in box(case) for atom in _split_pair(pair)]
+        lines.append("(assert (or")
+        lines += [f"    {polytope(A, b)}" for A, b in case.polytopes]
+        lines.append("))")
+    else:
+        lines.append("(assert (or")
+        for case in prop.cases:
+            for A, b in case.polytopes:
+                lines.append(f"    (and {' '.join(box(case))} {polytope(A, b)})")
+        lines.append("))")
+    return "\n".join(lines) + "\n"
+
+
+def _split_pair(pair: str) -> list[str]:
+    first, second = pair.split(") (")
+    return [first + ")", "(" + second]
 
 
 def robustness_property(lo: np.ndarray, up: np.ndarray, label: int, num_outputs: int, comment: str = "") -> str:
     """Input box over X_i (row-major order) and the unsafe set "some class j ≠ label scores
-    at least as high as the label", as a disjunction over Y_j."""
-    lo, up = np.asarray(lo, np.float64).reshape(-1), np.asarray(up, np.float64).reshape(-1)
-    lines = [f"; {line}" for line in comment.splitlines()] if comment else []
-    lines += [f"(declare-const X_{i} Real)" for i in range(lo.size)]
-    lines += [f"(declare-const Y_{j} Real)" for j in range(num_outputs)]
-    lines.append("")
-    for i, (a, b) in enumerate(zip(lo, up)):
-        lines.append(f"(assert (<= X_{i} {b!r}))")
-        lines.append(f"(assert (>= X_{i} {a!r}))")
-    lines.append("")
-    lines.append("(assert (or")
-    lines += [f"    (and (>= Y_{j} Y_{label}))" for j in range(num_outputs) if j != label]
-    lines.append("))")
-    return "\n".join(lines) + "\n"
+    at least as high as the label" (Y_label − Y_j ≤ 0 for some j), one polytope per j."""
+    polys = []
+    for j in range(num_outputs):
+        if j != label:
+            row = np.zeros(num_outputs)
+            row[label], row[j] = 1.0, -1.0
+            polys.append((row.reshape(1, -1), np.zeros(1)))
+    case = Case(np.asarray(lo, np.float64).reshape(-1), np.asarray(up, np.float64).reshape(-1), polys)
+    return format_vnnlib(Property(case.lower.size, num_outputs, [case]), comment)
 
 
 def write_property(path: str | Path, text: str) -> None:

@@ -13,6 +13,7 @@ from certkit.cli import main
 from certkit.onnx_io import run_onnxruntime
 from certkit.results import STATUS, read_results, summarize
 from certkit.verify import VerifyConfig, load_verify_data, run_verify, verify_batch
+from certkit.vnnlib import read_vnnlib
 from tests.conftest import REPO, VNNCOMP
 
 DEMO = REPO / "models" / "mnist_demo.onnx"
@@ -114,11 +115,16 @@ def test_emit_vnnlib_and_npz_dataset(tmp_path, mnist_slice):
     assert len(rows) == 3
     onnx_rel, prop, timeout = rows[0].split(",")
     assert (tmp_path / "props" / onnx_rel).resolve() == DEMO.resolve() and float(timeout) > 0
-    text = (tmp_path / "props" / prop).read_text()
-    assert text.count("(declare-const X_") == 784 and text.count("(declare-const Y_") == 10
-    assert text.count("(assert (<= X_") == 784 and text.count("(and (>= Y_") == 9
+    parsed = read_vnnlib(tmp_path / "props" / prop)
+    assert parsed.num_inputs == 784 and parsed.num_outputs == 10
+    (case,) = parsed.cases
+    x0 = np.round(x[0].numpy().reshape(-1) * 255) / 255  # the npz holds uint8 pixels
+    np.testing.assert_allclose(case.lower, np.clip(x0 - 1 / 255, 0, 1), atol=1e-6)
+    np.testing.assert_allclose(case.upper, np.clip(x0 + 1 / 255, 0, 1), atol=1e-6)
     label = int(y[0])
-    assert f"(and (>= Y_{(label + 1) % 10} Y_{label}))" in text
+    rows = {tuple(A[0]) for A, b in case.polytopes}
+    assert len(rows) == 9 and all(A.shape == (1, 10) and b[0] == 0 for A, b in case.polytopes)
+    assert all(r[label] == 1 and sum(r) == 0 for r in rows)  # Y_label - Y_j <= 0: class j catches up
     r = CliRunner().invoke(main, ["report", str(tmp_path / "r.h5")])
     assert r.exit_code == 0 and "clean accuracy" in r.output
 
