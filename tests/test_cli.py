@@ -10,8 +10,15 @@ from click.testing import CliRunner
 from certkit.cli import main
 from tests.conftest import REPO, VNNCOMP
 
-DEMO = REPO / "models" / "mnist_demo.onnx"
-DEMO_X = REPO / "models" / "mnist_demo_x.npy"
+DEMO = REPO / "models" / "mnist_cnn_small_eps0.1.onnx"
+
+
+@pytest.fixture(scope="module")
+def demo_x(tmp_path_factory):
+    """The first MNIST test image (a 7) as a .npy file, from the images shipped for the demo."""
+    path = tmp_path_factory.mktemp("x") / "x.npy"
+    np.save(path, np.load(REPO / "data" / "mnist_test_100.npz")["x"][0].astype(np.float32) / 255)
+    return path
 MAXPOOL = VNNCOMP / "verivital_2021" / "onnx" / "Convnet_maxpool.onnx"
 
 
@@ -40,9 +47,9 @@ def test_inspect_names_unsupported_operator(vnncomp_dir):
     assert_clean_error(r, "MaxPool", "MaxPool_2")
 
 
-def test_bounds_center_eps_with_label_writes_npz(tmp_path):
+def test_bounds_center_eps_with_label_writes_npz(demo_x, tmp_path):
     out = tmp_path / "b.npz"
-    r = run("bounds", DEMO, "--center", DEMO_X, "--eps", "0.01", "--clip", "0,1", "--label", "7", "--out", out)
+    r = run("bounds", DEMO, "--center", demo_x, "--eps", "0.1", "--clip", "0,1", "--label", "7", "--out", out)
     assert r.exit_code == 0, r.output
     assert "proved positive" in r.output
     data = np.load(out)
@@ -50,10 +57,10 @@ def test_bounds_center_eps_with_label_writes_npz(tmp_path):
     assert str(data["method"]) == "crown"
 
 
-def test_bounds_lower_upper_files_match_library(tmp_path):
+def test_bounds_lower_upper_files_match_library(demo_x, tmp_path):
     from certkit.bounds import compute_bounds
 
-    x = np.load(DEMO_X)
+    x = np.load(demo_x)
     np.save(tmp_path / "lo.npy", np.clip(x - 0.05, 0, 1))
     np.save(tmp_path / "hi.npy", np.clip(x + 0.05, 0, 1))
     out = tmp_path / "b.npz"
@@ -66,9 +73,9 @@ def test_bounds_lower_upper_files_match_library(tmp_path):
 
 
 @pytest.mark.parametrize("eps", ["-1", "abc", "1/0", "nan"])
-def test_bad_eps(eps, tmp_path):
+def test_bad_eps(demo_x, eps, tmp_path):
     out = tmp_path / "b.npz"
-    r = run("bounds", DEMO, "--center", DEMO_X, "--eps", eps, "--out", out)
+    r = run("bounds", DEMO, "--center", demo_x, "--eps", eps, "--out", out)
     assert_clean_error(r, "epsilon")
     assert not out.exists()
 
@@ -81,11 +88,11 @@ def test_wrong_shape(tmp_path):
     assert not out.exists()
 
 
-def test_not_onnx(tmp_path):
+def test_not_onnx(demo_x, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf \x00\xff" * 10)
     assert_clean_error(run("inspect", bad), "not a readable ONNX model")
-    assert_clean_error(run("bounds", bad, "--center", DEMO_X, "--eps", "0.1"), "not a readable ONNX model")
+    assert_clean_error(run("bounds", bad, "--center", demo_x, "--eps", "0.1"), "not a readable ONNX model")
 
 
 def test_missing_files(tmp_path):
@@ -93,9 +100,9 @@ def test_missing_files(tmp_path):
     assert_clean_error(run("bounds", DEMO, "--center", tmp_path / "nope.npy", "--eps", "0.1"), "no such file")
 
 
-def test_box_options_are_checked(tmp_path):
-    assert_clean_error(run("bounds", DEMO, "--center", DEMO_X), "--center and --eps")
-    assert_clean_error(run("bounds", DEMO, "--center", DEMO_X, "--eps", "0.1", "--label", "12"), "--label 12")
+def test_box_options_are_checked(demo_x, tmp_path):
+    assert_clean_error(run("bounds", DEMO, "--center", demo_x), "--center and --eps")
+    assert_clean_error(run("bounds", DEMO, "--center", demo_x, "--eps", "0.1", "--label", "12"), "--label 12")
     np.save(tmp_path / "lo.npy", np.ones((1, 28, 28), np.float32))
     np.save(tmp_path / "hi.npy", np.zeros((1, 28, 28), np.float32))
     assert_clean_error(run("bounds", DEMO, "--lower", tmp_path / "lo.npy", "--upper", tmp_path / "hi.npy"),
