@@ -172,3 +172,13 @@ def test_flat_input_model_takes_dataset_images_row_major(data_dir, vnncomp_dir):
     assert x.shape == (4, 784, 1)
     counts = run_verify(model, x, y, idx, VerifyConfig(eps=0.01, method="crown", attack=False), "mnist", 0)
     assert sum(counts.values()) == 4 and counts["misclassified"] <= 1
+
+
+def test_timeout_per_sample_skips_stages(mnist_slice):
+    x, y, idx = mnist_slice
+    counts = run_verify(DEMO, x[:4], y[:4], idx[:4], VerifyConfig(eps=EPS, timeout_per_sample=1e-9, **FAST),
+                        "mnist", 0)
+    assert counts["verified"] == counts["falsified"] == 0 and counts["unknown"] + counts["misclassified"] == 4
+    counts = run_verify(DEMO, x[:4], y[:4], idx[:4], VerifyConfig(eps=EPS, timeout_per_sample=60, **FAST),
+                        "mnist", 0)
+    assert counts["verified"] > 0
