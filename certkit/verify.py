@@ -166,7 +166,6 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     if out is not None:
         writer = ResultsFile(out, attrs, stages, K - 1, int(np.prod(x.shape[1:])), resume=resume)
         done = writer.done
-    generator = torch.Generator().manual_seed(cfg.seed)
     counts = {name: 0 for name in STATUS}
     if writer is not None and done:
         from certkit.results import read_results
@@ -177,6 +176,8 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     for b in range(done, len(x), cfg.batch_size):
         xb = x[b:b + cfg.batch_size].to(device)
         yb = y[b:b + cfg.batch_size].to(device)
+        # the attack's randomness depends only on the seed and the batch, so a resumed run matches
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(indices[b]))
         rows = verify_batch(bm, onnx_path, xb, yb, cfg, stages, generator)
         rows["index"] = indices[b:b + cfg.batch_size]
         for i, name in enumerate(STATUS):

@@ -72,7 +72,7 @@ def test_verified_samples_survive_a_strong_attack(results):
 
 def test_resume_after_interruption_gives_the_same_file(tmp_path, mnist_slice):
     x, y, idx = mnist_slice
-    cfg = VerifyConfig(eps=0.03, method="crown", attack=False, batch_size=4)
+    cfg = VerifyConfig(eps=EPS, method="crown", attack=True, batch_size=4, pgd_steps=10, pgd_restarts=2)
     full, part = tmp_path / "full.h5", tmp_path / "part.h5"
     run_verify(DEMO, x[:12], y[:12], idx[:12], cfg, "mnist", 0, out=full)
 
@@ -90,6 +90,8 @@ def test_resume_after_interruption_gives_the_same_file(tmp_path, mnist_slice):
     for k in ("index", "label", "prediction", "status", "stage"):
         assert (d1[k] == d2[k]).all(), k
     np.testing.assert_allclose(d1["margins"], d2["margins"], rtol=1e-6)
+    assert (d1["status"] == STATUS.index("falsified")).any()
+    np.testing.assert_array_equal(d1["counterexample"], d2["counterexample"])  # the attack is reproducible too
     with pytest.raises(Exception, match="cannot resume"):
         run_verify(DEMO, x[:12], y[:12], idx[:12], VerifyConfig(eps=0.05, method="crown", attack=False), "mnist",
                    0, out=part, resume=True)
