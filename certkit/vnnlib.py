@@ -311,11 +311,18 @@ def read_vnnlib(path: str | Path) -> Property:
 # ------------------------------------------------------------------------ writing
 
 
-def _term(row: np.ndarray) -> str:
-    parts = [f"(* {float(v)!r} Y_{j})" for j, v in enumerate(row) if v != 0]
-    if not parts:
-        return "0.0"
-    return parts[0] if len(parts) == 1 else f"(+ {' '.join(parts)})"
+def _atom(row: np.ndarray, c: float) -> str:
+    """The constraint row·y ≤ c, in the competitions' plain form where it has one:
+    (<= Y_a Y_b), (<= Y_j c) or (>= Y_j -c); a general linear term otherwise."""
+    nz = np.flatnonzero(row)
+    if len(nz) == 2 and c == 0 and sorted(row[nz].tolist()) == [-1.0, 1.0]:
+        a, b = (nz[0], nz[1]) if row[nz[0]] == 1 else (nz[1], nz[0])
+        return f"(<= Y_{a} Y_{b})"
+    if len(nz) == 1 and abs(row[nz[0]]) == 1:
+        return f"(<= Y_{nz[0]} {c!r})" if row[nz[0]] == 1 else f"(>= Y_{nz[0]} {-c!r})"
+    parts = [f"(* {float(row[j])!r} Y_{j})" for j in nz]
+    term = "0.0" if not parts else parts[0] if len(parts) == 1 else f"(+ {' '.join(parts)})"
+    return f"(<= {term} {c!r})"
 
 
 def format_vnnlib(prop: Property, comment: str = "") -> str:
@@ -330,7 +337,7 @@ def format_vnnlib(prop: Property, comment: str = "") -> str:
                 enumerate(zip(case.lower, case.upper))]
 
     def polytope(A: np.ndarray, b: np.ndarray) -> str:
-        return "(and " + " ".join(f"(<= {_term(row)} {float(c)!r})" for row, c in zip(A, b)) + ")"
+        return "(and " + " ".join(_atom(row, float(c)) for row, c in zip(A, b)) + ")"
 
     if len(prop.cases) == 1:
         case = prop.cases[0]

@@ -72,6 +72,8 @@ def test_robustness_property_meaning():
     assert (case.lower == 0).all() and (case.upper == 1).all()
     rows = sorted(tuple(A[0]) for A, _ in case.polytopes)
     assert rows == [(-1.0, 1.0, 0.0), (0.0, 1.0, -1.0)]  # Y_1 - Y_j <= 0 for j = 0, 2
+    # the competitions' plain form, which simple VNN-LIB parsers understand
+    assert "(and (<= Y_1 Y_0))" in text and "(and (<= Y_1 Y_2))" in text and "(* " not in text
 
 
 def test_linear_terms_disjunctions_and_gz(tmp_path):
