@@ -42,3 +42,13 @@ def test_alpha_slopes_receive_gradient_at_default_values():
     lb, _ = bm.spec_bounds(bounds, None, "crown", bound_upper=False, intersect=False, lower_slopes=slopes)
     lb.sum().backward()
     assert slopes[relu.name].grad.abs().sum() > 0
+
+
+def test_alpha_crown_with_train_mode_batchnorm_leaves_model_gradients_alone():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).train()
+    bm = BoundedModel(model)
+    x = torch.randn(8, 4)
+    lb, ub = bm.compute_bounds(x - 0.3, x + 0.3, "alpha-crown", x=x)
+    assert torch.isfinite(lb).all() and (lb <= ub).all()
+    assert all(p.grad is None for p in model.parameters())

@@ -251,8 +251,10 @@ class BoundedModel:
                 lb, ub = self.spec_bounds(bounds, C, "crown", bound_upper, intersect=False, lower_slopes=slopes)
                 cur = torch.cat([lb, -ub], 1) if bound_upper else lb
                 best = torch.maximum(best, torch.nan_to_num(cur.detach(), nan=-math.inf))
-                opt.zero_grad(set_to_none=True)
-                (-cur.sum()).backward()
+                # gradients for the slopes only: never into the model (or train-mode BN statistics)
+                grads = torch.autograd.grad(-cur.sum(), list(slopes.values()))
+                for a, g in zip(slopes.values(), grads):
+                    a.grad = g
                 opt.step()
                 with torch.no_grad():
                     for a in slopes.values():
