@@ -38,6 +38,9 @@ def main() -> None:
         print(f"\n{Path(model).name}: {meta['dataset']}, eps {eps:.4g}, first {len(x)} test samples")
         header = f"  {'method':12s} {'samples/s':>10s} {'verified':>9s} {'falsified':>9s} {'unknown':>8s}"
         print(header + "  decided by stage")
+        with tempfile.TemporaryDirectory() as tmp:  # untimed warm-up: first-call costs of torch and onnxruntime
+            run_verify(model, x[:8], y[:8], idx[:8], VerifyConfig(eps=eps, method="ibp", attack=False,
+                                                                   device=args.device), meta["dataset"], 0)
         for method in args.methods.split(","):
             cfg = VerifyConfig(eps=eps, method=method, attack=method == "auto", device=args.device,
                                pixel_range=tuple(json.loads(meta.get("pixel_range", "[0, 1]"))))
