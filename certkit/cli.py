@@ -208,9 +208,7 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
         cfg_path = Path(resume_dir) / "config.json"
         if not cfg_path.is_file() or not (Path(resume_dir) / "last.pt").is_file():
             raise InvalidInput(f"{resume_dir}: no run to resume (needs config.json and last.pt)")
-        data = json.loads(cfg_path.read_text())
-        data["milestones"] = tuple(data["milestones"])
-        cfg = TrainConfig(**data)
+        cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
         if epochs is not None:
             cfg = dataclasses.replace(cfg, epochs=epochs)
         run_dir = resume_dir
@@ -321,7 +319,8 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
     from certkit.verify import VerifyConfig, emit_vnnlib, load_verify_data, run_verify
 
     eps_value = parse_eps(eps)
-    meta = read_metadata(model)
+    proto = read_proto(model)
+    meta = read_metadata(proto)
     dataset = dataset or meta.get("dataset")
     if dataset is None:
         raise InvalidInput(f"{model} has no certkit metadata: give --dataset")
@@ -334,7 +333,7 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
         raise InvalidInput(f"bad pixel range {rng}")
     if resume and out is None:
         raise InvalidInput("--resume needs --out")
-    _, shape = graph_input(read_proto(model))
+    _, shape = graph_input(proto)
     cfg = VerifyConfig(eps=eps_value, method=method, attack=attack, batch_size=batch_size, device=device,
                        timeout_per_sample=timeout_per_sample, pixel_range=rng)
     cfg.stages()  # validates the method before any work

@@ -107,11 +107,12 @@ def _meta_str(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata properties of an ONNX file (empty for files not made by certkit)."""
+def read_metadata(model: str | Path | onnx.ModelProto) -> dict[str, str]:
+    """The metadata properties of an ONNX file or model (empty for files not made by certkit)."""
     from certkit.onnx_io import read_proto
 
-    return {p.key: p.value for p in read_proto(path).metadata_props}
+    proto = model if isinstance(model, onnx.ModelProto) else read_proto(model)
+    return {p.key: p.value for p in proto.metadata_props}
 
 
 CLASS_NAMES = {

@@ -66,6 +66,13 @@ class TrainConfig:
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A config saved as JSON (config.json or inside a checkpoint)."""
+        data = dict(data)
+        data["milestones"] = tuple(data["milestones"])
+        return cls(**data)
+
     @property
     def eps_test(self) -> float:
         return self.eps if self.eps_eval is None else self.eps_eval
@@ -341,11 +348,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Mod
         raise InvalidInput(f"{path}: no such checkpoint")
     try:
         st = torch.load(path, map_location=device, weights_only=False)
-        cfg_dict = dict(st["config"])
+        cfg = TrainConfig.from_dict(st["config"])
     except Exception as e:
         raise InvalidInput(f"{path}: not a certkit checkpoint ({type(e).__name__}: {e})") from None
-    cfg_dict["milestones"] = tuple(cfg_dict["milestones"])
-    cfg = TrainConfig(**cfg_dict)
     model = build_model(cfg.model, cfg.dataset, cfg.bn)
     model.load_state_dict(st["model"])
     return model.eval(), cfg, st
