@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install test test-slow lint demo bench clean
+.PHONY: install test lint demo bench clean
 
 install: $(VENV)/.installed
 
@@ -15,9 +15,6 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(BIN)/ruff check certkit tests benchmarks
 	$(BIN)/pytest -q
-
-test-slow: install
-	$(BIN)/pytest -q -m slow
 
 lint: install
 	$(BIN)/ruff check certkit tests benchmarks
