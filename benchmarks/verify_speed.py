@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from certkit.export import read_metadata
+from certkit.export import pixel_range_of, read_metadata
 from certkit.onnx_io import graph_input, read_proto
 from certkit.results import STATUS, read_results, summarize
 from certkit.verify import VerifyConfig, load_verify_data, run_verify
@@ -43,7 +42,7 @@ def main() -> None:
                                                                    device=args.device), meta["dataset"], 0)
         for method in args.methods.split(","):
             cfg = VerifyConfig(eps=eps, method=method, attack=method == "auto", device=args.device,
-                               pixel_range=tuple(json.loads(meta.get("pixel_range", "[0, 1]"))))
+                               pixel_range=pixel_range_of(meta))
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "r.h5"
                 t0 = time.perf_counter()

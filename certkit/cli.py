@@ -306,13 +306,13 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
     Each sample ends verified (all margin lower bounds > 0), falsified (a PGD point that
     onnxruntime confirms), misclassified, or unknown.
     """
-    import json
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from certkit.bounds import BoundedModel
     from certkit.boxes import parse_eps
     from certkit.errors import InvalidInput
-    from certkit.export import read_metadata
+    from certkit.export import pixel_range_of, read_metadata
     from certkit.onnx_io import graph_input, read_proto
     from certkit.report import console, summary_table
     from certkit.results import read_results, summarize
@@ -324,11 +324,7 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
     dataset = dataset or meta.get("dataset")
     if dataset is None:
         raise InvalidInput(f"{model} has no certkit metadata: give --dataset")
-    rng = (0.0, 1.0)
-    if pixel_range is not None:
-        rng = _pair(pixel_range, "--pixel-range", float)
-    elif "pixel_range" in meta:
-        rng = tuple(json.loads(meta["pixel_range"]))
+    rng = pixel_range_of(meta) if pixel_range is None else _pair(pixel_range, "--pixel-range", float)
     if len(rng) != 2 or rng[0] >= rng[1]:
         raise InvalidInput(f"bad pixel range {rng}")
     if resume and out is None:
@@ -338,11 +334,9 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
                        timeout_per_sample=timeout_per_sample, pixel_range=rng)
     cfg.stages()  # validates the method before any work
     x, y, indices = load_verify_data(dataset, data_dir, start, count, shape)
+    bm = BoundedModel(model)  # converted once, for emission and verification
     if vnnlib_dir:
-        from certkit.bounds import BoundedModel
-
-        k = int(np.prod(BoundedModel(model).graph.output_shape))
-        csv = emit_vnnlib(model, vnnlib_dir, x, y, indices, cfg, k)
+        csv = emit_vnnlib(model, vnnlib_dir, x, y, indices, cfg, int(np.prod(bm.graph.output_shape)))
         console.print(f"wrote {len(x)} VNN-LIB properties and {csv}")
     columns = (TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TextColumn("{task.fields[speed]}"), TimeRemainingColumn())
@@ -356,7 +350,8 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
                        info=f"[green]verified {st['verified']}[/] [red]falsified {st['falsified']}[/] "
                             f"unknown {st['unknown']} misclassified {st['misclassified']}")
 
-        counts = run_verify(model, x, y, indices, cfg, dataset, start, out=out, resume=resume, progress=progress)
+        counts = run_verify(model, x, y, indices, cfg, dataset, start, out=out, resume=resume, progress=progress,
+                            model=bm)
     if out:
         attrs, data = read_results(out)
         console.print(summary_table(summarize(attrs, data)))

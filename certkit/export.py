@@ -115,6 +115,11 @@ def read_metadata(model: str | Path | onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+def pixel_range_of(meta: dict[str, str], default: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
+    """The input pixel range recorded by ``certkit export`` (``default`` for other files)."""
+    return tuple(json.loads(meta["pixel_range"])) if "pixel_range" in meta else default
+
+
 CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],

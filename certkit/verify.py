@@ -137,18 +137,20 @@ def verify_batch(bm: BoundedModel, onnx_path: Path, x: Tensor, y: Tensor, cfg: V
 
 def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray, cfg: VerifyConfig,
                dataset: str, start: int, out: str | Path | None = None, resume: bool = False,
-               progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+               progress: Callable[[dict[str, Any]], None] | None = None,
+               model: BoundedModel | None = None) -> dict[str, Any]:
     """Verify samples ``x`` (N, *input shape, pixels) with labels ``y``; stream rows to ``out``.
 
     Returns the counts per status. ``progress`` is called after every batch with the counts
-    so far and the number of samples done.
+    so far and the number of samples done. ``model`` is ``onnx_path`` already loaded, if the
+    caller has it.
     """
     from certkit.train.loop import resolve_device
 
     onnx_path = Path(onnx_path)
     stages = cfg.stages()
     device = resolve_device(cfg.device)
-    bm = BoundedModel(onnx_path)
+    bm = BoundedModel(onnx_path) if model is None else model
     if tuple(x.shape[1:]) != bm.graph.input_shape:
         raise InvalidInput(f"the data has samples of shape {tuple(x.shape[1:])} but the model expects "
                            f"{bm.graph.input_shape}")
@@ -159,7 +161,7 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     attrs = {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
              "model_path": str(onnx_path), "model_sha256": sha256(onnx_path), "eps": float(cfg.eps),
              "method": cfg.method, "dataset": dataset, "start": int(start), "n": int(len(x)),
-             "options": json.dumps({k: v for k, v in asdict(cfg).items()}),
+             "options": json.dumps(asdict(cfg)),
              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     writer = None
     done = 0

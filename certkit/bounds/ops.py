@@ -126,27 +126,30 @@ class Linear(_Weighted):
     def _apply(self, x, w, b):
         return F.linear(x, w, b)
 
+    def _output_affine(self) -> tuple[Tensor | None, Tensor | None]:
+        """(scale, bias) applied after x W^T: the folded BN's s and b·s + t, or (None, b)."""
+        _, b = self.raw()
+        if self.bn is None:
+            return None, b
+        s, t = self.bn.channel_scale_shift()
+        return s, (t if b is None else torch.addcmul(t, b, s))
+
     def interval(self, b_in):
-        w, b = self.raw()
+        w, _ = self.raw()
+        s, bias = self._output_affine()
         c, r = _center_radius(b_in)
-        c2 = F.linear(c, w, b)
-        r2 = F.linear(r, self._abs(w))
-        if self.bn is not None:
-            s, t = self.bn.channel_scale_shift()
-            c2, r2 = torch.addcmul(t, c2, s), r2 * s.abs()
+        c2, r2 = F.linear(c, w), F.linear(r, self._abs(w))
+        if s is not None:
+            c2, r2 = c2 * s, r2 * s.abs()
+        if bias is not None:
+            c2 = c2 + bias
         return c2 - r2, c2 + r2
 
     def backward(self, A, in_bounds, **kw):
-        w, b = self.raw()
-        bias = None
-        if self.bn is not None:
-            s, t = self.bn.channel_scale_shift()
-            bias = A.matmul(t).reshape(A.shape[0], A.shape[1], -1).sum(-1)
-            A = A * s
-        if b is not None:
-            b_part = A.matmul(b).reshape(A.shape[0], A.shape[1], -1).sum(-1)
-            bias = b_part if bias is None else bias + b_part
-        return [A.matmul(w)], bias
+        w, _ = self.raw()
+        s, bias = self._output_affine()
+        bias_term = None if bias is None else A.matmul(bias).reshape(A.shape[0], A.shape[1], -1).sum(-1)
+        return [(A if s is None else A * s).matmul(w)], bias_term
 
     def describe(self):
         w, _ = self.raw()
