@@ -380,5 +380,100 @@ def report(results, as_json) -> None:
         console.print(summary_table(summary))
 
 
+@main.command("run-instance")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("prop", metavar="PROPERTY", type=click.Path(dir_okay=False))
+@click.option("--timeout", type=float, required=True, help="Hard wall-clock limit in seconds.")
+@click.option("--results", "results", type=click.Path(dir_okay=False), required=True,
+              help="Result file to write (competition format).")
+@click.option("--category", default="", help="Benchmark name (VNN-COMP category), shown in the log.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="CPU threads for PyTorch; 0 picks 1 for small networks and the default otherwise.")
+@friendly_errors
+def run_instance_cmd(model, prop, timeout, results, category, threads) -> None:
+    """Solve one VNN-COMP instance: is some input in the property's box mapped into its unsafe set?
+
+    \b
+    Writes RESULTS: first line sat, unsat, unknown, timeout or error; after sat the
+    counterexample ((X_0 v) ... (Y_0 v) ...), with the outputs of onnxruntime, checked
+    against the property before it is written. The limit is hard: the solver runs in a
+    child process that is killed at the deadline, and `timeout` is written on time.
+
+    \b
+    Strategy: PGD attack, CROWN, alpha-CROWN, then branch and bound until the deadline
+    (input splitting for networks with at most 20 inputs, ReLU splitting otherwise).
+
+    \b
+    Example:
+      certkit run-instance acasxu/onnx/ACASXU_run2a_1_1_batch_2000.onnx \\
+          acasxu/vnnlib/prop_1.vnnlib --timeout 116 --results out.txt
+    """
+    from certkit.vnncomp.instance import run_instance
+
+    if timeout <= 0:
+        raise CertkitError(f"--timeout must be positive; got {timeout}")
+    for path in (model, prop):
+        if not Path(path).is_file():
+            raise CertkitError(f"{path}: no such file")
+    status = run_instance(model, prop, timeout, results, category=category, threads=threads)
+    click.echo(status)
+    if status == "error":
+        sys.exit(1)
+
+
+@main.command("vnncomp")
+@click.argument("bench_dir", type=click.Path(file_okay=False))
+@click.option("--instances", type=click.Path(dir_okay=False), help="instances.csv to run (default: BENCH_DIR's).")
+@click.option("--ground-truth", type=click.Path(dir_okay=False),
+              help="Ground-truth CSV (ground_truth column); default: each family's ground_truth.csv.")
+@click.option("--out", "out_csv", type=click.Path(dir_okay=False), default="vnncomp_results/results.csv",
+              show_default=True, help="Results CSV, one row per instance, appended as they finish (resumable).")
+@click.option("--h5", type=click.Path(dir_okay=False), help="Also write an HDF5 summary here.")
+@click.option("--timeout-scale", type=float, default=1.0, show_default=True,
+              help="Multiply every published timeout by this factor.")
+@click.option("--families", help="Comma-separated families to run (BENCH_DIR holding several).")
+@friendly_errors
+def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, families) -> None:
+    """Run a VNN-COMP benchmark and score it against the ground truth.
+
+    \b
+    BENCH_DIR is one family (instances.csv, onnx/, vnnlib/, optional ground_truth.csv)
+    or a directory of families. Each instance gets its timeout (times --timeout-scale)
+    and a result file next to the CSV (<out dir>/<family>/); rows already in the CSV are
+    skipped, so an interrupted run resumes. The table shows per family the answers,
+    wrong answers (against the ground truth), the score (+10 correct, -150 wrong),
+    the solved count next to the ground truth's, and times.
+
+    \b
+    Example:
+      certkit vnncomp ../shared/vnncomp --families acasxu,tllverifybench_2022 \\
+          --timeout-scale 0.25 --out runs/vnncomp/results.csv
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from certkit.report import console, vnncomp_table
+    from certkit.vnncomp.runner import discover, run_benchmark, summarize
+
+    fams = [f.strip() for f in families.split(",") if f.strip()] if families else None
+    insts = discover(bench_dir, instances, ground_truth, fams)
+    out_csv = Path(out_csv)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[last]}"))
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("vnncomp", total=len(insts), last="")
+
+        def on_done(inst, outcome, resumed):
+            mark = {"wrong": " [bold red]WRONG[/]", "correct": " ✓"}.get(outcome.verdict, "")
+            progress.update(task, advance=1, description=inst.family,
+                            last=f"#{inst.index} {outcome.status}{mark} ({outcome.seconds:.1f}s)")
+
+        outcomes = run_benchmark(insts, out_csv, out_csv.parent, Path(h5) if h5 else None, timeout_scale, on_done)
+    summary = summarize(insts, outcomes)
+    console.print(vnncomp_table(summary))
+    console.print(f"results: {out_csv}" + (f", {h5}" if h5 else ""))
+    if any(s.wrong for s in summary):
+        sys.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

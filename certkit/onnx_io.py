@@ -21,7 +21,7 @@ from certkit.errors import InvalidInput, InvalidModel, UnsupportedOperator
 SUPPORTED_OPS = frozenset({
     "Gemm", "MatMul", "Conv", "BatchNormalization", "Relu", "Add", "Sub", "Mul", "Div",
     "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "AveragePool",
-    "Identity", "Dropout", "Constant",
+    "Identity", "Dropout", "Constant", "Sigmoid", "Tanh", "MaxPool", "Pad",
 })
 UPGRADE_OPSET = 11
 

@@ -118,3 +118,18 @@ def summary_table(s: dict) -> Table:
         t.add_row(f"time in {stage}", f"{sec:.2f} s")
     t.add_row("total time", f"{s['time_total']:.2f} s ({s['time_total'] / s['samples']:.3f} s/sample)")
     return t
+
+
+def vnncomp_table(summary: list) -> Table:
+    """Per family: answers, wrong answers against the ground truth, VNN-COMP score and times."""
+    t = Table(title="VNN-COMP benchmark", title_justify="left")
+    cols = ("family", "run", "sat", "unsat", "unknown", "timeout", "error", "correct", "wrong", "score",
+            "solved / truth", "winner", "total s", "median s")
+    for col in cols:
+        t.add_column(col, justify="left" if col == "family" else "right")
+    for s in summary:
+        t.add_row(s.family, f"{s.run}/{s.instances}", str(s.sat), str(s.unsat), str(s.unknown), str(s.timeout),
+                  str(s.error), str(s.correct), str(s.wrong), str(s.score), f"{s.correct}/{s.truth_solved}",
+                  str(s.winner_solved), f"{s.total_seconds:.0f}", f"{s.median_seconds:.1f}",
+                  style="bold red" if s.wrong else None)
+    return t

@@ -37,3 +37,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def softmax_onnx(tmp_path_factory) -> Path:
+    """An MNIST-shaped classifier ending in Softmax (node 'Softmax_2'): an operator with no bound rule."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((784, 10), np.float32), "w")
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], name="Flatten_0"),
+             helper.make_node("MatMul", ["flat", "w"], ["logits"], name="MatMul_1"),
+             helper.make_node("Softmax", ["logits"], ["output"], name="Softmax_2", axis=1)]
+    graph = helper.make_graph(nodes, "softmax", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                [1, 1, 28, 28])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path = tmp_path_factory.mktemp("softmax") / "softmax.onnx"
+    onnx.save(model, str(path))
+    return path

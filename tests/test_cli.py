@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from certkit.cli import main
-from tests.conftest import REPO, VNNCOMP
+from tests.conftest import REPO
 
 DEMO = REPO / "models" / "mnist_cnn_small_eps0.1.onnx"
 
@@ -19,7 +19,6 @@ def demo_x(tmp_path_factory):
     path = tmp_path_factory.mktemp("x") / "x.npy"
     np.save(path, np.load(REPO / "data" / "mnist_test_100.npz")["x"][0].astype(np.float32) / 255)
     return path
-MAXPOOL = VNNCOMP / "verivital_2021" / "onnx" / "Convnet_maxpool.onnx"
 
 
 def run(*args):
@@ -42,9 +41,9 @@ def test_inspect_prints_the_graph():
         assert word in r.output
 
 
-def test_inspect_names_unsupported_operator(vnncomp_dir):
-    r = run("inspect", MAXPOOL)
-    assert_clean_error(r, "MaxPool", "MaxPool_2")
+def test_inspect_names_unsupported_operator(softmax_onnx):
+    r = run("inspect", softmax_onnx)
+    assert_clean_error(r, "Softmax", "Softmax_2")
 
 
 def test_bounds_center_eps_with_label_writes_npz(demo_x, tmp_path):
@@ -109,11 +108,11 @@ def test_box_options_are_checked(demo_x, tmp_path):
                        "lower bound above upper")
 
 
-def test_unsupported_operator_from_bounds_command(vnncomp_dir, tmp_path):
+def test_unsupported_operator_from_bounds_command(softmax_onnx, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 28, 28), np.float32))
     out = tmp_path / "b.npz"
-    r = run("bounds", MAXPOOL, "--center", tmp_path / "x.npy", "--eps", "0.1", "--out", out)
-    assert_clean_error(r, "MaxPool", "MaxPool_2")
+    r = run("bounds", softmax_onnx, "--center", tmp_path / "x.npy", "--eps", "0.1", "--out", out)
+    assert_clean_error(r, "Softmax", "Softmax_2")
     assert not out.exists()
 
 

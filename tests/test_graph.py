@@ -11,13 +11,13 @@ from certkit.errors import InvalidInput, UnsupportedOperator
 from certkit.train.models import build_model
 
 
-class Sig(nn.Module):
+class Soft(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        return torch.sigmoid(self.fc(x))
+        return torch.softmax(self.fc(x), 1)
 
 
 class Square(nn.Module):
@@ -25,7 +25,7 @@ class Square(nn.Module):
         return x * x
 
 
-@pytest.mark.parametrize("model,op", [(Sig(), "sigmoid"), (nn.Sequential(nn.Linear(4, 4), nn.MaxPool1d(2)),
+@pytest.mark.parametrize("model,op", [(Soft(), "softmax"), (nn.Sequential(nn.Linear(4, 4), nn.MaxPool1d(2)),
                                                             "MaxPool1d"), (Square(), "Mul")])
 def test_unsupported_module_operator_is_named_before_computing(model, op):
     x = torch.zeros(1, 4)

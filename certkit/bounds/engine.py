@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from certkit.bounds.graph import Graph, build_graph
+from certkit.bounds.graph import Graph, build_graph, reference_tensor
 from certkit.bounds.ops import batchnorm_of
 from certkit.errors import InvalidInput
 
@@ -80,6 +80,18 @@ class BoundedModel:
         self._ancestors: dict[str, list] = {}
         self._exact = self._graph.ibp_exact()
         self.pre_activation = {i for n in self._graph.nodes[1:] if not n.op.affine for i in n.inputs}
+        # nodes feeding only ReLUs: a neuron whose sign IBP already fixes gains nothing from CROWN there;
+        # other nonlinearities (Sigmoid, MaxPool, ...) gain from tightening every neuron
+        feeds_other = {i for n in self._graph.nodes[1:] if not n.op.affine and n.op.kind != "relu" for i in n.inputs}
+        self._relu_only = self.pre_activation - feeds_other
+
+    def to(self, *args, **kwargs) -> BoundedModel:
+        """Move or cast the network (``torch.nn.Module.to`` arguments); the graph is rebuilt
+        because it holds constants captured at build time."""
+        self.module.to(*args, **kwargs)
+        if self._graph is not None:
+            self._build(self._graph.input_shape)
+        return self
 
     @property
     def has_train_bn(self) -> bool:
@@ -94,7 +106,7 @@ class BoundedModel:
 
     def _prepare(self, x: Tensor) -> Tensor:
         """Build the graph on first use, move the model to x's device, cast x to its dtype."""
-        param = next(self.module.parameters(), None)
+        param = reference_tensor(self.module)
         if param is not None and param.device != x.device:
             self.module.to(x.device)
             self._graph = None  # constants captured at build time must move too
@@ -121,9 +133,13 @@ class BoundedModel:
 
     # ------------------------------------------------------------------ bounds
 
-    def intervals(self, lower: Tensor, upper: Tensor, method: str = "ibp") -> dict[str, Interval]:
+    def intervals(self, lower: Tensor, upper: Tensor, method: str = "ibp",
+                  known: dict[str, Interval] | None = None) -> dict[str, Interval]:
         """Interval bounds of every node: IBP, refined by CROWN when ``method == 'crown'``.
 
+        ``known`` maps node names to intervals already known to hold on this box (from a
+        parent domain in branch and bound, with split neurons clamped): each node's interval
+        is intersected with them before later nodes use it, so splits propagate forward.
         Train-mode batch norms use the statistics of the last ``forward``."""
         if self._graph is None:
             self._build(tuple(lower.shape[1:]))
@@ -131,16 +147,20 @@ class BoundedModel:
         refine = method == "crown"
         for n in self.graph.nodes[1:]:
             lo, up = n.op.interval(*(bounds[i] for i in n.inputs))
+            if known is not None and n.name in known:
+                lo, up = torch.maximum(lo, known[n.name][0]), torch.minimum(up, known[n.name][1])
             if refine and n.name in self.pre_activation and not self._exact[n.name]:
                 lo, up = self._crown_refine(n.name, lo, up, bounds)
             bounds[n.name] = (lo, up)
         return bounds
 
     def _crown_refine(self, name: str, lo: Tensor, up: Tensor, bounds: dict[str, Interval]) -> Interval:
-        """Tighten the neurons of node ``name`` that IBP leaves unstable with a CROWN pass."""
+        """Tighten with a CROWN pass the neurons of node ``name`` that IBP leaves unstable (every
+        neuron with l < u when the node feeds a nonlinearity other than ReLU)."""
         B, shape = lo.shape[0], lo.shape[1:]
         lf, uf = lo.reshape(B, -1), up.reshape(B, -1)
-        idx = ((lf < 0) & (uf > 0)).any(0).nonzero().squeeze(1)
+        loose = ((lf < 0) & (uf > 0)) if name in self._relu_only else (lf < uf)
+        idx = loose.any(0).nonzero().squeeze(1)
         if idx.numel() == 0:
             return lo, up
         widest = max(math.prod(self.graph.by_name[a.name].shape) for a in self._ancestors_of(name))
@@ -163,19 +183,27 @@ class BoundedModel:
         return self._ancestors[name]
 
     def _backward(self, start: str, A: Tensor, bounds: dict[str, Interval], stop_at_nonlinear: bool,
-                  lower_slopes: dict[str, Tensor] | None = None) -> Tensor:
+                  lower_slopes: dict[str, Tensor] | None = None, record: dict[str, Tensor] | None = None,
+                  extra: dict[str, Tensor] | None = None) -> Tensor:
         """Lower bound (B, S) of A·node[start] by backward linear propagation.
 
         With ``stop_at_nonlinear`` the linear function is concretised at the outputs of
         the last nonlinear nodes with their intervals (IBP with C folded in); otherwise it
-        is relaxed through them down to the input box (CROWN).
+        is relaxed through them down to the input box (CROWN). ``record`` receives the
+        coefficient tensor reaching every node (branching scores and the input's minimiser
+        in branch and bound). ``extra`` adds coefficients at given nodes, i.e. bounds
+        A·node[start] + Σ extra[n]·node[n] (β-CROWN's Lagrangian terms for split neurons).
         """
         pending = {start: A}
         lb = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
         for node in self._ancestors_of(start):
             A_n = pending.pop(node.name, None)
+            if extra is not None and node.name in extra:
+                A_n = extra[node.name] if A_n is None else A_n + extra[node.name]
             if A_n is None:
                 continue
+            if record is not None:
+                record[node.name] = A_n
             if node.op is None or (stop_at_nonlinear and not node.op.affine):
                 lb = lb + concretize(A_n, bounds[node.name])
                 continue
@@ -263,13 +291,15 @@ class BoundedModel:
         return best[:, :k], (-best[:, k:] if bound_upper else None)
 
     def spec_bounds(self, bounds: dict[str, Interval], C: Tensor | None, method: str, bound_upper: bool = True,
-                    intersect: bool = True, lower_slopes: dict[str, Tensor] | None = None
+                    intersect: bool = True, lower_slopes: dict[str, Tensor] | None = None,
+                    record: dict[str, Tensor] | None = None, extra: dict[str, Tensor] | None = None
                     ) -> tuple[Tensor, Tensor | None]:
         """The final pass: bounds of C·output given the node intervals from :meth:`intervals`.
 
         ``ibp`` concretises at the last nonlinearity (C folded into the last linear layers);
         ``crown-ibp`` / ``crown`` relax down to the input, intersected with the IBP result
         unless ``intersect`` is False (the raw CROWN bound, as CROWN-IBP training mixes it).
+        ``record`` and ``extra`` go to the CROWN pass (see :meth:`_backward`).
         """
         lower = bounds[self.graph.input.name][0]
         B = lower.shape[0]
@@ -289,7 +319,8 @@ class BoundedModel:
         if method == "ibp" or intersect:
             lb = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=True)
         if method != "ibp":
-            crown = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=False, lower_slopes=lower_slopes)
+            crown = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=False, lower_slopes=lower_slopes,
+                                   record=record, extra=extra)
             lb = crown if lb is None else torch.maximum(lb, crown)
         return lb[:, :S], (-lb[:, S:] if bound_upper else None)
 

@@ -10,6 +10,7 @@ as :class:`~certkit.errors.UnsupportedOperator` before any bound is computed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,10 +125,19 @@ def _trace(module: nn.Module) -> fx.GraphModule:
         raise InvalidModel(f"cannot trace {type(module).__name__} with torch.fx: {e}") from None
 
 
+def reference_tensor(module: nn.Module) -> torch.Tensor | None:
+    """A floating tensor of the module telling its dtype and device: a parameter, or a buffer
+    (ONNX-converted modules often hold their weights as buffers only)."""
+    param = next(module.parameters(), None)
+    if param is None:
+        param = next((b for b in module.buffers() if b.is_floating_point()), None)
+    return param
+
+
 def build_graph(module: nn.Module, input_shape: Sequence[int]) -> Graph:
     """Normalise ``module`` into a :class:`Graph` for inputs of per-sample ``input_shape``."""
     gm = _trace(module)
-    param = next(module.parameters(), None)
+    param = reference_tensor(module)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
     example = torch.rand(1, *input_shape, dtype=dtype, device=device)
@@ -244,6 +254,27 @@ def _convert(n: fx.Node, name: str, target, args, kwargs, values, bounded):
             return ops.BatchNorm(mod), dyn_args
         if isinstance(mod, nn.ReLU):
             return ops.ReLU(), dyn_args
+        if isinstance(mod, nn.Sigmoid):
+            return ops.Sigmoid(), dyn_args
+        if isinstance(mod, nn.Tanh) or (name == "OnnxFunction" and mod.function is torch.tanh):
+            return ops.Tanh(), dyn_args
+        if isinstance(mod, nn.MaxPool2d):
+            return _maxpool(n, name, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode,
+                            mod.return_indices, values, dyn_args[0])
+        if name == "OnnxPadStatic":
+            return _pad(n, name, mod.pads, mod.mode, mod.constant_value, values, dyn_args[0])
+        if name == "OnnxPadDynamic":
+            if _depends(n.args[1:], bounded):
+                raise UnsupportedOperator(n.name, name, "pads and value must be constant")
+            pads = [int(p) for p in torch.as_tensor(args[1]).tolist()]  # ONNX order: all begins, then all ends
+            half = len(pads) // 2
+            torch_pads = [p for b, e in zip(pads[:half][::-1], pads[half:][::-1]) for p in (b, e)]
+            value = args[2] if len(args) > 2 and args[2] is not None else 0.0
+            return _pad(n, name, torch_pads, mod.mode, float(torch.as_tensor(value)), values, dyn_args[0])
+        if isinstance(mod, nn.Sequential) and _is_onnx_padded_maxpool(mod):
+            pad, pool = mod  # onnx2torch's asymmetric MaxPool padding: -inf Pad, then MaxPool2d
+            return _maxpool(n, name, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                            pool.return_indices, values, dyn_args[0], pre_pad=pad.pads)
         if isinstance(mod, (nn.Flatten, nn.Unflatten)) or name in _RESHAPE_ONNX:
             return _reshape(n, values, dyn_args[0])
         if isinstance(mod, nn.AvgPool2d):
@@ -275,6 +306,22 @@ def _convert(n: fx.Node, name: str, target, args, kwargs, values, bounded):
         return ops.Linear(lambda w=w, b=b: (w, b)), dyn_args[:1]
     if name == "relu":
         return ops.ReLU(), dyn_args
+    if name == "sigmoid":
+        return ops.Sigmoid(), dyn_args
+    if name == "tanh":
+        return ops.Tanh(), dyn_args
+    if name == "max_pool2d" and target is F.max_pool2d:
+        sig = dict(zip(["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"], args[1:]),
+                   **kwargs)
+        return _maxpool(n, name, sig["kernel_size"], sig.get("stride"), sig.get("padding", 0), sig.get("dilation", 1),
+                        sig.get("ceil_mode", False), sig.get("return_indices", False), values, n.args[0])
+    if name == "pad" and target is F.pad:
+        if _depends(n.args[1:], bounded) or _depends(n.kwargs, bounded):
+            raise UnsupportedOperator(n.name, name, "pads and value must be constant")
+        sig = dict(zip(["pad", "mode", "value"], args[1:]), **kwargs)
+        value = sig.get("value")
+        return _pad(n, name, sig["pad"], sig.get("mode", "constant"), 0.0 if value is None else value, values,
+                    n.args[0])
     if name in _RESHAPE_NAMES:
         return _reshape(n, values, dyn_args[0])
     if name in ("permute", "transpose", "t"):
@@ -297,6 +344,39 @@ def _convert(n: fx.Node, name: str, target, args, kwargs, values, bounded):
                            sig.get("count_include_pad", True), _shape(values, x))
         return op, [x]
     raise UnsupportedOperator(n.name, name)
+
+
+def _is_onnx_padded_maxpool(mod: nn.Sequential) -> bool:
+    return (len(mod) == 2 and type(mod[0]).__name__ == "OnnxPadStatic" and isinstance(mod[1], nn.MaxPool2d)
+            and mod[0].mode == "constant" and mod[0].constant_value == -math.inf and len(mod[0].pads) <= 4)
+
+
+def _maxpool(n, name, kernel_size, stride, padding, dilation, ceil_mode, return_indices, values, x: fx.Node,
+             pre_pad=(0, 0, 0, 0)):
+    """MaxPool2d on (channels, height, width) samples; pooling indices are not a bounded value."""
+    if return_indices:
+        raise UnsupportedOperator(n.name, name, "return_indices")
+    in_shape = _shape(values, x)
+    if len(in_shape) != 3:
+        raise UnsupportedOperator(n.name, name, f"input of per-sample shape {in_shape}; expected (C, H, W)")
+    pre_pad = (list(pre_pad) + [0, 0, 0, 0])[:4]
+    op = ops.MaxPool2d(kernel_size, stride, padding, dilation, ceil_mode, in_shape, pre_pad)
+    if (op.table == in_shape[1] * in_shape[2]).all(0).any():
+        raise UnsupportedOperator(n.name, name, "a pooling window lies entirely in the padding (output -inf)")
+    return op, [x]
+
+
+def _pad(n, name, pads, mode, value, values, x: fx.Node):
+    """Constant padding of per-sample dimensions (torch order: last dimension first)."""
+    if mode != "constant":
+        raise UnsupportedOperator(n.name, name, f"{mode!r} padding (only constant padding is supported)")
+    if not math.isfinite(value):
+        raise UnsupportedOperator(n.name, name, f"padding with the non-finite constant {value}")
+    pads = [int(p) for p in pads]
+    in_shape = _shape(values, x)
+    if len(pads) % 2 or any(pads[2 * len(in_shape):]):
+        raise UnsupportedOperator(n.name, name, f"pads {pads} change the batch dimension")
+    return ops.Pad(pads[:2 * len(in_shape)], value, in_shape), [x]
 
 
 def _depends(args, bounded) -> bool:

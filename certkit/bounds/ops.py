@@ -19,6 +19,7 @@ IBP, which lets full CROWN skip them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -503,6 +504,197 @@ class ReLU(Activation):
         a_l = torch.where(unstable, slope, active.to(lo.dtype))
         return a_l, None, a_u, b_u
 
+
+
+class SShaped(Activation):
+    """An increasing S-shaped function: convex on h <= 0, concave on h >= 0, with a derivative
+    that is even and decreasing in |h|, and odd about its centre (f(h) + f(-h) = ``centre_sum``).
+
+    CROWN's rules, per neuron on [l, u]. Upper line: the chord when it lies above f (u <= 0,
+    or l < 0 < u with chord slope <= f'(u)), the tangent at the midpoint when l >= 0,
+    otherwise the tangent at the point d in [0, u] whose tangent passes through (l, f(l)),
+    found by bisection and rounded up (a tangent at any d' >= d stays above f). The lower
+    line is the upper line of the reflected function on [-u, -l]. Narrow intervals
+    (float rounding would dominate a chord) take the slope f'(midpoint) through the worst
+    end points, sound by monotonicity alone. Lines are computed in float64 and loosened by
+    a few units of rounding of the caller's dtype so they stay sound after the cast.
+    """
+
+    centre_sum = 0.0
+    bisection_steps = 24
+
+    def deriv(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _upper(self, lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+        """(slope, intercept) of a line above f on [lo, up] (float64 tensors, lo <= up)."""
+        f, df = self.fn, self.deriv
+        f_lo, f_up = f(lo), f(up)
+        width = up - lo
+        narrow = width <= 1e-6 * (1 + lo.abs() + up.abs())
+        chord = (f_up - f_lo) / torch.where(narrow, torch.ones_like(width), width)
+        straddle = (lo < 0) & (up > 0)
+        use_chord = (up <= 0) | (straddle & (chord <= df(up)))
+        with torch.no_grad():  # tangent point for the straddling case: smallest d with phi(d) >= 0
+            a, b = torch.zeros_like(up), up.clone()
+            for _ in range(self.bisection_steps):
+                mid = (a + b) / 2
+                ok = f(mid) + df(mid) * (lo - mid) >= f_lo
+                a, b = torch.where(ok, a, mid), torch.where(ok, mid, b)
+        d = torch.where(straddle, b, (lo + up) / 2)  # l >= 0: the midpoint's tangent
+        tan_slope = df(d)
+        slope = torch.where(use_chord, chord, tan_slope)
+        icpt = torch.where(use_chord, f_lo - chord * lo, f(d) - tan_slope * d)
+        mid_slope = df((lo + up) / 2)
+        slope = torch.where(narrow, mid_slope, slope)
+        icpt = torch.where(narrow, f_up - mid_slope * lo, icpt)
+        return slope, icpt
+
+    def interval(self, b_in):
+        # widened by a few ulps: vectorised and scalar code paths of tanh/sigmoid differ by one
+        lo, up = self.fn(b_in[0]), self.fn(b_in[1])
+        eps = 4 * torch.finfo(lo.dtype).eps
+        return lo - eps * lo.abs(), up + eps * up.abs()
+
+    def relax(self, lo, up, lower_slope=None):
+        dtype = lo.dtype
+        lo64, up64 = lo.double(), up.double()
+        a_u, b_u = self._upper(lo64, up64)
+        a_l, b_l = self._upper(-up64, -lo64)  # f(h) = c - f(-h) >= c - (a·(-h) + b)
+        b_l = self.centre_sum - b_l
+        # rounding allowance for the cast back and for evaluating the lines in ``dtype``
+        scale = 8 * torch.finfo(dtype).eps
+        reach = torch.maximum(lo64.abs(), up64.abs())
+        b_u = b_u + scale * (1 + b_u.abs() + a_u.abs() * reach)
+        b_l = b_l - scale * (1 + b_l.abs() + a_l.abs() * reach)
+        return a_l.to(dtype), b_l.to(dtype), a_u.to(dtype), b_u.to(dtype)
+
+
+class Sigmoid(SShaped):
+    """The logistic function 1 / (1 + e^-h)."""
+
+    kind = "sigmoid"
+    centre_sum = 1.0
+
+    def fn(self, x):
+        return torch.sigmoid(x)
+
+    def deriv(self, x):
+        s = torch.sigmoid(x)
+        return s * (1 - s)
+
+
+class Tanh(SShaped):
+    """The hyperbolic tangent."""
+
+    kind = "tanh"
+
+    def fn(self, x):
+        return torch.tanh(x)
+
+    def deriv(self, x):
+        return 1 - torch.tanh(x) ** 2
+
+
+class MaxPool2d(Monotone):
+    """2-D max pooling (any kernel, stride, padding, dilation, ceil mode), optionally after a
+    constant -inf padding ``pre_pad`` (left, right, top, bottom) as onnx2torch makes for
+    asymmetric pads. IBP pools both ends (max is monotone).
+
+    CROWN: per window, with j the element of largest lower bound, y >= x_j (the max is at
+    least any element); y <= x_j too when l_j >= u_k for every other k (then y = x_j),
+    otherwise y <= the window's largest upper bound (a constant). Windows are read through
+    a fixed table of input positions (padding points at an extra -inf slot), so the rules
+    are gathers and one scatter-add, with no loop over positions.
+    """
+
+    kind = "maxpool"
+
+    def __init__(self, kernel_size, stride, padding, dilation, ceil_mode, in_shape: Sequence[int],
+                 pre_pad: Sequence[int] = (0, 0, 0, 0)):
+        pair = torch.nn.modules.utils._pair
+        self.kernel, self.stride = pair(kernel_size), pair(stride if stride else kernel_size)
+        self.padding, self.dilation, self.ceil_mode = pair(padding), pair(dilation), bool(ceil_mode)
+        self.pre_pad = tuple(int(p) for p in pre_pad)
+        self.in_shape = tuple(in_shape)
+        C, H, W = self.in_shape
+        # table (K, L): flat input position read by window element k of output l; H*W for padding
+        pos = torch.arange(H * W, dtype=torch.float64).reshape(1, 1, H, W)
+        pos = F.pad(pos, self.pre_pad, value=-1.0)
+        out_h, out_w = self.forward(torch.zeros(1, *self.in_shape)).shape[-2:]
+        pads = []
+        for d, out in ((1, out_w), (0, out_h)):  # F.pad order: last dimension first
+            size = pos.shape[2 + d]
+            needed = (out - 1) * self.stride[d] + self.dilation[d] * (self.kernel[d] - 1) + 1
+            pads += [self.padding[d], needed - size - self.padding[d]]  # negative crops unused rows
+        pos = F.pad(pos, pads, value=-1.0)
+        table = F.unfold(pos, self.kernel, self.dilation, 0, self.stride)[0]
+        self.table = torch.where(table < 0, H * W, table).long()
+        self.out_hw = (int(out_h), int(out_w))
+
+    def forward(self, x):
+        if any(self.pre_pad):
+            x = F.pad(x, self.pre_pad, value=-math.inf)
+        return F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+    def _windows(self, v: Tensor) -> Tensor:
+        """(N, C, K, L): the window elements of v (N, C, H, W), -inf at padding."""
+        flat = v.flatten(2)
+        flat = torch.cat([flat, flat.new_full((*flat.shape[:2], 1), -math.inf)], 2)
+        return flat[:, :, self.table.to(v.device)]
+
+    def backward(self, A, in_bounds, **kw):
+        lo, up = in_bounds[0]
+        B, S = A.shape[:2]
+        C, H, W = self.in_shape
+        table = self.table.to(A.device)
+        lo_w, up_w = self._windows(lo), self._windows(up)
+        lo_j, j = lo_w.max(2)  # (B, C, L)
+        top = up_w.topk(min(2, up_w.shape[2]), dim=2)
+        best_up = top.values[:, :, 0]
+        if up_w.shape[2] > 1:  # largest upper bound among the elements other than j
+            others = torch.where(top.indices[:, :, 0] == j, top.values[:, :, 1], best_up)
+        else:
+            others = torch.full_like(best_up, -math.inf)
+        exact = lo_j >= others
+        A = A.reshape(B, S, C, -1)
+        neg = A.clamp(max=0)
+        coef = torch.where(exact.unsqueeze(1), A, A.clamp(min=0))
+        bias = (neg * torch.where(exact, 0, best_up).unsqueeze(1)).flatten(2).sum(-1)
+        where = table[j, torch.arange(table.shape[1], device=A.device)].unsqueeze(1).expand(B, S, C, -1)
+        A_in = A.new_zeros(B, S, C, H * W + 1).scatter_add_(3, where, coef)
+        return [A_in[..., :H * W].reshape(B, S, *self.in_shape)], bias
+
+    def describe(self):
+        pair = lambda t: f"{t[0]}" if t[0] == t[1] else f"{t[0]}x{t[1]}"  # noqa: E731
+        return (f"k{pair(self.kernel)} s{pair(self.stride)} p{pair(self.padding)}"
+                + (f" d{pair(self.dilation)}" if self.dilation != (1, 1) else "")
+                + (f" pre-pad {self.pre_pad}" if any(self.pre_pad) else "") + (" ceil" if self.ceil_mode else ""))
+
+
+class Pad(Monotone):
+    """Constant padding of the trailing per-sample dimensions (``F.pad`` order: last dimension
+    first; negative pads crop). Affine: the backward pass crops A back to the input and adds
+    the constant times the coefficients that fall on padding."""
+
+    kind = "pad"
+    affine = True
+
+    def __init__(self, pads: Sequence[int], value: float, in_shape: Sequence[int]):
+        self.pads, self.value = tuple(int(p) for p in pads), float(value)
+        self.in_shape = tuple(in_shape)
+        self.mask = F.pad(torch.zeros(1, *self.in_shape), self.pads, value=1.0)[0]  # 1 on padding
+
+    def forward(self, x):
+        return F.pad(x, self.pads, value=self.value)
+
+    def backward(self, A, in_bounds, **kw):
+        A_in = F.pad(A, tuple(-p for p in self.pads))
+        bias = None if self.value == 0 else self.value * _bias_sum(A, self.mask.to(A))
+        return [A_in], bias
+
+    def describe(self):
+        return f"pads {self.pads} value {self.value:g}"
 
 def batchnorm_of(op: Op | None) -> BatchNorm | None:
     """The batch norm an operator applies (its own, or one folded into a Linear/Conv)."""

@@ -1,0 +1,302 @@
+"""Branch and bound for one case of a property: input splitting and ReLU splitting.
+
+Both loops keep a stack of open domains, each already bounded, pop a batch, split every
+domain in two, bound all children in one batched pass, drop the children whose every
+unsafe polytope is refuted, try the children's most suspicious points as
+counterexamples, and push the rest. They stop on an answer, on the deadline, or when
+the stack grows past ``max_domains``.
+
+* Input splitting (networks with few inputs, e.g. ACAS Xu's 5): the box is halved along
+  one dimension. For each domain the ``candidates`` dimensions with the largest
+  smear (|coefficient of the CROWN bound| × width) are each tried, and the dimension
+  whose worse child has the best bound is kept (both its children are already bounded).
+* ReLU splitting (the others): a domain is the input box plus the pre-activation
+  intervals of every ReLU, with the split neurons clamped to l ≥ 0 (active) or u ≤ 0
+  (inactive). Children are bounded by IBP intersected with the parent's intervals
+  (so a split propagates to later layers) and then CROWN under those fixed phases;
+  an empty domain (some l > u) is refuted. The neuron to split has the largest
+  |coefficient| × triangle intercept −l·u/(u−l) in the CROWN pass (BaBSR's score).
+  Every domain's CROWN minimiser (the box corner picked by the input coefficients) is
+  tried as a counterexample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from certkit.bounds import BoundedModel
+from certkit.vnncomp.spec import Spec
+
+Confirm = Callable[[Tensor], "object | None"]  # candidate points (N, *shape) → counterexample or None
+
+
+@dataclass
+class BabOutcome:
+    stage: str  # "input-split" or "relu-split"
+    status: str  # "unsat", "sat", "timeout" or "unknown"
+    counterexample: object | None = None
+    domains: int = 0  # domains bounded
+    max_open: int = 0
+    detail: str = ""
+
+
+@dataclass
+class _Stack:
+    """Open domains as batched tensors (popped from the end: depth first)."""
+
+    parts: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return 0 if not self.parts else next(iter(self.parts.values())).shape[0]
+
+    def push(self, items: dict[str, Tensor]) -> None:
+        if not self.parts:
+            self.parts = dict(items)
+        else:
+            self.parts = {k: torch.cat([self.parts[k], items[k]]) for k in self.parts}
+
+    def pop(self, n: int) -> dict[str, Tensor]:
+        size = len(self)
+        n = min(n, size)
+        out = {k: v[size - n:] for k, v in self.parts.items()}
+        self.parts = {k: v[:size - n] for k, v in self.parts.items()}
+        return out
+
+
+def margins(bm: BoundedModel, spec: Spec, bounds: dict[str, tuple[Tensor, Tensor]], lo: Tensor, up: Tensor,
+            lower_slopes: dict[str, Tensor] | None = None, extra: dict[str, Tensor] | None = None
+            ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """One CROWN pass over N domains (node intervals ``bounds``, input box [lo, up]).
+
+    Returns the polytope margins (N, G) of :meth:`Spec.group_margins` (> 0: refuted), the
+    input coefficients A (N, S, D) and the coefficients recorded at every node."""
+    n = lo.shape[0]
+    rec: dict[str, Tensor] = {}
+    lb, _ = bm.spec_bounds(bounds, spec.batch_C(n), "crown", bound_upper=False, intersect=False,
+                           lower_slopes=lower_slopes, record=rec, extra=extra)
+    lo_f, up_f = lo.reshape(n, -1), up.reshape(n, -1)
+    A = rec[bm.graph.input.name].reshape(n, spec.num_rows, -1)
+    c = lb - torch.minimum(A * lo_f.unsqueeze(1), A * up_f.unsqueeze(1)).sum(-1)
+    return spec.group_margins(A, c, lo_f, up_f), A, rec
+
+
+def _open_score(m: Tensor, alive: Tensor) -> Tensor:
+    """Per domain, the worst margin over polytopes still alive (+inf when all are refuted)."""
+    return torch.where(alive, m, torch.full_like(m, math.inf)).min(1).values
+
+
+def _minimiser(spec: Spec, A: Tensor, m: Tensor, alive: Tensor, lo: Tensor, up: Tensor) -> Tensor:
+    """Per domain (N, D): the box corner minimising the CROWN bound of the summed rows of the
+    worst live polytope, a cheap counterexample candidate."""
+    worst = torch.where(alive, m, torch.full_like(m, math.inf)).argmin(1)
+    w = (spec.group.unsqueeze(0) == worst.unsqueeze(1)).to(A.dtype)  # (N, S)
+    M = (A * w.unsqueeze(-1)).sum(1)
+    return torch.where(M > 0, lo.reshape(M.shape), up.reshape(M.shape))
+
+
+def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, confirm: Confirm,
+                expired: Callable[[], bool], batch: int = 512, candidates: int = 3,
+                max_domains: int = 2_000_000) -> BabOutcome:
+    """Input-splitting branch and bound on the box [lower, upper] (shape (1, *input_shape))."""
+    shape = lower.shape[1:]
+    D = math.prod(shape)
+
+    def bound(lo: Tensor, up: Tensor, alive: Tensor):
+        with torch.no_grad():
+            bounds = bm.intervals(lo.reshape(-1, *shape), up.reshape(-1, *shape), "crown")
+            m, A, _ = margins(bm, spec, bounds, lo, up)
+        alive = alive & ~(m > 0)
+        w = alive.gather(1, spec.group.expand(lo.shape[0], -1)).to(A.dtype)  # rows of live polytopes
+        smear = (A.abs() * w.unsqueeze(-1)).sum(1) * (up - lo)
+        return _open_score(m, alive), alive, smear, _minimiser(spec, A, m, alive, lo, up)
+
+    lower, upper = lower.reshape(1, D), upper.reshape(1, D)
+    root_width = (upper - lower).clamp(min=1e-30)
+    score, alive, smear, corner = bound(lower, upper, torch.ones(1, spec.num_groups, dtype=torch.bool))
+    found = confirm(torch.cat([corner, (lower + upper) / 2]).reshape(-1, *shape))
+    if found is not None:
+        return BabOutcome("input-split", "sat", found, 1)
+    if score.item() > 0:
+        return BabOutcome("input-split", "unsat", None, 1)
+    stack = _Stack()
+    stack.push({"lo": lower, "up": upper, "alive": alive, "smear": smear})
+    done, max_open = 1, 1
+    k = min(candidates, D)
+    while len(stack):
+        if expired():
+            return BabOutcome("input-split", "timeout", None, done, max_open)
+        if len(stack) > max_domains:
+            return BabOutcome("input-split", "unknown", None, done, max_open, "too many open domains")
+        d = stack.pop(max(1, batch // (2 * k)))
+        n = d["lo"].shape[0]
+        # candidates: the largest smears among dimensions at least a quarter as wide (relative to the
+        # root box) as the widest, so that no greedy choice keeps halving one dimension forever
+        rel = (d["up"] - d["lo"]) / root_width
+        eligible = rel >= 0.25 * rel.amax(1, keepdim=True)
+        cand = d["smear"].masked_fill(~eligible, -1.0).topk(k, dim=1).indices
+        valid = eligible.gather(1, cand)  # (n, k)
+        dims = cand.unsqueeze(2)  # (n, k, 1)
+        lo = d["lo"].unsqueeze(1).expand(n, k, D)
+        up = d["up"].unsqueeze(1).expand(n, k, D)
+        mid = (lo.gather(2, dims) + up.gather(2, dims)) / 2
+        up_l = up.clone().scatter_(2, dims, mid)
+        lo_r = lo.clone().scatter_(2, dims, mid)
+        lo_c = torch.stack([lo, lo_r], 2).reshape(-1, D)  # (n·k·2, D): domain, dimension, side
+        up_c = torch.stack([up_l, up], 2).reshape(-1, D)
+        s_c, alive_c, smear_c, corner_c = bound(lo_c, up_c, d["alive"].repeat_interleave(2 * k, 0))
+        done += lo_c.shape[0]
+        worse = s_c.reshape(n, k, 2).min(2).values.masked_fill(~valid, -math.inf)
+        best = worse.argmax(1)  # the dimension whose worse child is best
+        pick = (torch.arange(n).unsqueeze(1) * (2 * k) + best.unsqueeze(1) * 2 + torch.arange(2)).reshape(-1)
+        pick = pick[s_c[pick] <= 0]
+        if pick.numel() == 0:
+            continue
+        found = confirm(torch.cat([corner_c[pick], (lo_c[pick] + up_c[pick]) / 2]).reshape(-1, *shape))
+        if found is not None:
+            return BabOutcome("input-split", "sat", found, done, max_open)
+        stack.push({"lo": lo_c[pick], "up": up_c[pick], "alive": alive_c[pick], "smear": smear_c[pick]})
+        max_open = max(max_open, len(stack))
+    return BabOutcome("input-split", "unsat", None, done, max_open)
+
+
+def _optimise(bm: BoundedModel, spec: Spec, bounds: dict, lo: Tensor, up: Tensor, relus: list, pre: list[str],
+              signs: list[Tensor], best: Tensor, iterations: int, lr: float = 0.1) -> Tensor:
+    """α-β-CROWN on N domains: optimise the ReLU lower slopes α ∈ [0, 1] and one multiplier β ≥ 0
+    per split neuron and specification row, bounding C·y + Σ β·σ·z where σ = −1 for a neuron
+    split active (z ≥ 0) and +1 for one split inactive (z ≤ 0), so every added term is ≤ 0 on
+    the domain and any α, β give a sound bound. Returns the element-wise best margins seen."""
+    n, S = lo.shape[0], spec.num_rows
+    slopes = {}
+    for r in relus:
+        lo_r, up_r = bounds[r.inputs[0]]
+        init = r.op.default_slope(lo_r, up_r).unsqueeze(1).expand(n, S, *lo_r.shape[1:])
+        slopes[r.name] = init.clone().requires_grad_(True)
+    betas = {p: torch.zeros(n, S, sg.shape[1], dtype=lo.dtype, requires_grad=True)
+             for p, sg in zip(pre, signs) if bool((sg != 0).any())}
+    params = list(slopes.values()) + list(betas.values())
+    opt = torch.optim.Adam(params, lr=lr)
+    shapes = {p: bounds[p][0].shape[1:] for p in pre}
+    sign_of = dict(zip(pre, signs))
+    with torch.enable_grad():
+        for _ in range(iterations):
+            extra = {p: (b * sign_of[p].unsqueeze(1)).reshape(n, S, *shapes[p]) for p, b in betas.items()}
+            m, _, _ = margins(bm, spec, bounds, lo, up, lower_slopes=slopes, extra=extra)
+            best = torch.maximum(best, m.detach())
+            objective = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).clamp(max=1.0).sum()
+            grads = torch.autograd.grad(-objective, params, allow_unused=True)
+            for a, g in zip(params, grads):
+                a.grad = g
+            opt.step()
+            with torch.no_grad():
+                for a in slopes.values():
+                    a.clamp_(0, 1)
+                for b in betas.values():
+                    b.clamp_(min=0)
+    return best
+
+
+def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root: dict[str, tuple[Tensor, Tensor]],
+               confirm: Confirm, expired: Callable[[], bool], batch: int = 256,
+               max_domains: int = 200_000, iterations: int = 10) -> BabOutcome:
+    """ReLU-splitting branch and bound on the box [lower, upper] (shape (1, *input_shape)).
+
+    ``root`` holds the intervals of every node on the whole box (e.g. CROWN's); each batch of
+    children gets ``iterations`` steps of α-β-CROWN (:func:`_optimise`)."""
+    relus = [n for n in bm.graph.nodes[1:] if n.op.kind == "relu"]
+    if not relus:
+        return BabOutcome("relu-split", "unknown", None, 0, 0, "no ReLU to split")
+    pre = [n.inputs[0] for n in relus]
+    shapes = [bm.graph.by_name[p].shape for p in pre]
+    sizes = [math.prod(s) for s in shapes]
+    offsets = [0] + list(torch.tensor(sizes).cumsum(0).tolist())
+    shape = lower.shape[1:]
+
+    def bound(known: dict[str, tuple[Tensor, Tensor]], signs: list[Tensor], alive: Tensor):
+        n = alive.shape[0]
+        lo_x, up_x = lower.expand(n, *shape), upper.expand(n, *shape)
+        with torch.no_grad():
+            bounds = bm.intervals(lo_x, up_x, "ibp", known=known)
+            m, A, rec = margins(bm, spec, bounds, lo_x, up_x)
+        if iterations > 0 and not bool((m > 0).all()):
+            m = _optimise(bm, spec, bounds, lo_x, up_x, relus, pre, signs, m, iterations)
+        empty = torch.zeros(n, dtype=torch.bool)
+        for p in pre:  # a split that contradicts the others leaves an empty domain: refuted
+            lo, up = bounds[p]
+            empty |= ((lo - up).reshape(n, -1) > 1e-7 * (1 + up.abs().reshape(n, -1))).any(1)
+        alive = alive & ~(m > 0) & ~empty.unsqueeze(1)
+        w = alive.gather(1, spec.group.expand(n, -1)).to(A.dtype)
+        scores = []
+        for r, p in zip(relus, pre):
+            lo, up = (t.reshape(n, -1) for t in bounds[p])
+            unstable = (lo < 0) & (up > 0)
+            intercept = torch.where(unstable, -lo * up / (up - lo).clamp(min=1e-30), torch.zeros_like(lo))
+            coef = (rec[r.name].reshape(n, spec.num_rows, -1).abs() * w.unsqueeze(-1)).sum(1) \
+                if r.name in rec else torch.zeros_like(lo)
+            scores.append(torch.where(unstable, coef * intercept + 1e-12, torch.zeros_like(lo)))
+        corner = _minimiser(spec, A, m, alive, lo_x, up_x)
+        return _open_score(m, alive), alive, torch.cat(scores, 1), corner, {p: bounds[p] for p in pre}
+
+    alive0 = torch.ones(1, spec.num_groups, dtype=torch.bool)
+    signs0 = [torch.zeros(1, size, dtype=lower.dtype) for size in sizes]
+    score, alive, scores, corner, known = bound({p: root[p] for p in pre}, signs0, alive0)
+    found = confirm(corner.reshape(-1, *shape))
+    if found is not None:
+        return BabOutcome("relu-split", "sat", found, 1)
+    if score.item() > 0:
+        return BabOutcome("relu-split", "unsat", None, 1)
+    stack = _Stack()
+
+    def push(known, signs, alive, scores):
+        items = {"alive": alive, "choice": scores.argmax(1), "has_split": scores.max(1).values > 0}
+        for i, p in enumerate(pre):
+            items[f"l{i}"], items[f"u{i}"] = known[p]
+            items[f"s{i}"] = signs[i]
+        stack.push(items)
+
+    push(known, signs0, alive, scores)
+    done, max_open, stuck = 1, 1, 0
+    while len(stack):
+        if expired():
+            return BabOutcome("relu-split", "timeout", None, done, max_open)
+        if len(stack) > max_domains:
+            return BabOutcome("relu-split", "unknown", None, done, max_open, "too many open domains")
+        d = stack.pop(max(1, batch // 2))
+        if not bool(d["has_split"].all()):  # every ReLU fixed and still open: not decidable this way
+            stuck += int((~d["has_split"]).sum())
+            d = {k: v[d["has_split"]] for k, v in d.items()}
+            if d["alive"].shape[0] == 0:
+                continue
+        n = d["alive"].shape[0]
+        choice = d["choice"]
+        known, signs = {}, []
+        for i, p in enumerate(pre):
+            lo = torch.cat([d[f"l{i}"], d[f"l{i}"]]).reshape(2 * n, -1)  # first n: active, last n: inactive
+            up = torch.cat([d[f"u{i}"], d[f"u{i}"]]).reshape(2 * n, -1)
+            sg = torch.cat([d[f"s{i}"], d[f"s{i}"]])
+            local = choice - offsets[i]
+            mine = ((local >= 0) & (local < sizes[i])).nonzero().squeeze(1)
+            lo[mine, local[mine]] = 0.0
+            up[mine + n, local[mine]] = 0.0
+            sg[mine, local[mine]] = -1.0
+            sg[mine + n, local[mine]] = 1.0
+            known[p] = (lo.reshape(2 * n, *shapes[i]), up.reshape(2 * n, *shapes[i]))
+            signs.append(sg)
+        score, alive, scores, corner, new_known = bound(known, signs, torch.cat([d["alive"], d["alive"]]))
+        done += 2 * n
+        open_ = score <= 0
+        if bool(open_.any()):
+            found = confirm(corner[open_].reshape(-1, *shape))
+            if found is not None:
+                return BabOutcome("relu-split", "sat", found, done, max_open)
+            push({p: (lo[open_], up[open_]) for p, (lo, up) in new_known.items()}, [sg[open_] for sg in signs],
+                 alive[open_], scores[open_])
+        max_open = max(max_open, len(stack))
+    if stuck:
+        return BabOutcome("relu-split", "unknown", None, done, max_open,
+                          f"{stuck} domain(s) with every ReLU fixed stayed open")
+    return BabOutcome("relu-split", "unsat", None, done, max_open)

@@ -1,0 +1,65 @@
+"""``certkit run-instance``: one ONNX + VNN-LIB pair in, the competition's result file out.
+
+The solver runs in a child process (:mod:`certkit.vnncomp.worker`) so that the time limit
+is hard: at the deadline the parent kills the child, whatever it is doing, and writes
+``timeout`` itself. The result file is written atomically (by the child or the parent),
+so a reader never sees a partial one and a killed run never leaves a stale answer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from certkit.files import write_atomically
+from certkit.vnncomp.oracle import format_result
+
+STATUSES = ("sat", "unsat", "unknown", "timeout", "error")
+KILL_MARGIN = 0.25  # seconds before the limit at which the parent kills the child
+SOLVE_MARGIN = 1.0  # seconds before the limit at which the solver stops on its own
+
+
+def write_result(path: str | Path, text: str) -> None:
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_status(path: str | Path) -> str:
+    """First line of a result file ('' when missing)."""
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: str | Path,
+                 category: str = "", quiet: bool = False, threads: int | None = None) -> str:
+    """Solve one instance within ``timeout`` wall-clock seconds; returns the status written."""
+    start = time.monotonic()
+    results = Path(results)
+    results.unlink(missing_ok=True)
+    end = time.time() + timeout
+    cmd = [sys.executable, "-m", "certkit.vnncomp.worker", str(onnx), str(vnnlib), str(results),
+           f"{end - SOLVE_MARGIN!r}", category, str(threads or 0)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL if quiet else None)
+    timed_out = False
+    try:
+        proc.wait(timeout=max(0.05, timeout - KILL_MARGIN - (time.monotonic() - start)))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except BaseException:  # interrupted: take the child down with us
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    status = read_status(results)
+    if status not in STATUSES:
+        status = "timeout" if timed_out else "error"
+        write_result(results, format_result(status))
+    return status

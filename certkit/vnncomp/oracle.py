@@ -1,0 +1,93 @@
+"""onnxruntime on the original ONNX file: the only judge of counterexamples.
+
+A candidate from the attack or from branch and bound (computed in PyTorch, often in
+float64) becomes a ``sat`` answer only if, once snapped to float32 inside the input box,
+onnxruntime's output lies strictly inside one of the unsafe polytopes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from certkit.errors import InvalidModel
+from certkit.vnnlib import Case
+
+
+def snap_into_box(x: np.ndarray, lo: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """float32 points inside [lo, up] (float64 bounds) as close to ``x`` as float32 allows."""
+    x32 = np.clip(np.asarray(x, dtype=np.float64), lo, up).astype(np.float32)
+    x32 = np.where(x32 < lo, np.nextafter(x32, np.float32(np.inf)), x32)
+    return np.where(x32 > up, np.nextafter(x32, np.float32(-np.inf)), x32)
+
+
+def in_unsafe_set(case: Case, y: np.ndarray) -> bool:
+    """Whether y meets every row of some polytope strictly (a·y − b < 0, in float64)."""
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    return any(bool(np.all(A @ y - b < 0)) for A, b in case.polytopes)
+
+
+class Oracle:
+    """An onnxruntime session for one network, fed flat input vectors."""
+
+    def __init__(self, path: str | Path, input_shape: tuple[int, ...]):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise InvalidModel(f"{path}: onnxruntime cannot load it ({e})") from None
+        inp = self.session.get_inputs()[0]
+        self.name = inp.name
+        self.input_shape = tuple(input_shape)
+        self.one_at_a_time = isinstance(inp.shape[0], int) and inp.shape[0] == 1
+
+    def outputs(self, x: np.ndarray) -> np.ndarray:
+        """Flat outputs (N, K) for flat float32 inputs (N, D), inputs read in row-major order."""
+        x = np.asarray(x, dtype=np.float32).reshape(-1, *self.input_shape)
+        if self.one_at_a_time:
+            ys = [self.session.run(None, {self.name: x[i:i + 1]})[0] for i in range(len(x))]
+            y = np.concatenate(ys) if ys else np.zeros((0,))
+        else:
+            y = self.session.run(None, {self.name: x})[0]
+        return np.asarray(y, dtype=np.float64).reshape(len(x), -1)
+
+    def confirm(self, case: Case, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The first candidate (flat, any float dtype) that is a real counterexample, as (x, y)."""
+        if len(candidates) == 0:
+            return None
+        x32 = snap_into_box(candidates.reshape(len(candidates), -1), case.lower, case.upper)
+        inside = np.all((x32 >= case.lower) & (x32 <= case.upper), axis=1)
+        x32 = x32[inside]
+        if len(x32) == 0:
+            return None
+        ys = self.outputs(x32)
+        for x, y in zip(x32, ys):
+            if np.all(np.isfinite(y)) and in_unsafe_set(case, y):
+                return x, y
+        return None
+
+
+def format_result(status: str, x: np.ndarray | None = None, y: np.ndarray | None = None) -> str:
+    """The competition's result file: the status line, then for ``sat`` the ``((X_i v) … (Y_j v))`` list."""
+    if status != "sat":
+        return status + "\n"
+    pairs = [f"(X_{i} {float(v)!r})" for i, v in enumerate(np.asarray(x, dtype=np.float32).reshape(-1))]
+    pairs += [f"(Y_{j} {float(v)!r})" for j, v in enumerate(np.asarray(y).reshape(-1))]
+    return "sat\n(" + "\n ".join(pairs) + ")\n"
+
+
+def parse_result(text: str) -> tuple[str, dict[str, float]]:
+    """Status and assignment of a result file (the inverse of :func:`format_result`)."""
+    lines = text.strip().splitlines()
+    status = lines[0].strip() if lines else ""
+    values = {}
+    for tok in " ".join(lines[1:]).replace("(", " ( ").replace(")", " ) ").split("("):
+        parts = tok.replace(")", " ").split()
+        if len(parts) == 2:
+            values[parts[0]] = float(parts[1])
+    return status, values

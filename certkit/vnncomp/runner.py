@@ -1,0 +1,250 @@
+"""``certkit vnncomp``: run a benchmark (one family, or a directory of families) instance by
+instance with its published timeouts, and score the answers against a ground truth.
+
+Each instance runs through :func:`run_instance` (a child process with a hard deadline),
+writes its competition result file, and appends one row to the results CSV at once, so
+an interrupted run resumes where it stopped (rows already in the CSV are skipped). The
+HDF5 summary is rewritten after every instance.
+
+Scoring as in VNN-COMP since 2022: +10 per correct ``sat``/``unsat``, −150 per wrong one
+(an answer that contradicts a ``sat``/``unsat`` ground truth), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from certkit.errors import InvalidInput
+from certkit.files import write_atomically
+from certkit.vnncomp.instance import run_instance
+
+CORRECT_POINTS, WRONG_POINTS = 10, -150
+
+
+@dataclass
+class Instance:
+    family: str
+    index: int
+    onnx: str  # as written in instances.csv (relative to the family directory)
+    vnnlib: str
+    timeout: float
+    ground_truth: str = ""  # sat / unsat / unknown / '' (none given)
+    winner: str = ""  # the reference tool's answer (alpha-beta-CROWN's, when the file has it)
+    winner_time: float = float("nan")
+    directory: str = ""
+
+
+@dataclass
+class Outcome:
+    family: str
+    index: int
+    onnx: str
+    vnnlib: str
+    timeout: float
+    status: str
+    seconds: float
+    ground_truth: str
+    verdict: str  # correct / wrong / unchecked / none (no sat/unsat answer)
+    result_file: str
+
+
+def verdict(status: str, truth: str) -> str:
+    if status not in ("sat", "unsat"):
+        return "none"
+    if truth not in ("sat", "unsat"):
+        return "unchecked"
+    return "correct" if status == truth else "wrong"
+
+
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return [r for r in csv.reader(f) if r and not r[0].startswith("#")]
+
+
+def load_family(directory: Path, instances: Path | None = None, ground_truth: Path | None = None) -> list[Instance]:
+    """The instances of one family, with the ground truth joined by (onnx, vnnlib) and order."""
+    instances = instances or directory / "instances.csv"
+    if not instances.is_file():
+        raise InvalidInput(f"{instances}: no such file (a benchmark needs an instances.csv)")
+    rows = _read_csv_rows(instances)
+    out = []
+    for i, r in enumerate(rows):
+        if len(r) < 3:
+            raise InvalidInput(f"{instances}:{i + 1}: expected onnx,vnnlib,timeout; got {','.join(r)!r}")
+        try:
+            timeout = float(r[2])
+        except ValueError:
+            raise InvalidInput(f"{instances}:{i + 1}: timeout {r[2]!r} is not a number") from None
+        out.append(Instance(directory.name, i, r[0].strip(), r[1].strip(), timeout, directory=str(directory)))
+    gt_path = ground_truth or directory / "ground_truth.csv"
+    if gt_path.is_file():
+        with open(gt_path, newline="") as f:
+            gt = list(csv.DictReader(f))
+        if "ground_truth" not in (gt[0] if gt else {}):
+            raise InvalidInput(f"{gt_path}: no ground_truth column")
+        by_key: dict[tuple[str, str], list[dict]] = {}
+        for g in gt:
+            by_key.setdefault((g.get("onnx", ""), g.get("vnnlib", "")), []).append(g)
+        for inst in out:
+            same = gt[inst.index] if inst.index < len(gt) else None
+            if same is None or (same.get("onnx", inst.onnx), same.get("vnnlib", inst.vnnlib)) != (inst.onnx,
+                                                                                                 inst.vnnlib):
+                same = (by_key.get((inst.onnx, inst.vnnlib)) or [None])[0]
+            if same is not None:
+                inst.ground_truth = same["ground_truth"].strip()
+                inst.winner = same.get("abcrown_result", "").strip()
+                try:
+                    inst.winner_time = float(same.get("abcrown_runtime_s", "nan") or "nan")
+                except ValueError:
+                    pass
+    elif ground_truth is not None:
+        raise InvalidInput(f"{ground_truth}: no such file")
+    return out
+
+
+def discover(bench_dir: str | Path, instances: str | Path | None = None, ground_truth: str | Path | None = None,
+             families: list[str] | None = None) -> list[Instance]:
+    """A family directory (with instances.csv) or a directory of families."""
+    bench_dir = Path(bench_dir)
+    if not bench_dir.is_dir():
+        raise InvalidInput(f"{bench_dir}: no such directory")
+    if instances is not None or (bench_dir / "instances.csv").is_file():
+        return load_family(bench_dir, Path(instances) if instances else None,
+                           Path(ground_truth) if ground_truth else None)
+    dirs = sorted(p for p in bench_dir.iterdir() if (p / "instances.csv").is_file())
+    if not dirs:
+        raise InvalidInput(f"{bench_dir}: neither an instances.csv nor family directories with one")
+    if families:
+        known = {p.name for p in dirs}
+        missing = [f for f in families if f not in known]
+        if missing:
+            raise InvalidInput(f"unknown famil{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)}; "
+                               f"{bench_dir} has {', '.join(sorted(known))}")
+        dirs = [p for p in dirs if p.name in families]
+    if ground_truth is not None:
+        raise InvalidInput("--ground-truth needs a single family directory (families use their ground_truth.csv)")
+    return [inst for d in dirs for inst in load_family(d)]
+
+
+def read_outcomes(path: Path) -> list[Outcome]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        try:
+            out.append(Outcome(r["family"], int(r["index"]), r["onnx"], r["vnnlib"], float(r["timeout"]), r["status"],
+                               float(r["seconds"]), r["ground_truth"], r["verdict"], r["result_file"]))
+        except (KeyError, ValueError):
+            raise InvalidInput(f"{path}: not a certkit vnncomp results file (remove it or pick another --out)") \
+                from None
+    return out
+
+
+def _append(path: Path, outcome: Outcome) -> None:
+    new = not path.is_file() or path.stat().st_size == 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow([f.name for f in fields(Outcome)])
+        w.writerow(list(asdict(outcome).values()))
+
+
+@dataclass
+class FamilySummary:
+    family: str
+    instances: int
+    run: int
+    sat: int
+    unsat: int
+    unknown: int
+    timeout: int
+    error: int
+    correct: int
+    wrong: int
+    unchecked: int
+    score: int
+    total_seconds: float
+    median_seconds: float
+    truth_solved: int  # instances whose ground truth is sat or unsat
+    winner_solved: int  # instances the reference tool answered correctly
+
+
+def summarize(instances: list[Instance], outcomes: list[Outcome]) -> list[FamilySummary]:
+    by = {(o.family, o.index): o for o in outcomes}
+    out = []
+    for fam in dict.fromkeys(i.family for i in instances):
+        insts = [i for i in instances if i.family == fam]
+        done = [by[(i.family, i.index)] for i in insts if (i.family, i.index) in by]
+        count = {s: sum(o.status == s for o in done) for s in ("sat", "unsat", "unknown", "timeout", "error")}
+        v = {k: sum(o.verdict == k for o in done) for k in ("correct", "wrong", "unchecked")}
+        secs = [o.seconds for o in done]
+        out.append(FamilySummary(
+            fam, len(insts), len(done), *count.values(), *v.values(),
+            CORRECT_POINTS * v["correct"] + WRONG_POINTS * v["wrong"], sum(secs),
+            statistics.median(secs) if secs else float("nan"),
+            sum(i.ground_truth in ("sat", "unsat") for i in insts),
+            sum(i.winner in ("sat", "unsat") and i.winner == i.ground_truth for i in insts)))
+    return out
+
+
+def write_h5(path: Path, outcomes: list[Outcome], summary: list[FamilySummary]) -> None:
+    import h5py
+    import numpy as np
+
+    def write(tmp: str) -> None:
+        with h5py.File(tmp, "w") as f:
+            g = f.create_group("instances")
+            for fld in fields(Outcome):
+                vals = [getattr(o, fld.name) for o in outcomes]
+                if fld.type in ("int", "float"):
+                    g.create_dataset(fld.name, data=np.asarray(vals, dtype=float if fld.type == "float" else int))
+                else:
+                    g.create_dataset(fld.name, data=np.asarray(vals, dtype=object), dtype=h5py.string_dtype())
+            s = f.create_group("families")
+            for fs in summary:
+                fg = s.create_group(fs.family)
+                for k, val in asdict(fs).items():
+                    if k != "family":
+                        fg.attrs[k] = val
+
+    write_atomically(path, write)
+
+
+def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h5: Path | None = None,
+                  timeout_scale: float = 1.0, on_done: Callable[[Instance, Outcome, bool], None] | None = None
+                  ) -> list[Outcome]:
+    """Run every instance not yet in ``out_csv``; returns the outcomes of all instances run so far."""
+    if timeout_scale <= 0:
+        raise InvalidInput(f"--timeout-scale must be positive; got {timeout_scale}")
+    outcomes = read_outcomes(out_csv)
+    done = {(o.family, o.index): o for o in outcomes}
+    for inst in instances:
+        key = (inst.family, inst.index)
+        if key in done:
+            if on_done:
+                on_done(inst, done[key], True)
+            continue
+        base = Path(inst.directory)
+        name = f"{inst.index:04d}_{Path(inst.onnx).stem}__{Path(inst.vnnlib).stem}.txt"
+        result_file = results_dir / inst.family / name
+        start = time.monotonic()
+        status = run_instance(base / inst.onnx, base / inst.vnnlib, inst.timeout * timeout_scale, result_file,
+                              category=inst.family, quiet=True)
+        outcome = Outcome(inst.family, inst.index, inst.onnx, inst.vnnlib, inst.timeout * timeout_scale, status,
+                          round(time.monotonic() - start, 3), inst.ground_truth,
+                          verdict(status, inst.ground_truth), str(result_file))
+        _append(out_csv, outcome)
+        outcomes.append(outcome)
+        if h5 is not None:
+            write_h5(h5, outcomes, summarize(instances, outcomes))
+        if on_done:
+            on_done(inst, outcome, False)
+    return outcomes

@@ -1,0 +1,214 @@
+"""Solve one VNN-COMP instance: attack, incomplete bounds, then branch and bound.
+
+For every case of the property (an input box and its unsafe polytopes):
+
+1. PGD with restarts towards the unsafe set (minimising, over polytopes, the largest
+   row of a·y − b); any point onnxruntime confirms is a ``sat`` answer;
+2. CROWN, then α-CROWN on the whole box; a polytope is refuted when some row's lower
+   bound of a·y − b is above 0;
+3. branch and bound until the deadline: input splitting when the network has at most
+   ``input_split_max`` inputs, ReLU splitting otherwise.
+
+``unsat`` needs every case refuted; a confirmed counterexample in any case is ``sat``.
+Bounds are computed in float64 (the network is copied to double precision), so float32
+rounding in the bound arithmetic cannot turn a tiny violation into a proof.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from certkit.bounds import BoundedModel
+from certkit.errors import InvalidInput
+from certkit.onnx_io import graph_input, read_proto
+from certkit.vnncomp.bab import BabOutcome, input_split, margins, relu_split
+from certkit.vnncomp.oracle import Oracle
+from certkit.vnncomp.spec import Spec
+from certkit.vnnlib import Case, Property
+
+
+class Deadline:
+    """A wall-clock limit measured with the monotonic clock."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.left() <= 0
+
+
+@dataclass
+class SolveResult:
+    status: str  # sat, unsat, unknown, timeout
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    stage: str = ""  # what decided it: attack, crown, alpha-crown, input-split, relu-split
+    log: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SolverConfig:
+    attack_restarts: int = 16
+    attack_steps: int = 60
+    attack_time: float = 0.03  # share of the time limit the first attack may use, beyond one round...
+    attack_time_max: float = 5.0  # ...and at most this many seconds
+    input_split_max: int = 20  # networks with at most this many inputs get input splitting
+    alpha_iterations: int = 30
+    seed: int = 0
+
+
+class Solver:
+    """One ONNX network, ready to answer properties about it."""
+
+    def __init__(self, onnx_path: str | Path, config: SolverConfig | None = None):
+        self.config = config or SolverConfig()
+        self.bm = BoundedModel(onnx_path)
+        self.bm.to(torch.float64)
+        self.input_shape = graph_input(read_proto(onnx_path))[1]
+        self.oracle = Oracle(onnx_path, self.input_shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bm.forward(x.to(torch.float64)).reshape(x.shape[0], -1)
+
+    def check_shapes(self, prop: Property) -> None:
+        D = math.prod(self.input_shape)
+        if prop.num_inputs != D:
+            raise InvalidInput(f"the property declares {prop.num_inputs} inputs X_i; the network takes {D} "
+                               f"(shape {'×'.join(map(str, self.input_shape))})")
+        with torch.no_grad():
+            K = self.forward(torch.zeros(1, *self.input_shape, dtype=torch.float64)).shape[1]
+        if prop.num_outputs != K:
+            raise InvalidInput(f"the property declares {prop.num_outputs} outputs Y_j; the network has {K}")
+
+    # ---------------------------------------------------------------- stages
+
+    def _box(self, case: Case) -> tuple[Tensor, Tensor]:
+        lo = torch.as_tensor(case.lower, dtype=torch.float64).reshape(1, *self.input_shape)
+        up = torch.as_tensor(case.upper, dtype=torch.float64).reshape(1, *self.input_shape)
+        return lo, up
+
+    def _confirm(self, case: Case) -> Callable[[Tensor], tuple | None]:
+        """Check candidates cheaply in PyTorch first; onnxruntime decides on the promising ones."""
+        spec = Spec.from_case(case)
+
+        def confirm(points: Tensor):
+            with torch.no_grad():
+                v = spec.violation(self.forward(points))
+            order = v.argsort()
+            close = order[v[order] < 1e-6 * (1 + v[order].abs())][:32]
+            if close.numel() == 0:
+                return None
+            return self.oracle.confirm(case, points[close].reshape(close.numel(), -1).double().numpy())
+
+        return confirm
+
+    def attack(self, case: Case, spec: Spec, deadline: Deadline, budget: float) -> tuple | None:
+        """PGD (sign steps, decaying size) from the centre and random points; restarts until ``budget`` s."""
+        lo, up = self._box(case)
+        confirm = self._confirm(case)
+        gen = torch.Generator().manual_seed(self.config.seed)
+        stop = time.monotonic() + budget
+        R, steps = self.config.attack_restarts, self.config.attack_steps
+        first = True
+        while first or (time.monotonic() < stop and not deadline.expired()):
+            x = lo + (up - lo) * torch.rand((R, *self.input_shape), generator=gen, dtype=torch.float64)
+            if first:
+                x[0] = ((lo + up) / 2)[0]
+            first = False
+            width = up - lo
+            for i in range(steps):
+                x = x.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    v = spec.violation(self.forward(x))
+                    grad, = torch.autograd.grad(v.sum(), x)
+                with torch.no_grad():
+                    step = width * (0.25 * (1 - i / steps) + 0.01)
+                    x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), up)
+                if i % 10 == 9 or i == steps - 1:
+                    found = confirm(x.detach())
+                    if found is not None:
+                        return found
+                if deadline.expired():
+                    return None
+        return None
+
+    def root_bounds(self, case: Case, spec: Spec, deadline: Deadline) -> tuple[bool, str, dict]:
+        """CROWN, then α-CROWN on the whole box: (refuted, method, CROWN intervals)."""
+        lo, up = self._box(case)
+        with torch.no_grad():
+            bounds = self.bm.intervals(lo, up, "crown")
+            refuted = margins(self.bm, spec, bounds, lo, up)[0] > 0
+        if bool(refuted.all()):
+            return True, "crown", bounds
+        if deadline.expired() or self.config.alpha_iterations <= 0:
+            return False, "", bounds
+        lb, _ = self.bm.alpha_crown(bounds, spec.batch_C(1), bound_upper=False,
+                                    iterations=self.config.alpha_iterations)
+        return bool((refuted | spec.refuted(lb)).all()), "alpha-crown", bounds
+
+    # ---------------------------------------------------------------- driver
+
+    def solve(self, prop: Property, timeout: float, log: Callable[[str], None] | None = None) -> SolveResult:
+        deadline = Deadline(timeout)
+        torch.manual_seed(self.config.seed)
+        self.check_shapes(prop)
+        result = SolveResult("unknown")
+
+        def note(msg: str) -> None:
+            result.log.append(msg)
+            if log is not None:
+                log(msg)
+
+        specs = [Spec.from_case(c) for c in prop.cases]
+        cfg = self.config
+        attack_budget = min(cfg.attack_time_max, cfg.attack_time * timeout) / max(1, len(prop.cases))
+        for i, (case, spec) in enumerate(zip(prop.cases, specs)):
+            found = self.attack(case, spec, deadline, attack_budget)
+            if found is not None:
+                note(f"case {i}: counterexample from PGD")
+                return SolveResult("sat", *found, stage="attack", log=result.log)
+            if deadline.expired():
+                return SolveResult("timeout", log=result.log)
+        open_cases = []
+        for i, (case, spec) in enumerate(zip(prop.cases, specs)):
+            refuted, method, bounds = self.root_bounds(case, spec, deadline)
+            if refuted:
+                note(f"case {i}: refuted by {method}")
+            else:
+                open_cases.append((i, case, spec, bounds))
+            if deadline.expired():
+                return SolveResult("timeout", log=result.log)
+        stage = "alpha-crown"
+        unresolved = False
+        for i, case, spec, bounds in open_cases:
+            outcome = self.branch_and_bound(case, spec, bounds, deadline)
+            stage = outcome.stage
+            note(f"case {i}: {outcome.status} by {stage} after {outcome.domains} domains "
+                 f"(at most {outcome.max_open} open){'; ' + outcome.detail if outcome.detail else ''}")
+            if outcome.status == "sat":
+                return SolveResult("sat", *outcome.counterexample, stage=stage, log=result.log)
+            if outcome.status == "timeout":
+                return SolveResult("timeout", log=result.log)
+            if outcome.status != "unsat":
+                unresolved = True
+        if unresolved:
+            return SolveResult("unknown", log=result.log)
+        return SolveResult("unsat", stage=stage if open_cases else "crown", log=result.log)
+
+    def branch_and_bound(self, case: Case, spec: Spec, bounds: dict, deadline: Deadline) -> BabOutcome:
+        lo, up = self._box(case)
+        confirm = self._confirm(case)
+        if math.prod(self.input_shape) <= self.config.input_split_max:
+            return input_split(self.bm, spec, lo, up, confirm, deadline.expired)
+        return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired)

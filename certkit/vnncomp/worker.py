@@ -1,0 +1,46 @@
+"""The child process of ``run-instance``: solve, write the result file, exit.
+
+Usage (internal): ``python -m certkit.vnncomp.worker ONNX VNNLIB RESULTS END_TIME CATEGORY THREADS``
+where END_TIME is a ``time.time()`` value by which the solver stops on its own.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def main(argv: list[str]) -> int:
+    onnx, vnnlib, results, end, category, threads = argv
+    end = float(end)
+    from certkit.errors import CertkitError
+    from certkit.vnncomp.instance import write_result
+    from certkit.vnncomp.oracle import format_result
+
+    def log(msg: str) -> None:
+        print(f"[certkit {category or 'instance'}] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        import torch
+
+        from certkit.vnncomp.solver import Solver
+        from certkit.vnnlib import read_vnnlib
+
+        prop = read_vnnlib(vnnlib)
+        solver = Solver(onnx)
+        if int(threads) > 0:
+            torch.set_num_threads(int(threads))
+        elif solver.bm.graph.num_params() < 1_000_000:
+            torch.set_num_threads(1)  # small networks: thread hand-offs cost more than they save
+        result = solver.solve(prop, end - time.time(), log=log)
+    except CertkitError as e:
+        log(f"error: {e}")
+        write_result(results, format_result("error"))
+        return 2
+    write_result(results, format_result(result.status, result.x, result.y))
+    log(f"{result.status}" + (f" ({result.stage})" if result.stage else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,317 @@
+"""VNN-COMP: margins of polytopes, branch and bound against exhaustive grids, run-instance
+(hard deadline, result files that onnxruntime reproduces), the benchmark runner, and real
+competition instances with known answers."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from certkit.vnncomp.instance import run_instance
+from certkit.vnncomp.oracle import Oracle, format_result, in_unsafe_set, parse_result, snap_into_box
+from certkit.vnncomp.runner import discover, run_benchmark, summarize, verdict
+from certkit.vnncomp.solver import Solver, SolverConfig
+from certkit.vnncomp.spec import Spec
+from certkit.vnnlib import Case, Property, format_vnnlib, read_vnnlib
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _mlp(seed: int, n_in: int = 2, hidden: tuple[int, ...] = (12, 12), n_out: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    d = n_in
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    return nn.Sequential(*layers, nn.Linear(d, n_out)).eval()
+
+
+def _export(model: nn.Module, n_in: int, path) -> None:
+    torch.onnx.export(model, torch.zeros(1, n_in), str(path), dynamo=False, opset_version=13,
+                      input_names=["input"], output_names=["output"])
+
+
+def _grid(n_in: int, per_dim: int, lo: np.ndarray, up: np.ndarray) -> np.ndarray:
+    axes = [np.linspace(lo[i], up[i], per_dim) for i in range(n_in)]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, n_in)
+
+
+def _random_property(rng: np.random.Generator, n_in: int, n_out: int, y: np.ndarray) -> Property:
+    """A box and 1-2 polytopes of 1-3 rows, thresholds placed inside the sampled output range so
+    that both sat and unsat cases occur."""
+    lo = -np.ones(n_in)
+    up = np.ones(n_in)
+    polys = []
+    for _ in range(rng.integers(1, 3)):
+        rows = rng.integers(1, 4)
+        A = rng.normal(size=(rows, n_out))
+        vals = y @ A.T
+        b = np.quantile(vals, rng.uniform(0.0, 0.03), axis=0) - rng.uniform(0, 0.3) * vals.std(0)
+        polys.append((A, b))
+    return Property(n_in, n_out, [Case(lo, up, polys)])
+
+
+# ------------------------------------------------------------------ margins
+
+
+def test_group_margins_never_exceed_the_true_minimum_of_the_largest_row():
+    """For any λ on the simplex, min_x Σλ_r L_r(x) ≤ min_x max_r L_r(x): checked on samples."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        N, R, D = 4, int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        case = Case(np.zeros(D), np.ones(D), [(rng.normal(size=(R, 3)), rng.normal(size=R))])
+        spec = Spec.from_case(case)
+        A = torch.as_tensor(rng.normal(size=(N, R, D)))
+        c = torch.as_tensor(rng.normal(size=(N, R)))
+        lo = torch.as_tensor(rng.uniform(-1, 0, size=(N, D)))
+        up = lo + torch.as_tensor(rng.uniform(0, 2, size=(N, D)))
+        m = spec.group_margins(A, c, lo, up)[:, 0]
+        x = lo.unsqueeze(1) + (up - lo).unsqueeze(1) * torch.rand(N, 4000, D, dtype=torch.float64)
+        L = torch.einsum("nrd,nsd->nsr", A, x) + (c - spec.b).unsqueeze(1)
+        assert bool((m.unsqueeze(1) <= L.amax(2) + 1e-9).all())
+
+
+def test_group_margins_combine_rows_that_no_single_row_refutes():
+    """y1 ≥ 0 and y2 ≥ 0 with y1 = x, y2 = -x on [-1, 1]: each row alone can be 0, the sum cannot."""
+    # unsafe: -y1 ≤ -0.5 and -y2 ≤ -0.5 (both ≥ 0.5): impossible since y1 + y2 = 0
+    case = Case(np.array([-1.0]), np.array([1.0]), [(np.array([[-1.0, 0.0], [0.0, -1.0]]), np.array([-0.5, -0.5]))])
+    spec = Spec.from_case(case)
+    A = torch.tensor([[[-1.0], [1.0]]], dtype=torch.float64)  # lower bounds of -y1 = -x and -y2 = x
+    c = torch.zeros(1, 2, dtype=torch.float64)
+    one = torch.ones(1, 1, dtype=torch.float64)
+    m = spec.group_margins(A, c, -one, one)
+    single = (c - spec.b + torch.minimum(A * -1, A * 1).sum(-1)).amax(1)
+    assert single.item() <= 0 < m.item()
+
+
+# ------------------------------------------------------------------ branch and bound vs exhaustive search
+
+
+@pytest.mark.parametrize("mode", ["input-split", "relu-split"])
+def test_branch_and_bound_agrees_with_an_exhaustive_grid(mode, tmp_path):
+    """Random 2-input ReLU networks and random polytope properties: an unsat answer must have no
+    violating grid point (400 × 400), a sat answer must be confirmed by onnxruntime, and many
+    instances must be decided (input splitting is complete here; ReLU splitting without β
+    multipliers leaves domains open once all their ReLUs are fixed, so it decides fewer)."""
+    rng = np.random.default_rng(1 if mode == "input-split" else 2)
+    cfg = SolverConfig(input_split_max=20 if mode == "input-split" else 0, attack_restarts=2, attack_steps=5)
+    answers = []
+    for seed in range(6):
+        path = tmp_path / f"net{seed}.onnx"
+        model = _mlp(seed)
+        _export(model, 2, path)
+        grid = _grid(2, 400, -np.ones(2), np.ones(2))
+        with torch.no_grad():
+            y_grid = model(torch.as_tensor(grid, dtype=torch.float32)).double().numpy()
+        solver = Solver(path, cfg)
+        for _ in range(3):
+            prop = _random_property(rng, 2, 3, y_grid)
+            truth_sat = any(np.all(y_grid @ A.T - b < 0, axis=1).any() for A, b in prop.cases[0].polytopes)
+            res = solver.solve(prop, timeout=20)
+            answers.append(res.status)
+            if res.status == "unsat":
+                assert not truth_sat, f"unsat claimed but a grid point violates the property (seed {seed})"
+            if res.status == "sat":
+                assert np.all((res.x >= prop.cases[0].lower) & (res.x <= prop.cases[0].upper))
+                y = Oracle(path, (2,)).outputs(res.x[None])[0]
+                assert in_unsafe_set(prop.cases[0], y)
+    assert answers.count("sat") >= 2 and answers.count("unsat") >= 2, answers
+    decided = sum(a in ("sat", "unsat") for a in answers)
+    assert decided >= (len(answers) - 1 if mode == "input-split" else len(answers) // 2), answers
+
+
+def test_relu_split_proves_what_plain_crown_cannot(tmp_path):
+    """A threshold halfway between α-CROWN's root bound and the best value a strong PGD finds:
+    open at the root, proved by ReLU splitting."""
+    from certkit.bounds import BoundedModel
+
+    model = _mlp(3, n_in=4, hidden=(16, 16), n_out=2)
+    path = tmp_path / "net.onnx"
+    _export(model, 4, path)
+    C = torch.tensor([[[1.0, -1.0]]])
+    lo, up = -torch.ones(1, 4), torch.ones(1, 4)
+    root = float(BoundedModel(model).compute_bounds(lo, up, "alpha-crown", C=C, bound_upper=False)[0])
+    x = (torch.rand(4096, 4) * 2 - 1).requires_grad_(True)
+    for _ in range(200):  # PGD from many starts: an upper estimate of the true minimum
+        d = model(x)[:, 0] - model(x)[:, 1]
+        g, = torch.autograd.grad(d.sum(), x)
+        x = (x - 0.02 * g.sign()).clamp(-1, 1).detach().requires_grad_(True)
+    best = float((model(x)[:, 0] - model(x)[:, 1]).min())
+    assert root < best
+    b = root + 0.5 * (best - root)
+    prop = Property(4, 2, [Case(-np.ones(4), np.ones(4), [(np.array([[1.0, -1.0]]), np.array([b]))])])
+    res = Solver(path, SolverConfig(input_split_max=0)).solve(prop, timeout=60)
+    assert res.status == "unsat" and res.stage == "relu-split", (res.status, res.stage, res.log)
+
+
+# ------------------------------------------------------------------ result files and run-instance
+
+
+def test_result_file_round_trip_and_float32_snapping():
+    lo, up = np.array([0.1, -0.3]), np.array([0.3, 0.7])
+    x = snap_into_box(np.array([[0.3, -0.3]]), lo, up)[0]
+    assert x.dtype == np.float32 and np.all((x >= lo) & (x <= up))
+    text = format_result("sat", x, np.array([1.5, -2.0]))
+    status, values = parse_result(text)
+    assert status == "sat" and values["X_0"] == float(x[0]) and values["Y_1"] == -2.0
+    assert text.startswith("sat\n((X_0 ") and text.rstrip().endswith(")")
+    assert format_result("unsat") == "unsat\n"
+
+
+def _write_prop(path, prop: Property) -> None:
+    path.write_text(format_vnnlib(prop))
+
+
+def test_run_instance_writes_a_sat_answer_that_onnxruntime_reproduces(tmp_path):
+    model = _mlp(4)
+    onnx = tmp_path / "net.onnx"
+    _export(model, 2, onnx)
+    with torch.no_grad():
+        y = model(torch.zeros(1, 2)).numpy()[0]
+    # unsafe: y0 - y1 < (y0 - y1 at the centre) + 0.1: the centre itself is a counterexample
+    prop = Property(2, 3, [Case(-np.ones(2), np.ones(2), [(np.array([[1.0, -1.0, 0.0]]),
+                                                           np.array([y[0] - y[1] + 0.1]))])])
+    vnn = tmp_path / "p.vnnlib"
+    _write_prop(vnn, prop)
+    results = tmp_path / "out" / "result.txt"
+    assert run_instance(onnx, vnn, 60, results, quiet=True) == "sat"
+    status, values = parse_result(results.read_text())
+    x = np.array([values[f"X_{i}"] for i in range(2)], dtype=np.float32)
+    y_written = np.array([values[f"Y_{j}"] for j in range(3)])
+    y_ort = Oracle(onnx, (2,)).outputs(x[None])[0]
+    assert status == "sat" and np.array_equal(y_ort.astype(np.float32), y_written.astype(np.float32))
+    assert in_unsafe_set(read_vnnlib(vnn).cases[0], y_ort)
+
+
+def test_run_instance_deadline_is_hard(tmp_path, vnncomp_dir):
+    """A limit shorter than loading the network: `timeout` is written on time all the same."""
+    fam = vnncomp_dir / "acasxu"
+    results = tmp_path / "r.txt"
+    results.write_text("unsat\n")  # a stale answer from an earlier run must not survive
+    start = time.monotonic()
+    status = run_instance(fam / "onnx/ACASXU_run2a_1_1_batch_2000.onnx", fam / "vnnlib/prop_2.vnnlib", 1.0,
+                          results, quiet=True)
+    elapsed = time.monotonic() - start
+    assert status == "timeout" and results.read_text() == "timeout\n"
+    assert elapsed < 1.0 + 0.5, elapsed
+
+
+def test_run_instance_cli_errors_are_one_line(tmp_path):
+    onnx = tmp_path / "net.onnx"
+    _export(_mlp(0), 2, onnx)
+    bad = tmp_path / "bad.vnnlib"
+    bad.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (<= X_0 oops))\n")
+    results = tmp_path / "r.txt"
+    cmd = [sys.executable, "-m", "certkit.cli", "run-instance", str(onnx), str(bad), "--timeout", "30",
+           "--results", str(results)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1 and proc.stdout.strip() == "error"
+    assert results.read_text() == "error\n" and "line 3" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(cmd[:4] + [str(tmp_path / "missing.vnnlib")] + cmd[5:], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_harness_scripts_follow_the_calling_convention(tmp_path):
+    onnx = tmp_path / "net.onnx"
+    model = _mlp(5)
+    _export(model, 2, onnx)
+    prop = Property(2, 3, [Case(-np.ones(2), np.ones(2), [(np.array([[1.0, 0, 0]]), np.array([-1e6]))])])
+    vnn = tmp_path / "p.vnnlib"
+    _write_prop(vnn, prop)
+    results = tmp_path / "r.txt"
+    scripts = REPO / "vnncomp"
+    assert subprocess.run(["bash", scripts / "prepare_instance.sh", "v1", "test", onnx, vnn]).returncode == 0
+    proc = subprocess.run(["bash", scripts / "run_instance.sh", "v1", "test", onnx, vnn, results, "30"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and results.read_text() == "unsat\n"
+    assert subprocess.run(["bash", scripts / "run_instance.sh", "v2"], capture_output=True).returncode != 0
+
+
+# ------------------------------------------------------------------ the benchmark runner
+
+
+def test_runner_scores_resumes_and_writes_csv_and_h5(tmp_path, vnncomp_dir):
+    """Three real rl instances (two unsat, one sat) and one with a deliberately wrong ground truth."""
+    fam = vnncomp_dir / "rl_benchmarks_2022"
+    rows = list(csv.reader(open(fam / "instances.csv")))
+    gt = list(csv.DictReader(open(fam / "ground_truth.csv")))
+    pick = [0, 1, 50]
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    with open(bench / "instances.csv", "w", newline="") as f:
+        for i in pick + [2]:
+            csv.writer(f).writerow([str(fam / rows[i][0]), str(fam / rows[i][1]), "20"])
+    with open(bench / "ground_truth.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["onnx", "vnnlib", "ground_truth"])
+        for i in pick:
+            w.writerow([str(fam / rows[i][0]), str(fam / rows[i][1]), gt[i]["ground_truth"]])
+        w.writerow([str(fam / rows[2][0]), str(fam / rows[2][1]), "sat"])  # wrong on purpose: 2 is unsat
+    insts = discover(bench)
+    out = tmp_path / "res" / "results.csv"
+    outcomes = run_benchmark(insts, out, out.parent, tmp_path / "res" / "results.h5")
+    assert [o.status for o in outcomes] == [gt[i]["ground_truth"] for i in pick] + ["unsat"]
+    assert [o.verdict for o in outcomes] == ["correct"] * 3 + ["wrong"]
+    s = summarize(insts, outcomes)[0]
+    assert (s.correct, s.wrong, s.score) == (3, 1, 3 * 10 - 150)
+    for o in outcomes:
+        assert parse_result(open(o.result_file).read())[0] == o.status
+    # resume: nothing is rerun
+    stamp = out.stat().st_mtime_ns
+    again = run_benchmark(insts, out, out.parent)
+    assert out.stat().st_mtime_ns == stamp and [o.status for o in again] == [o.status for o in outcomes]
+    import h5py
+
+    with h5py.File(tmp_path / "res" / "results.h5") as f:
+        assert f["families"]["bench"].attrs["wrong"] == 1 and len(f["instances"]["status"]) == 4
+
+
+def test_verdicts():
+    assert verdict("sat", "sat") == "correct" and verdict("unsat", "sat") == "wrong"
+    assert verdict("timeout", "sat") == "none" and verdict("sat", "unknown") == "unchecked"
+
+
+def test_discover_rejects_unknown_families(vnncomp_dir):
+    from certkit.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="unknown family nope"):
+        discover(vnncomp_dir, families=["nope"])
+
+
+# ------------------------------------------------------------------ real instances with known answers
+
+
+REAL = [  # (family, instance index, ground truth): quick ones covering attack, CROWN and both splits
+    ("acasxu", 0, "unsat"),
+    ("tllverifybench_2022", 3, "unsat"),
+    ("tllverifybench_2022", 0, "sat"),
+    ("reach_prob_density_2022", 0, "unsat"),
+    ("reach_prob_density_2022", 4, "sat"),
+    ("rl_benchmarks_2022", 0, "unsat"),
+]
+
+
+@pytest.mark.parametrize("family,index,truth", REAL)
+def test_real_instances_get_the_ground_truth_answer(family, index, truth, vnncomp_dir):
+    fam = vnncomp_dir / family
+    onnx, vnn, _ = list(csv.reader(open(fam / "instances.csv")))[index]
+    gt = list(csv.DictReader(open(fam / "ground_truth.csv")))[index]
+    assert gt["ground_truth"] == truth
+    res = Solver(fam / onnx).solve(read_vnnlib(fam / vnn), timeout=60)
+    assert res.status == truth, res.log
+    if truth == "sat":
+        y = Oracle(fam / onnx, Solver(fam / onnx).input_shape).outputs(res.x[None])[0]
+        assert in_unsafe_set(read_vnnlib(fam / vnn).cases[0], y)
