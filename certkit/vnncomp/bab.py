@@ -13,7 +13,8 @@ the stack grows past ``max_domains``.
 * ReLU splitting (the others): a domain is the input box plus the pre-activation
   intervals of every ReLU, with the split neurons clamped to l ≥ 0 (active) or u ≤ 0
   (inactive). Children are bounded by IBP intersected with the parent's intervals
-  (so a split propagates to later layers) and then CROWN under those fixed phases;
+  (so a split propagates to later layers) and then α-β-CROWN (:func:`_optimise`: ReLU
+  slopes and Lagrange multipliers of the split constraints, a few Adam steps per batch);
   an empty domain (some l > u) is refuted. The neuron to split has the largest
   |coefficient| × triangle intercept −l·u/(u−l) in the CROWN pass (BaBSR's score).
   Every domain's CROWN minimiser (the box corner picked by the input coefficients) is
