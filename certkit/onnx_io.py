@@ -107,22 +107,37 @@ def load_onnx(path: str | Path) -> LoadedOnnx:
     return LoadedOnnx(module, proto, name, shape, opset_of(proto))
 
 
-def run_onnxruntime(path: str | Path, x: np.ndarray) -> np.ndarray:
-    """The network's output on ``x`` (batch first) according to onnxruntime, one sample at a time
-    when the file fixes the batch size to 1."""
-    import onnxruntime as ort
+class OrtSession:
+    """An onnxruntime session on the CPU, reused across calls (counterexample checks run many)."""
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    x = np.asarray(x, dtype=np.float32)
-    full_shape = [d if isinstance(d, int) else None for d in inp.shape]
-    if len(full_shape) != x.ndim:
-        raise InvalidInput(f"onnxruntime input {inp.name!r} has rank {len(full_shape)}, got array of shape {x.shape}")
-    if full_shape[0] == 1 and x.shape[0] != 1:
-        return np.concatenate([sess.run(None, {inp.name: x[i:i + 1]})[0] for i in range(x.shape[0])])
-    return sess.run(None, {inp.name: x})[0]
+    def __init__(self, path: str | Path, threads: int = 0):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise InvalidModel(f"{path}: onnxruntime cannot load it ({e})") from None
+        inp = self.session.get_inputs()[0]
+        self.name = inp.name
+        self.full_shape = [d if isinstance(d, int) else None for d in inp.shape]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The output on ``x`` (batch first), one sample at a time when the file fixes the batch size to 1."""
+        x = np.asarray(x, dtype=np.float32)
+        if len(self.full_shape) != x.ndim:
+            raise InvalidInput(f"onnxruntime input {self.name!r} has rank {len(self.full_shape)}, got array of "
+                               f"shape {x.shape}")
+        if self.full_shape[0] == 1 and x.shape[0] != 1:
+            return np.concatenate([self.session.run(None, {self.name: x[i:i + 1]})[0] for i in range(x.shape[0])])
+        return self.session.run(None, {self.name: x})[0]
+
+
+def run_onnxruntime(path: str | Path, x: np.ndarray) -> np.ndarray:
+    """The network's output on ``x`` (batch first) according to onnxruntime."""
+    return OrtSession(path).run(x)
 
 
 @dataclass

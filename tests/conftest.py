@@ -39,6 +39,24 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def assert_matches_onnxruntime(path: Path):
+    """Load an ONNX file for bounding and check its outputs against onnxruntime's on 3 random
+    inputs in [0, 1); returns (the BoundedModel, those inputs)."""
+    import numpy as np
+
+    from certkit.bounds import BoundedModel
+    from certkit.onnx_io import run_onnxruntime
+
+    torch.manual_seed(0)
+    bm = BoundedModel(path)
+    x = torch.rand(3, *bm.graph.input_shape)
+    ref = run_onnxruntime(path, x.numpy())
+    with torch.no_grad():
+        out = bm(x).numpy()
+    np.testing.assert_allclose(out.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4 * (1 + np.abs(ref).max()))
+    return bm, x
+
+
 @pytest.fixture(scope="session")
 def softmax_onnx(tmp_path_factory) -> Path:
     """An MNIST-shaped classifier ending in Softmax (node 'Softmax_2'): an operator with no bound rule."""

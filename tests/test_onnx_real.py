@@ -6,15 +6,13 @@ import csv
 import itertools
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
 
 from certkit.bounds import BoundedModel, margin_matrix
 from certkit.errors import UnsupportedOperator
-from certkit.onnx_io import SUPPORTED_OPS, run_onnxruntime
-from tests.conftest import VNNCOMP
+from certkit.onnx_io import SUPPORTED_OPS
+from tests.conftest import VNNCOMP, assert_matches_onnxruntime
 
 # The issue's operator set, written out independently of certkit's own list.
 ISSUE_OPS = {"Gemm", "MatMul", "Conv", "BatchNormalization", "Relu", "Add", "Sub", "Mul", "Div", "Flatten",
@@ -48,14 +46,8 @@ def test_operator_lists_agree_and_every_network_is_supported():
 
 @pytest.mark.parametrize("path", SUPPORTED, ids=_id)
 def test_real_network_matches_onnxruntime_and_bounds_are_sound(path, vnncomp_dir):
-    torch.manual_seed(0)
-    bm = BoundedModel(path)
+    bm, x = assert_matches_onnxruntime(path)
     shape = bm.graph.input_shape
-    x = torch.rand(3, *shape)
-    ref = run_onnxruntime(path, x.numpy())
-    with torch.no_grad():
-        out = bm(x).numpy()
-    np.testing.assert_allclose(out.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4 * (1 + np.abs(ref).max()))
 
     center = x[:1]
     eps = 0.02
@@ -86,14 +78,9 @@ def test_real_network_matches_onnxruntime_and_bounds_are_sound(path, vnncomp_dir
             assert (margins >= mlb - mtol).all() and (margins <= mub + mtol).all(), method
 
 
-def test_unsupported_operator_is_refused_by_name(tmp_path):
+def test_unsupported_operator_is_refused_by_name(softmax_onnx):
     """An operator without a bound rule (Softmax) is named, with its node, before anything is computed."""
-    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], name="the_softmax", axis=1)], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    path = tmp_path / "softmax.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     with pytest.raises(UnsupportedOperator) as info:
-        BoundedModel(path)
-    assert info.value.op_type == "Softmax" and info.value.node == "the_softmax"
-    assert "Softmax" in str(info.value) and "the_softmax" in str(info.value)
+        BoundedModel(softmax_onnx)
+    assert info.value.op_type == "Softmax" and info.value.node == "Softmax_2"
+    assert "Softmax" in str(info.value) and "Softmax_2" in str(info.value)

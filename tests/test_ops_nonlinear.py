@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 from certkit.bounds import METHODS, BoundedModel, ops
 from certkit.errors import UnsupportedOperator
 from certkit.onnx_io import run_onnxruntime
-from tests.conftest import VNNCOMP
+from tests.conftest import VNNCOMP, assert_matches_onnxruntime
 from tests.test_soundness import SETTINGS, check_soundness, gen_of, init_params, random_box
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -335,14 +335,8 @@ def _onnx_model(tmp_path, name: str, nodes, inits, in_shape, out_shape, opset: i
 
 def check_against_onnxruntime(path, eps: float, methods=METHODS, n: int = 300) -> None:
     """Same outputs as onnxruntime; every method's bounds hold onnxruntime's outputs on samples."""
-    torch.manual_seed(0)
-    bm = BoundedModel(path)
+    bm, x = assert_matches_onnxruntime(path)
     shape = bm.graph.input_shape
-    x = torch.rand(3, *shape)
-    ref = run_onnxruntime(path, x.numpy())
-    with torch.no_grad():
-        out = bm(x).numpy()
-    np.testing.assert_allclose(out.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4 * (1 + np.abs(ref).max()))
     lo, up = x[:1] - eps, x[:1] + eps
     pts = lo + (up - lo) * torch.rand(n, *shape)
     pts = torch.cat([pts, lo, up])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from certkit.errors import InvalidModel
+from certkit.onnx_io import OrtSession
 from certkit.vnnlib import Case
 
 
@@ -32,28 +32,13 @@ class Oracle:
     """An onnxruntime session for one network, fed flat input vectors."""
 
     def __init__(self, path: str | Path, input_shape: tuple[int, ...]):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise InvalidModel(f"{path}: onnxruntime cannot load it ({e})") from None
-        inp = self.session.get_inputs()[0]
-        self.name = inp.name
+        self.session = OrtSession(path, threads=1)
         self.input_shape = tuple(input_shape)
-        self.one_at_a_time = isinstance(inp.shape[0], int) and inp.shape[0] == 1
 
     def outputs(self, x: np.ndarray) -> np.ndarray:
         """Flat outputs (N, K) for flat float32 inputs (N, D), inputs read in row-major order."""
         x = np.asarray(x, dtype=np.float32).reshape(-1, *self.input_shape)
-        if self.one_at_a_time:
-            ys = [self.session.run(None, {self.name: x[i:i + 1]})[0] for i in range(len(x))]
-            y = np.concatenate(ys) if ys else np.zeros((0,))
-        else:
-            y = self.session.run(None, {self.name: x})[0]
+        y = self.session.run(x)
         return np.asarray(y, dtype=np.float64).reshape(len(x), -1)
 
     def confirm(self, case: Case, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:

@@ -28,7 +28,6 @@ from torch import Tensor
 
 from certkit.bounds import BoundedModel
 from certkit.errors import InvalidInput
-from certkit.onnx_io import graph_input, read_proto
 from certkit.vnncomp.bab import BabOutcome, input_split, margins, relu_split
 from certkit.vnncomp.oracle import Oracle
 from certkit.vnncomp.spec import Spec
@@ -75,7 +74,7 @@ class Solver:
         self.config = config or SolverConfig()
         self.bm = BoundedModel(onnx_path)
         self.bm.to(torch.float64)
-        self.input_shape = graph_input(read_proto(onnx_path))[1]
+        self.input_shape = self.bm.graph.input_shape
         self.oracle = Oracle(onnx_path, self.input_shape)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -86,8 +85,7 @@ class Solver:
         if prop.num_inputs != D:
             raise InvalidInput(f"the property declares {prop.num_inputs} inputs X_i; the network takes {D} "
                                f"(shape {'×'.join(map(str, self.input_shape))})")
-        with torch.no_grad():
-            K = self.forward(torch.zeros(1, *self.input_shape, dtype=torch.float64)).shape[1]
+        K = math.prod(self.bm.graph.output_shape)
         if prop.num_outputs != K:
             raise InvalidInput(f"the property declares {prop.num_outputs} outputs Y_j; the network has {K}")
 
@@ -98,9 +96,8 @@ class Solver:
         up = torch.as_tensor(case.upper, dtype=torch.float64).reshape(1, *self.input_shape)
         return lo, up
 
-    def _confirm(self, case: Case) -> Callable[[Tensor], tuple | None]:
+    def _confirm(self, case: Case, spec: Spec) -> Callable[[Tensor], tuple | None]:
         """Check candidates cheaply in PyTorch first; onnxruntime decides on the promising ones."""
-        spec = Spec.from_case(case)
 
         def confirm(points: Tensor):
             with torch.no_grad():
@@ -116,7 +113,7 @@ class Solver:
     def attack(self, case: Case, spec: Spec, deadline: Deadline, budget: float) -> tuple | None:
         """PGD (sign steps, decaying size) from the centre and random points; restarts until ``budget`` s."""
         lo, up = self._box(case)
-        confirm = self._confirm(case)
+        confirm = self._confirm(case, spec)
         gen = torch.Generator().manual_seed(self.config.seed)
         stop = time.monotonic() + budget
         R, steps = self.config.attack_restarts, self.config.attack_steps
@@ -208,7 +205,7 @@ class Solver:
 
     def branch_and_bound(self, case: Case, spec: Spec, bounds: dict, deadline: Deadline) -> BabOutcome:
         lo, up = self._box(case)
-        confirm = self._confirm(case)
+        confirm = self._confirm(case, spec)
         if math.prod(self.input_shape) <= self.config.input_split_max:
             return input_split(self.bm, spec, lo, up, confirm, deadline.expired)
         return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired)
