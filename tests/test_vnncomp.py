@@ -8,6 +8,7 @@ import csv
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,6 +270,8 @@ def test_runner_scores_resumes_and_writes_csv_and_h5(tmp_path, vnncomp_dir):
     assert (s.correct, s.wrong, s.score) == (3, 1, 3 * 10 - 150)
     for o in outcomes:
         assert parse_result(open(o.result_file).read())[0] == o.status
+        log = Path(o.result_file).with_suffix(".log").read_text()  # the worker's stages, kept for diagnosis
+        assert log.strip().endswith(o.status) or f"{o.status} (" in log
     # resume: nothing is rerun
     stamp = out.stat().st_mtime_ns
     again = run_benchmark(insts, out, out.parent)
@@ -315,3 +318,20 @@ def test_real_instances_get_the_ground_truth_answer(family, index, truth, vnncom
     if truth == "sat":
         y = Oracle(fam / onnx, Solver(fam / onnx).input_shape).outputs(res.x[None])[0]
         assert in_unsafe_set(read_vnnlib(fam / vnn).cases[0], y)
+
+
+def test_worker_reports_an_internal_error_with_its_traceback(tmp_path, monkeypatch, capsys, vnncomp_dir):
+    """A bug in the solver is answered 'error' (never a verdict), and the log names where it happened."""
+    from certkit.vnncomp import solver, worker
+
+    def broken(self, prop, timeout, log=None):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(solver.Solver, "solve", broken)
+    fam = vnncomp_dir / "rl_benchmarks_2022"
+    onnx, prop = next(csv.reader(open(fam / "instances.csv")))[:2]
+    out = tmp_path / "res.txt"
+    assert worker.main([str(fam / onnx), str(fam / prop), str(out), str(time.time() + 30), "rl", "1"]) == 3
+    assert out.read_text().strip() == "error"
+    err = capsys.readouterr().err
+    assert "internal error" in err and "injected failure" in err and "Traceback" in err

@@ -8,6 +8,7 @@ so a reader never sees a partial one and a killed run never leaves a stale answe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -37,29 +38,39 @@ def read_status(path: str | Path) -> str:
 
 
 def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: str | Path,
-                 category: str = "", quiet: bool = False, threads: int | None = None) -> str:
-    """Solve one instance within ``timeout`` wall-clock seconds; returns the status written."""
+                 category: str = "", quiet: bool = False, threads: int | None = None,
+                 log_file: str | Path | None = None) -> str:
+    """Solve one instance within ``timeout`` wall-clock seconds; returns the status written.
+
+    The child's log (stages, bounds, any traceback) goes to stderr, to ``log_file`` when given,
+    or nowhere when ``quiet``."""
     start = time.monotonic()
     results = Path(results)
     results.unlink(missing_ok=True)
     end = time.time() + timeout
     cmd = [sys.executable, "-m", "certkit.vnncomp.worker", str(onnx), str(vnnlib), str(results),
            f"{end - SOLVE_MARGIN!r}", category, str(threads or 0)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL if quiet else None)
-    timed_out = False
-    try:
-        proc.wait(timeout=max(0.05, timeout - KILL_MARGIN - (time.monotonic() - start)))
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except BaseException:  # interrupted: take the child down with us
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
+    with open(log_file, "w") if log_file is not None else contextlib.nullcontext() as log:
+        stderr = log if log is not None else subprocess.DEVNULL if quiet else None
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        timed_out = _wait(proc, timeout - KILL_MARGIN - (time.monotonic() - start))
     status = read_status(results)
     if status not in STATUSES:
         status = "timeout" if timed_out else "error"
         write_result(results, format_result(status))
     return status
+
+
+def _wait(proc: subprocess.Popen, seconds: float) -> bool:
+    """Wait for the child; kill its process group after ``seconds``. True when it was killed."""
+    try:
+        proc.wait(timeout=max(0.05, seconds))
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+    except BaseException:  # interrupted: take the child down with us
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise

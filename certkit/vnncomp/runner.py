@@ -235,9 +235,10 @@ def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h
         base = Path(inst.directory)
         name = f"{inst.index:04d}_{Path(inst.onnx).stem}__{Path(inst.vnnlib).stem}.txt"
         result_file = results_dir / inst.family / name
+        result_file.parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         status = run_instance(base / inst.onnx, base / inst.vnnlib, inst.timeout * timeout_scale, result_file,
-                              category=inst.family, quiet=True)
+                              category=inst.family, log_file=result_file.with_suffix(".log"))
         outcome = Outcome(inst.family, inst.index, inst.onnx, inst.vnnlib, inst.timeout * timeout_scale, status,
                           round(time.monotonic() - start, 3), inst.ground_truth,
                           verdict(status, inst.ground_truth), str(result_file))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 
 
 def main(argv: list[str]) -> int:
@@ -37,6 +38,10 @@ def main(argv: list[str]) -> int:
         log(f"error: {e}")
         write_result(results, format_result("error"))
         return 2
+    except Exception:  # a bug: say so in the log, answer nothing
+        log("internal error:\n" + traceback.format_exc())
+        write_result(results, format_result("error"))
+        return 3
     write_result(results, format_result(result.status, result.x, result.y))
     log(f"{result.status}" + (f" ({result.stage})" if result.stage else ""))
     return 0
