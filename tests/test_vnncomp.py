@@ -100,14 +100,16 @@ def test_group_margins_combine_rows_that_no_single_row_refutes():
 # ------------------------------------------------------------------ branch and bound vs exhaustive search
 
 
-@pytest.mark.parametrize("mode", ["input-split", "relu-split"])
+@pytest.mark.parametrize("mode", ["input-split", "input-split-3", "relu-split"])
 def test_branch_and_bound_agrees_with_an_exhaustive_grid(mode, tmp_path):
     """Random 2-input ReLU networks and random polytope properties: an unsat answer must have no
     violating grid point (400 × 400), a sat answer must be confirmed by onnxruntime, and many
     instances must be decided (input splitting is complete here; ReLU splitting without β
     multipliers leaves domains open once all their ReLUs are fixed, so it decides fewer)."""
-    rng = np.random.default_rng(1 if mode == "input-split" else 2)
-    cfg = SolverConfig(input_split_max=20 if mode == "input-split" else 0, attack_restarts=2, attack_steps=5)
+    splits_inputs = mode.startswith("input-split")
+    rng = np.random.default_rng(1 if splits_inputs else 2)
+    cfg = SolverConfig(input_split_max=20 if splits_inputs else 0, attack_restarts=2, attack_steps=5,
+                       split_candidates=3 if mode == "input-split-3" else 1)
     answers = []
     for seed in range(6):
         path = tmp_path / f"net{seed}.onnx"
@@ -130,7 +132,7 @@ def test_branch_and_bound_agrees_with_an_exhaustive_grid(mode, tmp_path):
                 assert in_unsafe_set(prop.cases[0], y)
     assert answers.count("sat") >= 2 and answers.count("unsat") >= 2, answers
     decided = sum(a in ("sat", "unsat") for a in answers)
-    assert decided >= (len(answers) - 1 if mode == "input-split" else len(answers) // 2), answers
+    assert decided >= (len(answers) - 1 if splits_inputs else len(answers) // 2), answers
 
 
 def test_relu_split_proves_what_plain_crown_cannot(tmp_path):

@@ -63,6 +63,7 @@ class SolverConfig:
     attack_time: float = 0.03  # share of the time limit the first attack may use, beyond one round...
     attack_time_max: float = 5.0  # ...and at most this many seconds
     input_split_max: int = 20  # networks with at most this many inputs get input splitting
+    split_candidates: int = 1  # input splitting: dimensions tried per split (see bab.input_split)
     alpha_iterations: int = 30
     seed: int = 0
 
@@ -207,5 +208,6 @@ class Solver:
         lo, up = self._box(case)
         confirm = self._confirm(case, spec)
         if math.prod(self.input_shape) <= self.config.input_split_max:
-            return input_split(self.bm, spec, lo, up, confirm, deadline.expired)
+            return input_split(self.bm, spec, lo, up, confirm, deadline.expired,
+                               candidates=self.config.split_candidates)
         return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired)
