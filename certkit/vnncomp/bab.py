@@ -37,6 +37,7 @@ from certkit.bounds import BoundedModel
 from certkit.vnncomp.spec import Spec
 
 Confirm = Callable[[Tensor], "object | None"]  # candidate points (N, *shape) → counterexample or None
+Search = Callable[[Tensor, Tensor, Tensor], "object | None"]  # starts, box lo, box up (N, D) → same
 
 
 @dataclass
@@ -105,8 +106,13 @@ def _minimiser(spec: Spec, A: Tensor, m: Tensor, alive: Tensor, lo: Tensor, up: 
 
 def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, confirm: Confirm,
                 expired: Callable[[], bool], batch: int = 512, candidates: int = 1,
-                max_domains: int = 2_000_000) -> BabOutcome:
-    """Input-splitting branch and bound on the box [lower, upper] (shape (1, *input_shape))."""
+                max_domains: int = 2_000_000, search: Search | None = None, search_every: int = 10,
+                search_boxes: int = 64) -> BabOutcome:
+    """Input-splitting branch and bound on the box [lower, upper] (shape (1, *input_shape)).
+
+    Every ``search_every`` batches, ``search`` (a local attack) starts from the CROWN minimiser
+    corners of the ``search_boxes`` newest open boxes, each confined to its box: a violation
+    too small for a search over the whole box is often easy inside a small one."""
     shape = lower.shape[1:]
     D = math.prod(shape)
 
@@ -128,14 +134,21 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
     if score.item() > 0:
         return BabOutcome("input-split", "unsat", None, 1)
     stack = _Stack()
-    stack.push({"lo": lower, "up": upper, "alive": alive, "smear": smear})
-    done, max_open = 1, 1
+    stack.push({"lo": lower, "up": upper, "alive": alive, "smear": smear, "corner": corner,
+                "score": score})
+    done, max_open, rounds = 1, 1, 0
     k = min(candidates, D)
     while len(stack):
         if expired():
             return BabOutcome("input-split", "timeout", None, done, max_open)
         if len(stack) > max_domains:
             return BabOutcome("input-split", "unknown", None, done, max_open, "too many open domains")
+        rounds += 1
+        if search is not None and rounds % search_every == 0:
+            worst = stack.parts["score"].topk(min(search_boxes, len(stack)), largest=False).indices
+            found = search(stack.parts["corner"][worst], stack.parts["lo"][worst], stack.parts["up"][worst])
+            if found is not None:
+                return BabOutcome("input-split", "sat", found, done, max_open)
         d = stack.pop(max(1, batch // (2 * k)))
         n = d["lo"].shape[0]
         # candidates: the largest smears among dimensions at least a quarter as wide (relative to the
@@ -163,7 +176,8 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
         found = confirm(torch.cat([corner_c[pick], (lo_c[pick] + up_c[pick]) / 2]).reshape(-1, *shape))
         if found is not None:
             return BabOutcome("input-split", "sat", found, done, max_open)
-        stack.push({"lo": lo_c[pick], "up": up_c[pick], "alive": alive_c[pick], "smear": smear_c[pick]})
+        stack.push({"lo": lo_c[pick], "up": up_c[pick], "alive": alive_c[pick], "smear": smear_c[pick],
+                    "corner": corner_c[pick], "score": s_c[pick]})
         max_open = max(max_open, len(stack))
     return BabOutcome("input-split", "unsat", None, done, max_open)
 

@@ -7,7 +7,8 @@ For every case of the property (an input box and its unsafe polytopes):
 2. CROWN, then α-CROWN on the whole box; a polytope is refuted when some row's lower
    bound of a·y − b is above 0;
 3. branch and bound until the deadline: input splitting when the network has at most
-   ``input_split_max`` inputs, ReLU splitting otherwise.
+   ``input_split_max`` inputs (with PGD inside the open sub-boxes whose bounds are worst,
+   every few batches), ReLU splitting otherwise.
 
 ``unsat`` needs every case refuted; a confirmed counterexample in any case is ``sat``.
 Bounds are computed in float64 (the network is copied to double precision), so float32
@@ -64,6 +65,8 @@ class SolverConfig:
     attack_time_max: float = 5.0  # ...and at most this many seconds
     input_split_max: int = 20  # networks with at most this many inputs get input splitting
     split_candidates: int = 1  # input splitting: dimensions tried per split (see bab.input_split)
+    box_attack_every: int = 10  # input splitting: PGD inside the newest open boxes every this many batches...
+    box_attack_steps: int = 20  # ...for this many steps
     alpha_iterations: int = 30
     seed: int = 0
 
@@ -111,8 +114,30 @@ class Solver:
 
         return confirm
 
+    def pgd(self, x: Tensor, lo: Tensor, up: Tensor, spec: Spec, steps: int,
+            confirm: Callable[[Tensor], tuple | None], expired: Callable[[], bool]) -> tuple | None:
+        """PGD with sign steps of decaying size from the points ``x``, each kept inside its own box
+        [lo, up] (broadcast against x), towards the unsafe set; candidates are confirmed every 10
+        steps and at the end."""
+        width = up - lo
+        for i in range(steps):
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                v = spec.violation(self.forward(x))
+                grad, = torch.autograd.grad(v.sum(), x)
+            with torch.no_grad():
+                step = width * (0.25 * (1 - i / steps) + 0.01)
+                x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), up)
+            if i % 10 == 9 or i == steps - 1:
+                found = confirm(x.detach())
+                if found is not None:
+                    return found
+            if expired():
+                return None
+        return None
+
     def attack(self, case: Case, spec: Spec, deadline: Deadline, budget: float) -> tuple | None:
-        """PGD (sign steps, decaying size) from the centre and random points; restarts until ``budget`` s."""
+        """PGD from the centre and random points; restarts until ``budget`` s."""
         lo, up = self._box(case)
         confirm = self._confirm(case, spec)
         gen = torch.Generator().manual_seed(self.config.seed)
@@ -124,21 +149,9 @@ class Solver:
             if first:
                 x[0] = ((lo + up) / 2)[0]
             first = False
-            width = up - lo
-            for i in range(steps):
-                x = x.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    v = spec.violation(self.forward(x))
-                    grad, = torch.autograd.grad(v.sum(), x)
-                with torch.no_grad():
-                    step = width * (0.25 * (1 - i / steps) + 0.01)
-                    x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), up)
-                if i % 10 == 9 or i == steps - 1:
-                    found = confirm(x.detach())
-                    if found is not None:
-                        return found
-                if deadline.expired():
-                    return None
+            found = self.pgd(x, lo, up, spec, steps, confirm, deadline.expired)
+            if found is not None or deadline.expired():
+                return found
         return None
 
     def root_bounds(self, case: Case, spec: Spec, deadline: Deadline) -> tuple[bool, str, dict]:
@@ -208,6 +221,12 @@ class Solver:
         lo, up = self._box(case)
         confirm = self._confirm(case, spec)
         if math.prod(self.input_shape) <= self.config.input_split_max:
+            def search(starts: Tensor, lo_: Tensor, up_: Tensor) -> tuple | None:
+                return self.pgd(starts.reshape(-1, *self.input_shape), lo_.reshape(-1, *self.input_shape),
+                                up_.reshape(-1, *self.input_shape), spec, self.config.box_attack_steps, confirm,
+                                deadline.expired)
+
             return input_split(self.bm, spec, lo, up, confirm, deadline.expired,
-                               candidates=self.config.split_candidates)
+                               candidates=self.config.split_candidates, search=search,
+                               search_every=self.config.box_attack_every)
         return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired)
