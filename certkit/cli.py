@@ -156,6 +156,11 @@ def _pair(text: str | None, name: str, kind=int) -> tuple | None:
         raise InvalidInput(f"bad {name} {text!r}: expected comma-separated numbers") from None
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """'a,b' → ('a', 'b'); 'none' → ()."""
+    return () if text.strip().lower() == "none" else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 @main.command()
 @click.option("--preset", type=click.Choice(["mnist", "cifar10", "cifar10-short", "tinyimagenet"]),
               help="Every hyper-parameter of a paper recipe (ALGORITHMS.md §8); options below override it.")
@@ -172,6 +177,10 @@ def _pair(text: str | None, name: str, kind=int) -> tuple | None:
 @click.option("--schedule", help="START,LENGTH: ε ramp starts at epoch START (1-based) and lasts LENGTH epochs.")
 @click.option("--milestones", help="Epochs where the learning rate is multiplied by 0.2, e.g. 50,60.")
 @click.option("--lambda", "lam", type=float, help="Regulariser weight λ.")
+@click.option("--ibp-init/--default-init", "ibp_init", default=None,
+              help="Ablations: force IBP initialisation on or off (default: on for fast only).")
+@click.option("--regularizers", help="Ablations: warmup regularisers to use, 'tightness,relu' (fast's default) or "
+                                     "'none' (the others' default).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--limit", type=int, help="Train on the first N training images only.")
@@ -183,7 +192,7 @@ def _pair(text: str | None, name: str, kind=int) -> tuple | None:
               help="Continue the run in this folder bit-for-bit from its last checkpoint.")
 @friendly_errors
 def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size, lr, schedule, milestones, lam,
-          seed, device, limit, val_size, eval_limit, data_dir, run_dir, resume_dir) -> None:
+          ibp_init, regularizers, seed, device, limit, val_size, eval_limit, data_dir, run_dir, resume_dir) -> None:
     """Certified robust training (IBP / CROWN-IBP) with the fast short-warmup method.
 
     \b
@@ -223,7 +232,8 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
             epochs=epochs, eps=None if eps is None else parse_eps(eps),
             eps_eval=None if eps_eval is None else parse_eps(eps_eval), batch_size=batch_size, lr=lr,
             schedule_start=sched[0] if sched else None, schedule_length=sched[1] if sched else None,
-            milestones=_pair(milestones, "--milestones"), lam=lam, seed=seed, device=device, limit=limit,
+            milestones=_pair(milestones, "--milestones"), lam=lam, ibp_init=ibp_init,
+            regularizers=None if regularizers is None else _names(regularizers), seed=seed, device=device, limit=limit,
             val_size=val_size, eval_limit=eval_limit, data_dir=data_dir)
         run_dir = run_dir or f"runs/{preset or cfg.dataset}-{cfg.method}-{cfg.model}-s{cfg.seed}"
         if (Path(run_dir) / "last.pt").exists():

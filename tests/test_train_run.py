@@ -97,3 +97,24 @@ def test_train_errors_are_one_line(tmp_path, data_dir):
     assert r.exit_code == 2 and "no run to resume" in r.output
     r = runner.invoke(main, ["export", "--onnx", str(tmp_path / "x.pt"), str(tmp_path / "x.onnx")])
     assert r.exit_code == 2 and "no such checkpoint" in r.output
+
+
+def test_ablation_switches(tmp_path, data_dir):
+    """--default-init / --regularizers: fast without both trains exactly like vanilla; each switch
+    alone changes the run; the CLI passes them through and rejects unknown regularisers."""
+    runs = {}
+    for name, kw in {"vanilla": dict(method="vanilla"),
+                     "fast-bare": dict(method="fast", ibp_init=False, regularizers=()),
+                     "fast-no-reg": dict(method="fast", regularizers=()),
+                     "vanilla-reg": dict(method="vanilla", regularizers=("tightness",))}.items():
+        cfg = config_from("mnist", epochs=1, data_dir=str(data_dir), **TINY, **kw)
+        train(cfg, tmp_path / name, log=lambda *_: None)
+        runs[name] = torch.load(tmp_path / name / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(runs["vanilla"][k], runs["fast-bare"][k]) for k in runs["vanilla"])
+    assert not all(torch.equal(runs["vanilla"][k], runs["fast-no-reg"][k]) for k in runs["vanilla"])
+    assert not all(torch.equal(runs["vanilla"][k], runs["vanilla-reg"][k]) for k in runs["vanilla"])
+    r = CliRunner().invoke(main, ["train", "--dataset", "mnist", "--regularizers", "tightness,bogus",
+                                  "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "unknown regulariser 'bogus'" in r.output
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert "--default-init" in r.output and "--regularizers" in r.output

@@ -35,6 +35,7 @@ from certkit.train.regularizers import robust_loss, warmup_regularizers
 from certkit.train.schedule import SmoothedEps
 
 METHODS = ("fast", "vanilla", "crown-ibp")
+REGULARIZERS = ("tightness", "relu")
 AUGMENT_PAD = {"mnist": 0, "cifar10": 2, "tinyimagenet": 4}
 
 
@@ -64,6 +65,8 @@ class TrainConfig:
     eval_limit: int | None = None  # evaluate on the first N test images only
     data_dir: str | None = None
     device: str = "auto"
+    ibp_init: bool | None = None  # None: as the method says (fast only); set for ablations
+    regularizers: tuple[str, ...] | None = None  # None: ("tightness", "relu") for fast, () otherwise
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -71,7 +74,19 @@ class TrainConfig:
         """A config saved as JSON (config.json or inside a checkpoint)."""
         data = dict(data)
         data["milestones"] = tuple(data["milestones"])
+        if data.get("regularizers") is not None:
+            data["regularizers"] = tuple(data["regularizers"])
         return cls(**data)
+
+    @property
+    def use_ibp_init(self) -> bool:
+        return self.method == "fast" if self.ibp_init is None else self.ibp_init
+
+    @property
+    def active_regularizers(self) -> tuple[str, ...]:
+        if self.regularizers is None:
+            return REGULARIZERS if self.method == "fast" else ()
+        return self.regularizers
 
     @property
     def eps_test(self) -> float:
@@ -85,6 +100,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "schedule_start"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{name} must be >= 1")
+        unknown = set(self.regularizers or ()) - set(REGULARIZERS)
+        if unknown:
+            raise InvalidInput(f"unknown regulariser {sorted(unknown)[0]!r}; choose from {', '.join(REGULARIZERS)}")
         if self.schedule_length < 0 or self.eps < 0 or self.lr <= 0:
             raise InvalidInput("schedule length and eps must be >= 0, lr > 0")
 
@@ -161,7 +179,7 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.dataset, cfg.bn).to(self.device)
         self.bm = BoundedModel(self.model, self.info.shape)
         graph = self.bm.graph
-        if cfg.method == "fast":
+        if cfg.use_ibp_init:
             ibp_init(self.model, graph)
         self.relu_inputs = [n.inputs[0] for n in graph.nodes[1:] if n.op.kind == "relu"]
         self.input_node = self._normalised_input(graph)
@@ -204,7 +222,8 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         logits = self.bm(x)
-        warm = cfg.method == "fast" and self.eps_sched.in_warmup(epoch)
+        regs = cfg.active_regularizers
+        warm = bool(regs) and self.eps_sched.in_warmup(epoch)
         stats: dict[str, Any] = {"clean_err": float((logits.argmax(1) != y).float().mean())}
         e = eps if eps > 0 else 1e-6  # the ε = 0 phase computes the regularisers at ε = 1e-6
         lo, up = (x - e).clamp(0, 1), (x + e).clamp(0, 1)
@@ -224,7 +243,8 @@ class Trainer:
         with torch.set_grad_enabled(warm):
             reg = warmup_regularizers(bounds[self.input_node], [bounds[n] for n in self.relu_inputs], cfg.tau)
         if warm:
-            loss = loss + cfg.lam * (1 - eps / cfg.eps if cfg.eps > 0 else 1) * (reg.tightness + reg.relu)
+            terms = {"tightness": reg.tightness, "relu": reg.relu}
+            loss = loss + cfg.lam * (1 - eps / cfg.eps if cfg.eps > 0 else 1) * sum(terms[r] for r in regs)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
