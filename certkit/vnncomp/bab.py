@@ -111,7 +111,7 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
     """Input-splitting branch and bound on the box [lower, upper] (shape (1, *input_shape)).
 
     Every ``search_every`` batches, ``search`` (a local attack) starts from the CROWN minimiser
-    corners of the ``search_boxes`` newest open boxes, each confined to its box: a violation
+    corners of the ``search_boxes`` open boxes with the worst bounds, each confined to its box: a violation
     too small for a search over the whole box is often easy inside a small one."""
     shape = lower.shape[1:]
     D = math.prod(shape)
