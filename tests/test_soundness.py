@@ -400,34 +400,31 @@ class ReshapeNet(nn.Module):
 # -------------------------------------------------------------------------- tests
 
 
-@settings(max_examples=100, **SETTINGS)
-@given(spec=mlps(), batch=batches, seed=seeds)
-def test_mlp_sound(spec, batch, seed):
+def check_drawn_model(spec, batch: int, seed: int, eps_max: float = 1.0) -> None:
+    """Soundness of a drawn (model, input shape) with seeded parameters on a seeded random box."""
     model, shape = spec
     gen = gen_of(seed)
     init_params(model, gen)
-    lo, up = random_box(shape, batch, gen)
+    lo, up = random_box(shape, batch, gen, eps_max=eps_max)
     check_soundness(model, lo, up, gen)
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(spec=mlps(), batch=batches, seed=seeds)
+def test_mlp_sound(spec, batch, seed):
+    check_drawn_model(spec, batch, seed)
 
 
 @settings(max_examples=80, **SETTINGS)
 @given(spec=cnn_models(), batch=batches, seed=seeds)
 def test_cnn_sound(spec, batch, seed):
-    model, shape = spec
-    gen = gen_of(seed)
-    init_params(model, gen)
-    lo, up = random_box(shape, batch, gen)
-    check_soundness(model, lo, up, gen)
+    check_drawn_model(spec, batch, seed)
 
 
 @settings(max_examples=40, **SETTINGS)
 @given(spec=residual_models(), batch=batches, seed=seeds)
 def test_residual_sound(spec, batch, seed):
-    model, shape = spec
-    gen = gen_of(seed)
-    init_params(model, gen)
-    lo, up = random_box(shape, batch, gen, eps_max=0.5)
-    check_soundness(model, lo, up, gen)
+    check_drawn_model(spec, batch, seed, eps_max=0.5)
 
 
 @settings(max_examples=40, **SETTINGS)

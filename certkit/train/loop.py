@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +67,12 @@ class TrainConfig:
     device: str = "auto"
     ibp_init: bool | None = None  # None: as the method says (fast only); set for ablations
     regularizers: tuple[str, ...] | None = None  # None: ("tightness", "relu") for fast, () otherwise
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """A config saved as JSON (config.json or inside a checkpoint)."""
         data = dict(data)
+        data.pop("extra", None)  # an unused field of configs saved before November 2026
         data["milestones"] = tuple(data["milestones"])
         if data.get("regularizers") is not None:
             data["regularizers"] = tuple(data["regularizers"])
