@@ -9,16 +9,20 @@ from collections.abc import Callable
 import torch
 
 
-def timeit(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs, after ``warmup`` runs."""
+def timeit(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2, inner: int = 1) -> float:
+    """Median wall time of one call of ``fn`` over ``repeats`` timings, after ``warmup`` calls.
+
+    Each timing runs ``inner`` consecutive calls between two device synchronisations, as a
+    training epoch does (a GPU overlaps one step's work with the launch of the next)."""
     def once() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        fn()
+        for _ in range(inner):
+            fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return (time.perf_counter() - t) / inner
 
     for _ in range(warmup):
         once()

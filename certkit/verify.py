@@ -157,7 +157,7 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     K = int(np.prod(bm.graph.output_shape))
     if len(y) and (int(y.max()) >= K or int(y.min()) < 0):
         raise InvalidInput(f"labels range over [{int(y.min())}, {int(y.max())}] but the model has {K} outputs")
-    bm.module.to(device)
+    bm.to(device)
     attrs = {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
              "model_path": str(onnx_path), "model_sha256": sha256(onnx_path), "eps": float(cfg.eps),
              "method": cfg.method, "dataset": dataset, "start": int(start), "n": int(len(x)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 VNNCOMP = SHARED / "vnncomp"
-DATA = SHARED / "data"
+# CERTKIT_TEST_DATA points elsewhere where ../shared is absent (a GPU machine with a copy of the data)
+DATA = Path(os.environ.get("CERTKIT_TEST_DATA", SHARED / "data"))
 
 
 def require(path: Path) -> Path:

@@ -111,6 +111,17 @@ def test_regularizers_are_differentiable():
     assert torch.isfinite(lo.grad).all() and lo.grad.abs().sum() > 0
 
 
+def test_regularizer_gradients_stay_finite_when_a_layer_has_no_inactive_neuron():
+    # α = Σ_active c / 0 = ∞ -> α' = 0, likewise β: the layer's term is (0.5 + 0.5)/0.5 = 2, a finite value
+    # whose gradient through A/0 would be 0·∞ = NaN (it turned every weight into NaN on a GPU run)
+    lo = torch.tensor([[1.0, 2.0, -1.0]], requires_grad=True)
+    up = torch.tensor([[3.0, 4.0, 1.0]], requires_grad=True)
+    r = warmup_regularizers((torch.zeros(1, 2), torch.full((1, 2), 0.2)), [(lo, up)])
+    assert float(r.relu.detach()) == pytest.approx(2.0)
+    (r.tightness + r.relu).backward()
+    assert torch.isfinite(lo.grad).all() and torch.isfinite(up.grad).all()
+
+
 def test_robust_loss_by_hand():
     lb = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
     expected = (math.log(1 + math.exp(-1) + math.exp(-2)) + math.log(1 + 1 + math.exp(1))) / 2

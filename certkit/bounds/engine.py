@@ -77,6 +77,8 @@ class BoundedModel:
 
     def _build(self, input_shape: tuple[int, ...]) -> None:
         self._graph = build_graph(self.module, input_shape)
+        param = reference_tensor(self.module)
+        self._built_on = param.device if param is not None else torch.device("cpu")  # where its constants live
         self._ancestors: dict[str, list] = {}
         self._exact = self._graph.ibp_exact()
         self.pre_activation = {i for n in self._graph.nodes[1:] if not n.op.affine for i in n.inputs}
@@ -105,12 +107,14 @@ class BoundedModel:
         return self._graph
 
     def _prepare(self, x: Tensor) -> Tensor:
-        """Build the graph on first use, move the model to x's device, cast x to its dtype."""
+        """Build the graph on first use, move the model to x's device, cast x to its dtype.
+
+        The graph is rebuilt whenever it was built on another device than x's (also when the
+        caller moved ``module`` itself): constants captured at build time must move too."""
         param = reference_tensor(self.module)
         if param is not None and param.device != x.device:
             self.module.to(x.device)
-            self._graph = None  # constants captured at build time must move too
-        if self._graph is None:
+        if self._graph is None or self._built_on != x.device:
             self._build(tuple(x.shape[1:]))
         if tuple(x.shape[1:]) != self.graph.input_shape:
             raise InvalidInput(

@@ -16,6 +16,8 @@ def margin_matrix(labels: Tensor, num_classes: int) -> Tensor:
     B, K = labels.shape[0], num_classes
     eye = torch.eye(K, device=labels.device)
     C = eye[labels].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j is e_y - e_j
-    others = torch.arange(K, device=labels.device).expand(B, K)
-    keep = others[others != labels.unsqueeze(1)].reshape(B, K - 1)
+    # the K-1 classes other than y in increasing order: j for j < y, j+1 for j >= y (no boolean
+    # indexing, which would make a GPU wait)
+    j = torch.arange(K - 1, device=labels.device).expand(B, K - 1)
+    keep = j + (j >= labels.unsqueeze(1)).long()
     return torch.gather(C, 1, keep.unsqueeze(-1).expand(B, K - 1, K))

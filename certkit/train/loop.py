@@ -174,6 +174,11 @@ class Trainer:
         self.cfg = cfg
         self.splits = splits
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            # cuDNN's fastest convolution backward sums with atomics in a varying order: deterministic
+            # algorithms keep a resumed run bit-for-bit equal to an uninterrupted one
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
         self.info = DATASETS[cfg.dataset]
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, cfg.dataset, cfg.bn).to(self.device)
@@ -224,14 +229,15 @@ class Trainer:
         logits = self.bm(x)
         regs = cfg.active_regularizers
         warm = bool(regs) and self.eps_sched.in_warmup(epoch)
-        stats: dict[str, Any] = {"clean_err": float((logits.argmax(1) != y).float().mean())}
+        # statistics stay on the device: reading them every step would make a GPU wait for each step
+        stats: dict[str, Any] = {"clean_err": (logits.argmax(1) != y).float().mean().detach()}
         e = eps if eps > 0 else 1e-6  # the ε = 0 phase computes the regularisers at ε = 1e-6
         lo, up = (x - e).clamp(0, 1), (x + e).clamp(0, 1)
         bounds = self.bm.intervals(lo, up, "ibp")
         if eps > 0:
             C = margin_matrix(y, self.info.num_classes)
             lb, _ = self.bm.spec_bounds(bounds, C, "ibp", bound_upper=False)
-            stats["ibp_err"] = float(((lb <= 0).any(1) | (logits.argmax(1) != y)).float().mean())
+            stats["ibp_err"] = ((lb <= 0).any(1) | (logits.argmax(1) != y)).float().mean().detach()
             if cfg.method == "crown-ibp" and eps < cfg.eps:
                 f = 1 - eps / cfg.eps
                 lb_crown, _ = self.bm.spec_bounds(bounds, C, "crown-ibp", bound_upper=False, intersect=False)
@@ -239,7 +245,7 @@ class Trainer:
             loss = robust_loss(lb)
         else:
             loss = F.cross_entropy(logits, y)
-            stats["ibp_err"] = math.nan
+            stats["ibp_err"] = torch.full_like(stats["clean_err"], math.nan)
         with torch.set_grad_enabled(warm):
             reg = warmup_regularizers(bounds[self.input_node], [bounds[n] for n in self.relu_inputs], cfg.tau)
         if warm:
@@ -249,8 +255,8 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
-        stats.update(loss=loss.item(), tightness=reg.tightness.item(), relu=reg.relu.item(), active=reg.active,
-                     inactive=reg.inactive, unstable=reg.unstable)
+        stats.update(loss=loss.detach(), tightness=reg.tightness.detach(), relu=reg.relu.detach(),
+                     fractions=reg.fractions)
         return stats
 
     def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
@@ -283,6 +289,23 @@ class Trainer:
         return {"clean_err": 100 * wrong / n, "verified_err": 100 * unverified / n}
 
 
+# training steps between reads of their statistics (each read waits for the device)
+STATS_EVERY = 16
+_SCALARS = ("clean_err", "ibp_err", "loss", "tightness", "relu")
+
+
+def _read_stats(pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps' device statistics as Python numbers, read in one transfer."""
+    scalars = torch.stack([torch.stack([r[k].float() for k in _SCALARS]) for r in pending]).tolist()
+    fractions = torch.stack([r["fractions"].float() for r in pending]).tolist()
+    out = []
+    for r, vals, frac in zip(pending, scalars, fractions):
+        row = dict(zip(_SCALARS, vals), eps=r["eps"])
+        row["active"], row["inactive"], row["unstable"] = ([layer[i] for layer in frac] for i in range(3))
+        out.append(row)
+    return out
+
+
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
     vals = [r[key] for r in rows if not (isinstance(r[key], float) and math.isnan(r[key]))]
     return sum(vals) / len(vals) if vals else math.nan
@@ -304,7 +327,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     trainer = Trainer(cfg, splits)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        trainer.load_state(torch.load(run_dir / "last.pt", map_location=trainer.device, weights_only=False))
+        # on the CPU: RNG states must stay CPU tensors; the model and optimiser copy theirs to the device
+        trainer.load_state(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False))
     else:
         write_atomically(run_dir / "config.json",
                          lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2)))
@@ -315,7 +339,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     for epoch in range(trainer.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         perm = torch.randperm(len(x_train), generator=trainer.gen)
-        rows = []
+        rows: list[dict[str, Any]] = []
+        pending: list[dict[str, Any]] = []
         if progress is not None:
             progress.start_epoch(epoch, trainer.batches)
         for b in range(trainer.batches):
@@ -324,9 +349,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             x, y = trainer.batch(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
             stats = trainer.step(x, y, eps, epoch)
             stats["eps"] = eps
-            rows.append(stats)
-            if progress is not None:
-                progress.advance(stats)
+            pending.append(stats)
+            if len(pending) == STATS_EVERY or b == trainer.batches - 1:
+                done = _read_stats(pending)
+                pending = []
+                rows.extend(done)
+                if progress is not None:
+                    for row in done:
+                        progress.advance(row)
         if progress is not None:
             progress.end_epoch()
         trainer.lr_sched.step()

@@ -17,17 +17,34 @@ def robust_loss(lb: Tensor) -> Tensor:
     return F.cross_entropy(logits, torch.zeros(lb.shape[0], dtype=torch.long, device=lb.device))
 
 
-def _balance(r: Tensor) -> Tensor:
-    return torch.minimum(r, 1 / torch.clamp(r, min=1e-12))
+def _balance(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
+    """(r', defined) for r = num/den elementwise, num, den >= 0: r' = min(r, 1/max(r, 1e-12)).
+
+    Written as smaller/larger, which has the same value, so that a layer where one sum is 0
+    (r = 0 or ∞, r' = 0) gets a finite gradient instead of 0·∞ = NaN; r is undefined (0/0)
+    when both sums are 0."""
+    swap = num > den
+    big, small = torch.where(swap, num, den), torch.where(swap, den, num)
+    return small / big.clamp(min=torch.finfo(big.dtype).tiny), big > 0
 
 
 @dataclass
 class RegularizerTerms:
     tightness: Tensor
     relu: Tensor
-    active: list[float]  # per ReLU layer: fractions of batch × neurons
-    inactive: list[float]
-    unstable: list[float]
+    fractions: Tensor  # (ReLU layers, 3): active, inactive, unstable fractions of batch × neurons
+
+    @property
+    def active(self) -> list[float]:
+        return self.fractions[:, 0].tolist()
+
+    @property
+    def inactive(self) -> list[float]:
+        return self.fractions[:, 1].tolist()
+
+    @property
+    def unstable(self) -> list[float]:
+        return self.fractions[:, 2].tolist()
 
 
 def warmup_regularizers(input_box: Interval, relu_inputs: list[Interval], tau: float = 0.5) -> RegularizerTerms:
@@ -36,29 +53,32 @@ def warmup_regularizers(input_box: Interval, relu_inputs: list[Interval], tau: f
     L_tightness = (1/m) Σ_i ReLU(τ − Δ̂_0/Δ̂_i)/τ with Δ̂ the mean half-width; L_relu averages
     per layer [ReLU(τ − α') + ReLU(τ − β')]/τ, α and β the active/inactive balance of the
     centres' sums and spreads, r' = min(r, 1/r); layers whose term is NaN/Inf are skipped.
+    Nothing here waits for the device (no Python branch on a tensor value): a training step
+    on a GPU stays asynchronous.
     """
     m = len(relu_inputs)
+    if m == 0:
+        zero = input_box[0].new_zeros(())
+        return RegularizerTerms(zero, zero, input_box[0].new_zeros((0, 3)))
     delta0 = ((input_box[1] - input_box[0]) / 2).mean()
-    tight = input_box[0].new_zeros(())
-    relu = input_box[0].new_zeros(())
-    fractions: tuple[list[float], list[float], list[float]] = ([], [], [])
-    counts = []
+    widths, sums, counts = [], [], []
     for lo, up in relu_inputs:
         c, d = (up + lo) / 2, (up - lo) / 2
-        tight = tight + F.relu(tau - delta0 / torch.clamp(d.mean(), min=1e-12)) / tau
+        widths.append(d.mean())
         active, inactive = lo > 0, up < 0
         zero = c.new_zeros(())
-        alpha = torch.where(active, c, zero).sum() / torch.where(inactive, -c, zero).sum()
         spread = (c - c.mean()) ** 2
-        beta = torch.where(active, spread, zero).sum() / torch.where(inactive, spread, zero).sum()
-        term = (F.relu(tau - _balance(alpha)) + F.relu(tau - _balance(beta))) / tau
-        if torch.isfinite(term):  # NaN/Inf layers are skipped (a masked sum would leak NaN gradients)
-            relu = relu + term
+        sums.append(torch.stack([torch.where(active, c, zero).sum(), torch.where(inactive, -c, zero).sum(),
+                                 torch.where(active, spread, zero).sum(), torch.where(inactive, spread, zero).sum()]))
         counts.append(torch.stack([active.sum(), inactive.sum()]) / lo.numel())
-    if counts:
-        frac = torch.stack(counts).tolist()  # one synchronisation for all layers
-        for act, inact in frac:
-            fractions[0].append(act)
-            fractions[1].append(inact)
-            fractions[2].append(1.0 - act - inact)
-    return RegularizerTerms(tight / max(m, 1), relu / max(m, 1), *fractions)
+    # the rest runs once for all layers: (m,) and (m, 2) tensors, columns α and β
+    tight = (F.relu(tau - delta0 / torch.stack(widths).clamp(min=1e-12)) / tau).sum()
+    S = torch.stack(sums)
+    ratio, defined = _balance(S[:, 0::2], S[:, 1::2])
+    terms = F.relu(tau - ratio).sum(1) / tau
+    # an undefined ratio (or NaN/Inf bounds) skips the layer; with finite bounds every value reaching
+    # the where is finite, so the masked branch leaks no NaN gradient
+    relu = torch.where(defined.all(1) & torch.isfinite(terms), terms, terms.new_zeros(())).sum()
+    act_inact = torch.stack(counts).to(input_box[0].dtype)
+    fractions = torch.cat([act_inact, 1 - act_inact.sum(1, keepdim=True)], 1)
+    return RegularizerTerms(tight / m, relu / m, fractions.detach())
