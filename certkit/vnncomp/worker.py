@@ -48,4 +48,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code (torch, onnxruntime) leaves its stack in the log
     sys.exit(main(sys.argv[1:]))
