@@ -399,8 +399,11 @@ def report(results, as_json) -> None:
 @click.option("--category", default="", help="Benchmark name (VNN-COMP category), shown in the log.")
 @click.option("--threads", type=int, default=0, show_default=True,
               help="CPU threads for PyTorch; 0 picks 1 for small networks and the default otherwise.")
+@click.option("--pidfile", type=click.Path(dir_okay=False),
+              help="Write the solver process's id here while it runs (vnncomp/prepare_instance.sh reads it "
+                   "to stop a solver left over from an interrupted run, and no other).")
 @friendly_errors
-def run_instance_cmd(model, prop, timeout, results, category, threads) -> None:
+def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile) -> None:
     """Solve one VNN-COMP instance: is some input in the property's box mapped into its unsafe set?
 
     \b
@@ -425,7 +428,7 @@ def run_instance_cmd(model, prop, timeout, results, category, threads) -> None:
     for path in (model, prop):
         if not Path(path).is_file():
             raise CertkitError(f"{path}: no such file")
-    status = run_instance(model, prop, timeout, results, category=category, threads=threads)
+    status = run_instance(model, prop, timeout, results, category=category, threads=threads, pidfile=pidfile)
     click.echo(status)
     if status == "error":
         sys.exit(1)

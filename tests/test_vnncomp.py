@@ -5,6 +5,7 @@ competition instances with known answers."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import time
@@ -236,11 +237,36 @@ def test_harness_scripts_follow_the_calling_convention(tmp_path):
     _write_prop(vnn, prop)
     results = tmp_path / "r.txt"
     scripts = REPO / "vnncomp"
-    assert subprocess.run(["bash", scripts / "prepare_instance.sh", "v1", "test", onnx, vnn]).returncode == 0
+    env = {**os.environ, "CERTKIT_WORKER_PIDFILE": str(tmp_path / "worker.pid")}
+    assert subprocess.run(["bash", scripts / "prepare_instance.sh", "v1", "test", onnx, vnn], env=env).returncode == 0
     proc = subprocess.run(["bash", scripts / "run_instance.sh", "v1", "test", onnx, vnn, results, "30"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and results.read_text() == "unsat\n"
+    assert not (tmp_path / "worker.pid").exists()  # removed once the solver is done
     assert subprocess.run(["bash", scripts / "run_instance.sh", "v2"], capture_output=True).returncode != 0
+
+
+def test_prepare_stops_the_leftover_solver_and_no_other(tmp_path):
+    """prepare_instance.sh kills the solver named in the pidfile (left over by an interrupted run), never
+    another certkit solver on the machine (it once killed a benchmark run's solvers by pattern)."""
+    onnx, vnn = tmp_path / "net.onnx", tmp_path / "p.vnnlib"
+    _export(_mlp(5), 2, onnx)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)", "certkit.vnncomp.worker"]
+    leftover = subprocess.Popen(sleeper, start_new_session=True)
+    bystander = subprocess.Popen(sleeper, start_new_session=True)
+    try:
+        (tmp_path / "worker.pid").write_text(f"{leftover.pid}\n")
+        env = {**os.environ, "CERTKIT_WORKER_PIDFILE": str(tmp_path / "worker.pid")}
+        r = subprocess.run(["bash", REPO / "vnncomp" / "prepare_instance.sh", "v1", "test", onnx, vnn], env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert leftover.wait(timeout=10) == -9
+        assert bystander.poll() is None
+        assert not (tmp_path / "worker.pid").exists()
+    finally:
+        for p in (leftover, bystander):
+            p.kill()
+            p.wait()
 
 
 # ------------------------------------------------------------------ the benchmark runner

@@ -7,5 +7,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="$ROOT/.venv/bin/python"; [ -x "$PY" ] || PY=python3
 ONNX="$3"; case "$ONNX" in *.gz) [ -f "${ONNX%.gz}" ] || gunzip -kf "$ONNX"; ONNX="${ONNX%.gz}";; esac
+# the solver's process id, for prepare_instance.sh (which stops a leftover of this tool only)
+PIDFILE="${CERTKIT_WORKER_PIDFILE:-$ROOT/.vnncomp_worker.pid}"
 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m certkit.cli run-instance "$ONNX" "$4" \
-  --timeout "$6" --results "$5" --category "$2"
+  --timeout "$6" --results "$5" --category "$2" --pidfile "$PIDFILE"

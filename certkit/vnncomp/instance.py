@@ -39,11 +39,12 @@ def read_status(path: str | Path) -> str:
 
 def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: str | Path,
                  category: str = "", quiet: bool = False, threads: int | None = None,
-                 log_file: str | Path | None = None) -> str:
+                 log_file: str | Path | None = None, pidfile: str | Path | None = None) -> str:
     """Solve one instance within ``timeout`` wall-clock seconds; returns the status written.
 
     The child's log (stages, bounds, any traceback) goes to stderr, to ``log_file`` when given,
-    or nowhere when ``quiet``."""
+    or nowhere when ``quiet``. ``pidfile`` holds the child's process id while it runs, so that
+    the harness's prepare step can stop exactly this solver if it outlived its caller."""
     start = time.monotonic()
     results = Path(results)
     results.unlink(missing_ok=True)
@@ -53,7 +54,13 @@ def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: 
     with open(log_file, "w") if log_file is not None else contextlib.nullcontext() as log:
         stderr = log if log is not None else subprocess.DEVNULL if quiet else None
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
-        timed_out = _wait(proc, timeout - KILL_MARGIN - (time.monotonic() - start))
+        if pidfile is not None:
+            write_atomically(pidfile, lambda tmp: Path(tmp).write_text(f"{proc.pid}\n"))
+        try:
+            timed_out = _wait(proc, timeout - KILL_MARGIN - (time.monotonic() - start))
+        finally:
+            if pidfile is not None:
+                Path(pidfile).unlink(missing_ok=True)
     status = read_status(results)
     if status not in STATUSES:
         status = "timeout" if timed_out else "error"
