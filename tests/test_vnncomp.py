@@ -101,7 +101,7 @@ def test_group_margins_combine_rows_that_no_single_row_refutes():
 # ------------------------------------------------------------------ branch and bound vs exhaustive search
 
 
-@pytest.mark.parametrize("mode", ["input-split", "input-split-3", "relu-split"])
+@pytest.mark.parametrize("mode", ["input-split", "input-split-3", "input-split-fresh", "relu-split"])
 def test_branch_and_bound_agrees_with_an_exhaustive_grid(mode, tmp_path):
     """Random 2-input ReLU networks and random polytope properties: an unsat answer must have no
     violating grid point (400 × 400), a sat answer must be confirmed by onnxruntime, and many
@@ -110,7 +110,8 @@ def test_branch_and_bound_agrees_with_an_exhaustive_grid(mode, tmp_path):
     splits_inputs = mode.startswith("input-split")
     rng = np.random.default_rng(1 if splits_inputs else 2)
     cfg = SolverConfig(input_split_max=20 if splits_inputs else 0, attack_restarts=2, attack_steps=5,
-                       split_candidates=3 if mode == "input-split-3" else 1)
+                       split_candidates=3 if mode == "input-split-3" else 1,
+                       reuse_parent_bounds=mode != "input-split-fresh")
     answers = []
     for seed in range(6):
         path = tmp_path / f"net{seed}.onnx"

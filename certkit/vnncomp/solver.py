@@ -65,6 +65,7 @@ class SolverConfig:
     attack_time_max: float = 5.0  # ...and at most this many seconds
     input_split_max: int = 20  # networks with at most this many inputs get input splitting
     split_candidates: int = 1  # input splitting: dimensions tried per split (see bab.input_split)
+    reuse_parent_bounds: bool = True  # input splitting: children try their parent's intervals first
     box_attack_every: int = 10  # input splitting: PGD inside the newest open boxes every this many batches...
     box_attack_steps: int = 20  # ...for this many steps
     alpha_iterations: int = 30
@@ -228,5 +229,6 @@ class Solver:
 
             return input_split(self.bm, spec, lo, up, confirm, deadline.expired,
                                candidates=self.config.split_candidates, search=search,
+                               reuse_parent=self.config.reuse_parent_bounds,
                                search_every=self.config.box_attack_every)
         return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired)
