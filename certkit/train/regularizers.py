@@ -34,18 +34,6 @@ class RegularizerTerms:
     relu: Tensor
     fractions: Tensor  # (ReLU layers, 3): active, inactive, unstable fractions of batch × neurons
 
-    @property
-    def active(self) -> list[float]:
-        return self.fractions[:, 0].tolist()
-
-    @property
-    def inactive(self) -> list[float]:
-        return self.fractions[:, 1].tolist()
-
-    @property
-    def unstable(self) -> list[float]:
-        return self.fractions[:, 2].tolist()
-
 
 def warmup_regularizers(input_box: Interval, relu_inputs: list[Interval], tau: float = 0.5) -> RegularizerTerms:
     """L_tightness and L_relu from the IBP bounds of the input and of every ReLU's input.

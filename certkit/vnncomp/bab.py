@@ -139,14 +139,15 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
                 m, A, _ = margins(bm, spec, bounds, lo, up)
                 redo = (alive & ~(m > 0)).any(1).nonzero().squeeze(1)
                 if redo.numel():
-                    full, m_r, A_r = crown(lo[redo], up[redo], {k: (v[0][redo], v[1][redo]) for k, v in parent.items()})
+                    known = {name: (lo_[redo], up_[redo]) for name, (lo_, up_) in parent.items()}
+                    full, m_r, A_r = crown(lo[redo], up[redo], known)
                     m, A = m.index_copy(0, redo, m_r), A.index_copy(0, redo, A_r)
-                    bounds = {k: (bounds[k][0].index_copy(0, redo, full[k][0]),
-                                  bounds[k][1].index_copy(0, redo, full[k][1])) for k in pre}
+                    bounds = {name: (bounds[name][0].index_copy(0, redo, full[name][0]),
+                                     bounds[name][1].index_copy(0, redo, full[name][1])) for name in pre}
         alive = alive & ~(m > 0)
         w = alive.gather(1, spec.group.expand(lo.shape[0], -1)).to(A.dtype)  # rows of live polytopes
         smear = (A.abs() * w.unsqueeze(-1)).sum(1) * (up - lo)
-        kept = {k: bounds[k] for k in pre} if reuse_parent else {}
+        kept = {name: bounds[name] for name in pre} if reuse_parent else {}
         return _open_score(m, alive), alive, smear, _minimiser(spec, A, m, alive, lo, up), kept
 
     lower, upper = lower.reshape(1, D), upper.reshape(1, D)
@@ -159,11 +160,11 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
         return BabOutcome("input-split", "unsat", None, 1)
     stack = _Stack()
     # intervals live in the stack as parts "lo:NODE" / "up:NODE"
-    flat = {f"{side}:{k}": v[i] for k, v in kept.items() for i, side in enumerate(("lo", "up"))}
+    flat = {f"{side}:{name}": v[i] for name, v in kept.items() for i, side in enumerate(("lo", "up"))}
     stack.push({"lo": lower, "up": upper, "alive": alive, "smear": smear, "corner": corner,
                 "score": score, **flat})
     done, max_open, rounds = 1, 1, 0
-    k_ = min(candidates, D)
+    k = min(candidates, D)
     while len(stack):
         if expired():
             return BabOutcome("input-split", "timeout", None, done, max_open)
@@ -175,36 +176,36 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
             found = search(stack.parts["corner"][worst], stack.parts["lo"][worst], stack.parts["up"][worst])
             if found is not None:
                 return BabOutcome("input-split", "sat", found, done, max_open)
-        d = stack.pop(max(1, batch // (2 * k_)))
+        d = stack.pop(max(1, batch // (2 * k)))
         n = d["lo"].shape[0]
         # candidates: the largest smears among dimensions at least a quarter as wide (relative to the
         # root box) as the widest, so that no greedy choice keeps halving one dimension forever
         rel = (d["up"] - d["lo"]) / root_width
         eligible = rel >= 0.25 * rel.amax(1, keepdim=True)
-        cand = d["smear"].masked_fill(~eligible, -1.0).topk(k_, dim=1).indices
+        cand = d["smear"].masked_fill(~eligible, -1.0).topk(k, dim=1).indices
         valid = eligible.gather(1, cand)  # (n, k)
         dims = cand.unsqueeze(2)  # (n, k, 1)
-        lo = d["lo"].unsqueeze(1).expand(n, k_, D)
-        up = d["up"].unsqueeze(1).expand(n, k_, D)
+        lo = d["lo"].unsqueeze(1).expand(n, k, D)
+        up = d["up"].unsqueeze(1).expand(n, k, D)
         mid = (lo.gather(2, dims) + up.gather(2, dims)) / 2
         up_l = up.clone().scatter_(2, dims, mid)
         lo_r = lo.clone().scatter_(2, dims, mid)
         lo_c = torch.stack([lo, lo_r], 2).reshape(-1, D)  # (n·k·2, D): domain, dimension, side
         up_c = torch.stack([up_l, up], 2).reshape(-1, D)
-        parent = {k: (d[f"lo:{k}"].repeat_interleave(2 * k_, 0), d[f"up:{k}"].repeat_interleave(2 * k_, 0))
-                  for k in pre} if reuse_parent else None
-        s_c, alive_c, smear_c, corner_c, kept = bound(lo_c, up_c, d["alive"].repeat_interleave(2 * k_, 0), parent)
+        parent = {name: (d[f"lo:{name}"].repeat_interleave(2 * k, 0), d[f"up:{name}"].repeat_interleave(2 * k, 0))
+                  for name in pre} if reuse_parent else None
+        s_c, alive_c, smear_c, corner_c, kept = bound(lo_c, up_c, d["alive"].repeat_interleave(2 * k, 0), parent)
         done += lo_c.shape[0]
-        worse = s_c.reshape(n, k_, 2).min(2).values.masked_fill(~valid, -math.inf)
+        worse = s_c.reshape(n, k, 2).min(2).values.masked_fill(~valid, -math.inf)
         best = worse.argmax(1)  # the dimension whose worse child is best
-        pick = (torch.arange(n).unsqueeze(1) * (2 * k_) + best.unsqueeze(1) * 2 + torch.arange(2)).reshape(-1)
+        pick = (torch.arange(n).unsqueeze(1) * (2 * k) + best.unsqueeze(1) * 2 + torch.arange(2)).reshape(-1)
         pick = pick[s_c[pick] <= 0]
         if pick.numel() == 0:
             continue
         found = confirm(torch.cat([corner_c[pick], (lo_c[pick] + up_c[pick]) / 2]).reshape(-1, *shape))
         if found is not None:
             return BabOutcome("input-split", "sat", found, done, max_open)
-        flat = {f"{side}:{k}": v[i][pick] for k, v in kept.items() for i, side in enumerate(("lo", "up"))}
+        flat = {f"{side}:{name}": v[i][pick] for name, v in kept.items() for i, side in enumerate(("lo", "up"))}
         stack.push({"lo": lo_c[pick], "up": up_c[pick], "alive": alive_c[pick], "smear": smear_c[pick],
                     "corner": corner_c[pick], "score": s_c[pick], **flat})
         max_open = max(max_open, len(stack))
