@@ -15,7 +15,7 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
+from timing import natural_step  # benchmarks/timing.py
 from torch.profiler import ProfilerActivity, profile
 
 from certkit.train.loop import Splits, Trainer, config_from
@@ -43,16 +43,9 @@ def main() -> None:
                 for m in ("vanilla", "fast")}
     device = trainers["fast"].device
     x, y = trainers["fast"].batch(torch.arange(args.batch_size))
-    natural = trainers["vanilla"]
+    natural = natural_step(trainers["vanilla"], x, y)
 
-    def natural_step():
-        natural.model.train()
-        loss = F.cross_entropy(natural.model(x), y)
-        natural.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        natural.opt.step()
-
-    steps = {"natural": natural_step,
+    steps = {"natural": natural,
              "vanilla IBP": lambda: trainers["vanilla"].step(x, y, eps / 2, epoch=1),
              "fast (warmup)": lambda: trainers["fast"].step(x, y, eps / 2, epoch=1)}
     cuda = device.type == "cuda"

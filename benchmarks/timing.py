@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 
 def timeit(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2, inner: int = 1) -> float:
@@ -27,3 +28,15 @@ def timeit(fn: Callable[[], object], repeats: int, device: torch.device, warmup:
     for _ in range(warmup):
         once()
     return statistics.median(once() for _ in range(repeats))
+
+
+def natural_step(trainer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One step of plain (natural) training of ``trainer``'s model and optimiser on (x, y)."""
+    def step() -> None:
+        trainer.model.train()
+        loss = F.cross_entropy(trainer.model(x), y)
+        trainer.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.opt.step()
+
+    return step

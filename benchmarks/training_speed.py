@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
-from timing import timeit  # benchmarks/timing.py
+from timing import natural_step, timeit  # benchmarks/timing.py
 
 from certkit.train.loop import Splits, Trainer, config_from, resolve_device
 from certkit.train.models import DATASETS
@@ -41,18 +40,11 @@ def main() -> None:
                                        batch_size=args.batch_size, device=args.device), splits)
                 for m in ("vanilla", "fast", "crown-ibp")}
     x, y = trainers["fast"].batch(torch.arange(args.batch_size))
-    natural = trainers["vanilla"]
-
-    def natural_step():
-        natural.model.train()
-        loss = F.cross_entropy(natural.model(x), y)
-        natural.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        natural.opt.step()
+    natural = natural_step(trainers["vanilla"], x, y)
 
     eps = eps_max / 2  # mid-ramp: the regularisers (fast) and the CROWN mixing (crown-ibp) are active
     inner = 10  # consecutive steps per timing, as in an epoch
-    times = {"natural": timeit(natural_step, args.repeats, device, inner=inner)}
+    times = {"natural": timeit(natural, args.repeats, device, inner=inner)}
     for name, tr in trainers.items():
         times[name] = timeit(lambda tr=tr: tr.step(x, y, eps, epoch=1), args.repeats, device, inner=inner)
     label = {"natural": "natural", "vanilla": "vanilla IBP", "fast": "fast (warmup, regularisers)",
