@@ -369,7 +369,7 @@ def test_worker_reports_an_internal_error_with_its_traceback(tmp_path, monkeypat
     assert "internal error" in err and "injected failure" in err and "Traceback" in err
 
 
-def test_a_worker_killed_by_a_signal_is_an_error_and_the_log_says_so(tmp_path, monkeypatch):
+def test_a_worker_killed_by_a_signal_is_an_error_and_the_log_says_so(tmp_path, monkeypatch, capsys):
     """A child that dies without writing (a native crash, the OOM killer) is answered 'error', and the
     log records how it ended."""
     fake = tmp_path / "python"
@@ -380,3 +380,5 @@ def test_a_worker_killed_by_a_signal_is_an_error_and_the_log_says_so(tmp_path, m
     assert run_instance("m.onnx", "p.vnnlib", timeout=20, results=out, log_file=log) == "error"
     assert out.read_text().strip() == "error"
     assert "killed by signal 9 (SIGKILL)" in log.read_text()
+    assert run_instance("m.onnx", "p.vnnlib", timeout=20, results=out) == "error"  # no log file: stderr
+    assert "killed by signal 9 (SIGKILL)" in capsys.readouterr().err

@@ -64,12 +64,15 @@ def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: 
     status = read_status(results)
     if status not in STATUSES:
         status = "timeout" if timed_out else "error"
-        if not timed_out and log_file is not None:
+        if not timed_out and not (quiet and log_file is None):
             rc = proc.returncode
-            with open(log_file, "a") as log:
-                log.write("[certkit instance] the worker exited without a result: "
-                          + (f"killed by signal {-rc} ({signal.Signals(-rc).name})\n" if rc < 0
-                             else f"exit status {rc}\n"))
+            why = f"killed by signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 else f"exit status {rc}"
+            line = f"[certkit instance] the worker exited without a result: {why}\n"
+            if log_file is None:
+                sys.stderr.write(line)
+            else:
+                with open(log_file, "a") as log:
+                    log.write(line)
         write_result(results, format_result(status))
     return status
 
