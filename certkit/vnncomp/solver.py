@@ -66,7 +66,7 @@ class SolverConfig:
     input_split_max: int = 20  # networks with at most this many inputs get input splitting
     split_candidates: int = 1  # input splitting: dimensions tried per split (see bab.input_split)
     reuse_parent_bounds: bool = True  # input splitting: children try their parent's intervals first
-    box_attack_every: int = 10  # input splitting: PGD inside the newest open boxes every this many batches...
+    box_attack_every: int = 10  # input splitting: PGD inside the worst-bounded open boxes every this many batches...
     box_attack_steps: int = 20  # ...for this many steps
     alpha_iterations: int = 30
     seed: int = 0
