@@ -175,6 +175,39 @@ def test_result_file_round_trip_and_float32_snapping():
     assert format_result("unsat") == "unsat\n"
 
 
+def test_a_fixed_input_float32_cannot_hold_snaps_to_the_nearest_float32(tmp_path):
+    # lo = up = 0.1 holds no float32: the nearest one is the input the network can take; a
+    # confirmation that demanded a float32 inside [0.1, 0.1] rejected every candidate
+    lo, up = np.array([0.1, -1.0, 0.25]), np.array([0.1, 1.0, 0.25])
+    x = snap_into_box(np.array([[0.3, 0.5, 0.0]]), lo, up)[0]
+    assert x[0] == np.float32(0.1) and x[1] == np.float32(0.5) and x[2] == np.float32(0.25)
+    model = _mlp(4, n_in=3)
+    onnx = tmp_path / "net.onnx"
+    _export(model, 3, onnx)
+    case = Case(lo, up, [(np.array([[1.0, 0.0, 0.0]]), np.array([1e9]))])  # every output is unsafe
+    assert Oracle(onnx, (3,)).confirm(case, np.array([[0.1, 0.0, 0.25]])) is not None
+
+
+def test_the_corner_of_each_row_of_a_two_sided_property_is_tried(tmp_path):
+    # unsafe: y0 within 1e-3 of its maximum over the box (or above). Summing the two rows (−y0 and +y0) cancels
+    # them, so only the corner that maximises y0 on its own finds the counterexample
+    from certkit.vnncomp.bab import input_split
+
+    model = nn.Sequential(nn.Linear(3, 2)).eval()
+    onnx = tmp_path / "lin.onnx"
+    _export(model, 3, onnx)
+    lo, up = -np.ones(3), np.ones(3)
+    w, c = model[0].weight[0].detach().double().numpy(), float(model[0].bias[0])
+    top = float(np.abs(w).sum() + c)
+    case = Case(lo, up, [(np.array([[-1.0, 0.0], [1.0, 0.0]]), np.array([-(top - 1e-3), top + 1.0]))])
+    solver = Solver(onnx)
+    lo_t, up_t = solver._box(case)
+    out = input_split(solver.bm, Spec.from_case(case), lo_t, up_t, solver._confirm(case, Spec.from_case(case)),
+                      expired=lambda: True)
+    assert out.status == "sat", out
+    assert in_unsafe_set(case, Oracle(onnx, (3,)).outputs(out.counterexample[0][None])[0])
+
+
 def _write_prop(path, prop: Property) -> None:
     path.write_text(format_vnnlib(prop))
 
@@ -334,6 +367,7 @@ REAL = [  # (family, instance index, ground truth): quick ones covering attack, 
     ("reach_prob_density_2022", 4, "sat"),
     ("rl_benchmarks_2022", 0, "unsat"),
     ("acasxu", 19, "sat"),  # PGD over the whole box stalls at a margin of 0.0014; PGD inside sub-boxes finds it
+    ("collins_rul_cnn_2022", 18, "sat"),  # 380 of its 400 inputs are fixed at values float32 cannot hold
 ]
 
 

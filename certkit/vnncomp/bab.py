@@ -23,7 +23,7 @@ the stack grows past ``max_domains``.
   slopes and Lagrange multipliers of the split constraints, a few Adam steps per batch);
   an empty domain (some l > u) is refuted. The neuron to split has the largest
   |coefficient| × triangle intercept −l·u/(u−l) in the CROWN pass (BaBSR's score).
-  Every domain's CROWN minimiser (the box corner picked by the input coefficients) is
+  Every domain's CROWN minimisers (box corners picked by the input coefficients) are
   tried as a counterexample.
 """
 
@@ -98,13 +98,23 @@ def _open_score(m: Tensor, alive: Tensor) -> Tensor:
     return torch.where(alive, m, torch.full_like(m, math.inf)).min(1).values
 
 
-def _minimiser(spec: Spec, A: Tensor, m: Tensor, alive: Tensor, lo: Tensor, up: Tensor) -> Tensor:
-    """Per domain (N, D): the box corner minimising the CROWN bound of the summed rows of the
-    worst live polytope, a cheap counterexample candidate."""
+def _corners(spec: Spec, A: Tensor, m: Tensor, alive: Tensor, lo: Tensor, up: Tensor) -> Tensor:
+    """Per domain, box corners that are cheap counterexample candidates: (N, R, D).
+
+    Column 0 minimises the CROWN bound of the summed rows of the worst live polytope. When
+    some polytope has several rows, columns 1..S minimise each row of that polytope on its
+    own (a row outside it repeats column 0): summed rows can cancel, e.g. the two sides of
+    ``l ≤ y ≤ u``, where the corner minimising one side is what a search needs."""
+    n = A.shape[0]
+    lo, up = lo.reshape(n, 1, -1), up.reshape(n, 1, -1)
     worst = torch.where(alive, m, torch.full_like(m, math.inf)).argmin(1)
-    w = (spec.group.unsqueeze(0) == worst.unsqueeze(1)).to(A.dtype)  # (N, S)
-    M = (A * w.unsqueeze(-1)).sum(1)
-    return torch.where(M > 0, lo.reshape(M.shape), up.reshape(M.shape))
+    w = spec.group.unsqueeze(0) == worst.unsqueeze(1)  # (N, S): rows of the worst polytope
+    summed = (A * w.unsqueeze(-1).to(A.dtype)).sum(1, keepdim=True)
+    first = torch.where(summed > 0, lo, up)
+    if spec.num_rows == spec.num_groups:  # one row per polytope: the summed corner is the row's corner
+        return first
+    rows = torch.where(w.unsqueeze(-1), torch.where(A > 0, lo, up), first)
+    return torch.cat([first, rows], 1)
 
 
 def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, confirm: Confirm,
@@ -148,12 +158,12 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
         w = alive.gather(1, spec.group.expand(lo.shape[0], -1)).to(A.dtype)  # rows of live polytopes
         smear = (A.abs() * w.unsqueeze(-1)).sum(1) * (up - lo)
         kept = {name: bounds[name] for name in pre} if reuse_parent else {}
-        return _open_score(m, alive), alive, smear, _minimiser(spec, A, m, alive, lo, up), kept
+        return _open_score(m, alive), alive, smear, _corners(spec, A, m, alive, lo, up), kept
 
     lower, upper = lower.reshape(1, D), upper.reshape(1, D)
     root_width = (upper - lower).clamp(min=1e-30)
-    score, alive, smear, corner, kept = bound(lower, upper, torch.ones(1, spec.num_groups, dtype=torch.bool))
-    found = confirm(torch.cat([corner, (lower + upper) / 2]).reshape(-1, *shape))
+    score, alive, smear, corners, kept = bound(lower, upper, torch.ones(1, spec.num_groups, dtype=torch.bool))
+    found = confirm(torch.cat([corners.reshape(-1, D), (lower + upper) / 2]).reshape(-1, *shape))
     if found is not None:
         return BabOutcome("input-split", "sat", found, 1)
     if score.item() > 0:
@@ -161,7 +171,7 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
     stack = _Stack()
     # intervals live in the stack as parts "lo:NODE" / "up:NODE"
     flat = {f"{side}:{name}": v[i] for name, v in kept.items() for i, side in enumerate(("lo", "up"))}
-    stack.push({"lo": lower, "up": upper, "alive": alive, "smear": smear, "corner": corner,
+    stack.push({"lo": lower, "up": upper, "alive": alive, "smear": smear, "corner": corners[:, 0],
                 "score": score, **flat})
     done, max_open, rounds = 1, 1, 0
     k = min(candidates, D)
@@ -194,7 +204,7 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
         up_c = torch.stack([up_l, up], 2).reshape(-1, D)
         parent = {name: (d[f"lo:{name}"].repeat_interleave(2 * k, 0), d[f"up:{name}"].repeat_interleave(2 * k, 0))
                   for name in pre} if reuse_parent else None
-        s_c, alive_c, smear_c, corner_c, kept = bound(lo_c, up_c, d["alive"].repeat_interleave(2 * k, 0), parent)
+        s_c, alive_c, smear_c, corners_c, kept = bound(lo_c, up_c, d["alive"].repeat_interleave(2 * k, 0), parent)
         done += lo_c.shape[0]
         worse = s_c.reshape(n, k, 2).min(2).values.masked_fill(~valid, -math.inf)
         best = worse.argmax(1)  # the dimension whose worse child is best
@@ -202,12 +212,12 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
         pick = pick[s_c[pick] <= 0]
         if pick.numel() == 0:
             continue
-        found = confirm(torch.cat([corner_c[pick], (lo_c[pick] + up_c[pick]) / 2]).reshape(-1, *shape))
+        found = confirm(torch.cat([corners_c[pick].reshape(-1, D), (lo_c[pick] + up_c[pick]) / 2]).reshape(-1, *shape))
         if found is not None:
             return BabOutcome("input-split", "sat", found, done, max_open)
         flat = {f"{side}:{name}": v[i][pick] for name, v in kept.items() for i, side in enumerate(("lo", "up"))}
         stack.push({"lo": lo_c[pick], "up": up_c[pick], "alive": alive_c[pick], "smear": smear_c[pick],
-                    "corner": corner_c[pick], "score": s_c[pick], **flat})
+                    "corner": corners_c[pick, 0], "score": s_c[pick], **flat})
         max_open = max(max_open, len(stack))
     return BabOutcome("input-split", "unsat", None, done, max_open)
 
@@ -286,13 +296,13 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
             coef = (rec[r.name].reshape(n, spec.num_rows, -1).abs() * w.unsqueeze(-1)).sum(1) \
                 if r.name in rec else torch.zeros_like(lo)
             scores.append(torch.where(unstable, coef * intercept + 1e-12, torch.zeros_like(lo)))
-        corner = _minimiser(spec, A, m, alive, lo_x, up_x)
-        return _open_score(m, alive), alive, torch.cat(scores, 1), corner, {p: bounds[p] for p in pre}
+        corners = _corners(spec, A, m, alive, lo_x, up_x)
+        return _open_score(m, alive), alive, torch.cat(scores, 1), corners, {p: bounds[p] for p in pre}
 
     alive0 = torch.ones(1, spec.num_groups, dtype=torch.bool)
     signs0 = [torch.zeros(1, size, dtype=lower.dtype) for size in sizes]
-    score, alive, scores, corner, known = bound({p: root[p] for p in pre}, signs0, alive0)
-    found = confirm(corner.reshape(-1, *shape))
+    score, alive, scores, corners, known = bound({p: root[p] for p in pre}, signs0, alive0)
+    found = confirm(corners.reshape(-1, *shape))
     if found is not None:
         return BabOutcome("relu-split", "sat", found, 1)
     if score.item() > 0:
@@ -334,11 +344,11 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
             sg[mine + n, local[mine]] = 1.0
             known[p] = (lo.reshape(2 * n, *shapes[i]), up.reshape(2 * n, *shapes[i]))
             signs.append(sg)
-        score, alive, scores, corner, new_known = bound(known, signs, torch.cat([d["alive"], d["alive"]]))
+        score, alive, scores, corners, new_known = bound(known, signs, torch.cat([d["alive"], d["alive"]]))
         done += 2 * n
         open_ = score <= 0
         if bool(open_.any()):
-            found = confirm(corner[open_].reshape(-1, *shape))
+            found = confirm(corners[open_].reshape(-1, *shape))
             if found is not None:
                 return BabOutcome("relu-split", "sat", found, done, max_open)
             push({p: (lo[open_], up[open_]) for p, (lo, up) in new_known.items()}, [sg[open_] for sg in signs],

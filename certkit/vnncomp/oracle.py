@@ -1,8 +1,8 @@
 """onnxruntime on the original ONNX file: the only judge of counterexamples.
 
 A candidate from the attack or from branch and bound (computed in PyTorch, often in
-float64) becomes a ``sat`` answer only if, once snapped to float32 inside the input box,
-onnxruntime's output lies strictly inside one of the unsafe polytopes.
+float64) becomes a ``sat`` answer only if, once snapped to the float32 inputs of the box
+(:func:`float32_box`), onnxruntime's output lies strictly inside one of the unsafe polytopes.
 """
 
 from __future__ import annotations
@@ -15,11 +15,25 @@ from certkit.onnx_io import OrtSession
 from certkit.vnnlib import Case
 
 
+def float32_box(lo: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 inputs of the box [lo, up] (float64 bounds): the smallest float32 ≥ lo and the
+    largest ≤ up. Where no float32 lies inside (a fixed input such as ``lo = up = 0.1``, which
+    float32 cannot hold), both are the float32 nearest to the interval: the network, which takes
+    float32, cannot be fed anything closer (half a float32 ulp off, far inside the
+    competition's tolerance of 1e-6 relative)."""
+    lo, up = np.asarray(lo, dtype=np.float64), np.asarray(up, dtype=np.float64)
+    lo32, up32 = lo.astype(np.float32), up.astype(np.float32)
+    lo32 = np.where(lo32 < lo, np.nextafter(lo32, np.float32(np.inf)), lo32)
+    up32 = np.where(up32 > up, np.nextafter(up32, np.float32(-np.inf)), up32)
+    nearest = ((lo + up) / 2).astype(np.float32)
+    empty = lo32 > up32
+    return np.where(empty, nearest, lo32), np.where(empty, nearest, up32)
+
+
 def snap_into_box(x: np.ndarray, lo: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """float32 points inside [lo, up] (float64 bounds) as close to ``x`` as float32 allows."""
-    x32 = np.clip(np.asarray(x, dtype=np.float64), lo, up).astype(np.float32)
-    x32 = np.where(x32 < lo, np.nextafter(x32, np.float32(np.inf)), x32)
-    return np.where(x32 > up, np.nextafter(x32, np.float32(-np.inf)), x32)
+    """float32 points of the box [lo, up] (see :func:`float32_box`) as close to ``x`` as float32 allows."""
+    lo32, up32 = float32_box(lo, up)
+    return np.clip(np.asarray(x, dtype=np.float64).astype(np.float32), lo32, up32)
 
 
 def in_unsafe_set(case: Case, y: np.ndarray) -> bool:
@@ -46,10 +60,6 @@ class Oracle:
         if len(candidates) == 0:
             return None
         x32 = snap_into_box(candidates.reshape(len(candidates), -1), case.lower, case.upper)
-        inside = np.all((x32 >= case.lower) & (x32 <= case.upper), axis=1)
-        x32 = x32[inside]
-        if len(x32) == 0:
-            return None
         ys = self.outputs(x32)
         for x, y in zip(x32, ys):
             if np.all(np.isfinite(y)) and in_unsafe_set(case, y):
