@@ -28,6 +28,34 @@ def test_alpha_crown_tightens_and_stays_sound():
     assert not la.requires_grad
 
 
+def test_alpha_intermediate_bounds_tighten_and_stay_sound():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 5)).eval()
+    bm = BoundedModel(model, (6,))
+    x = torch.randn(2, 6)
+    lo, up = x - 0.4, x + 0.4
+    with torch.no_grad():
+        crown = bm.intervals(lo, up, "crown")
+    alpha = bm.intervals(lo, up, "crown", alpha_iterations=20)
+    pts = (lo.unsqueeze(1) + (up - lo).unsqueeze(1) * torch.rand(2, 5000, 6)).reshape(-1, 6)
+    pre_values = []  # the inputs of the three ReLUs, (2, 5000, 32) each
+    with torch.no_grad():
+        h = pts
+        for layer in list(model)[:-1]:
+            if isinstance(layer, nn.ReLU):
+                pre_values.append(h.reshape(2, 5000, -1))
+            h = layer(h)
+    pre = [n.inputs[0] for n in bm.graph.nodes[1:] if n.op.kind == "relu"]
+    gained = 0.0
+    for name, v in zip(pre, pre_values, strict=True):
+        (lc, uc), (la, ua) = crown[name], alpha[name]
+        assert (la <= v.min(1).values + 1e-5).all() and (ua >= v.max(1).values - 1e-5).all(), name
+        assert (la >= lc - 1e-5).all() and (ua <= uc + 1e-5).all(), name
+        gained += float((la - lc).sum() + (uc - ua).sum())
+    assert gained > 1e-2  # the deeper layers' intervals shrank
+
+
 def test_alpha_slopes_receive_gradient_at_default_values():
     # CROWN's default slopes are exactly 0 or 1, where clamp has no gradient: the engine must pass it through.
     torch.manual_seed(0)

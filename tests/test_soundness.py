@@ -112,7 +112,7 @@ def check_bounds(lb, ub, shape, what):
 
 def check_soundness(model: nn.Module, lo: torch.Tensor, up: torch.Tensor, gen: torch.Generator,
                     x: torch.Tensor | None = None, reference: nn.Module | None = None,
-                    n_samples: int = N_SAMPLES, methods=METHODS, interval_methods=("ibp", "crown"),
+                    n_samples: int = N_SAMPLES, methods=METHODS, interval_methods=("ibp", "crown", "alpha-crown"),
                     stack_specs: bool = False) -> None:
     """All methods' bounds (plain and margin) and all node intervals contain the sampled behaviour.
 
@@ -165,7 +165,10 @@ def check_soundness(model: nn.Module, lo: torch.Tensor, up: torch.Tensor, gen: t
     for method in interval_methods:
         if x is not None:
             bm(x)  # train-mode batch norms use the statistics of the last clean forward
-        bounds = bm.intervals(lo, up, method)
+        if method == "alpha-crown":  # CROWN intermediate bounds with their own optimised slopes
+            bounds = bm.intervals(lo, up, "crown", alpha_iterations=3)
+        else:
+            bounds = bm.intervals(lo, up, method)
         assert set(bounds) <= set(values), f"graph nodes {set(bounds) - set(values)} not in the fx trace"
         assert len(bounds) == len(bm.graph.nodes)
         for name, (lo_n, up_n) in bounds.items():

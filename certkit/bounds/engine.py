@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -138,12 +138,16 @@ class BoundedModel:
     # ------------------------------------------------------------------ bounds
 
     def intervals(self, lower: Tensor, upper: Tensor, method: str = "ibp",
-                  known: dict[str, Interval] | None = None) -> dict[str, Interval]:
+                  known: dict[str, Interval] | None = None, alpha_iterations: int = 0,
+                  expired: Callable[[], bool] | None = None) -> dict[str, Interval]:
         """Interval bounds of every node: IBP, refined by CROWN when ``method == 'crown'``.
 
         ``known`` maps node names to intervals already known to hold on this box (from a
         parent domain in branch and bound, with split neurons clamped): each node's interval
         is intersected with them before later nodes use it, so splits propagate forward.
+        With ``alpha_iterations`` > 0 every CROWN refinement optimises its own ReLU slopes
+        (α-CROWN for intermediate bounds: tighter, about that many times slower, and without
+        gradients) until ``expired()`` says time is up; later nodes get plain CROWN.
         Train-mode batch norms use the statistics of the last ``forward``."""
         if self._graph is None:
             self._build(tuple(lower.shape[1:]))
@@ -154,13 +158,17 @@ class BoundedModel:
             if known is not None and n.name in known:
                 lo, up = torch.maximum(lo, known[n.name][0]), torch.minimum(up, known[n.name][1])
             if refine and n.name in self.pre_activation and not self._exact[n.name]:
-                lo, up = self._crown_refine(n.name, lo, up, bounds)
+                if expired is not None and expired():
+                    alpha_iterations = 0
+                lo, up = self._crown_refine(n.name, lo, up, bounds, alpha_iterations)
             bounds[n.name] = (lo, up)
         return bounds
 
-    def _crown_refine(self, name: str, lo: Tensor, up: Tensor, bounds: dict[str, Interval]) -> Interval:
-        """Tighten with a CROWN pass the neurons of node ``name`` that IBP leaves unstable (every
-        neuron with l < u when the node feeds a nonlinearity other than ReLU)."""
+    def _crown_refine(self, name: str, lo: Tensor, up: Tensor, bounds: dict[str, Interval],
+                      alpha_iterations: int = 0) -> Interval:
+        """Tighten with a CROWN pass (α-CROWN with ``alpha_iterations``) the neurons of node
+        ``name`` that IBP leaves unstable (every neuron with l < u when the node feeds a
+        nonlinearity other than ReLU)."""
         B, shape = lo.shape[0], lo.shape[1:]
         lf, uf = lo.reshape(B, -1), up.reshape(B, -1)
         loose = ((lf < 0) & (uf > 0)) if name in self._relu_only else (lf < uf)
@@ -168,7 +176,8 @@ class BoundedModel:
         if idx.numel() == 0:
             return lo, up
         widest = max(math.prod(self.graph.by_name[a.name].shape) for a in self._ancestors_of(name))
-        chunk = max(1, _BACKWARD_BUDGET // (2 * B * widest))
+        # α's slopes, their gradients and Adam's two moments live beside the coefficients
+        chunk = max(1, _BACKWARD_BUDGET // (2 * B * widest * (5 if alpha_iterations > 0 else 1)))
         lf, uf = lf.clone(), uf.clone()
         n_flat = lf.shape[1]
         for part in idx.split(chunk):
@@ -177,6 +186,7 @@ class BoundedModel:
             eye[torch.arange(k, device=lo.device), part] = 1
             A = torch.cat([eye, -eye]).expand(B, 2 * k, n_flat).reshape(B, 2 * k, *shape)
             lb = self._backward(name, A, bounds, stop_at_nonlinear=False)
+            lb = self._optimise_slopes(name, A, bounds, lb, alpha_iterations)
             lf[:, part] = torch.maximum(lf[:, part], lb[:, :k])
             uf[:, part] = torch.minimum(uf[:, part], -lb[:, k:])
         return lf.reshape(lo.shape), uf.reshape(up.shape)
@@ -257,31 +267,46 @@ class BoundedModel:
 
     def alpha_crown(self, bounds: dict[str, Interval], C: Tensor | None, bound_upper: bool = True,
                     iterations: int = 20, lr: float = 0.1) -> tuple[Tensor, Tensor | None]:
-        """α-CROWN: optimise the lower slopes of the ReLUs in the final backward pass.
-
-        The slopes start at CROWN's adaptive choice and follow projected Adam (clamped to
-        [0, 1]) maximising the sum of the lower bounds. Every slope in [0, 1] gives a sound
-        bound, so each iterate is valid; the best bound seen per specification is kept and
-        intersected with IBP. Intermediate bounds are CROWN's (fixed).
-        """
-        relus = [n for n in self.graph.nodes[1:] if n.op.kind == "relu"]
+        """α-CROWN: optimise the lower slopes of the ReLUs in the final backward pass
+        (:meth:`_optimise_slopes`); the result is never worse than CROWN intersected with IBP.
+        The intermediate bounds are those given (see ``intervals(..., alpha_iterations=)``)."""
         with torch.no_grad():
             best_lb, best_ub = self.spec_bounds(bounds, C, "crown", bound_upper)
-        if not relus or iterations <= 0:
+        if iterations <= 0:
             return best_lb, best_ub
+        lower = bounds[self.graph.input.name][0]
+        B, out_shape = lower.shape[0], self.graph.output_shape
+        if C is None:
+            K = math.prod(out_shape)
+            C = torch.eye(K, dtype=lower.dtype, device=lower.device).expand(B, K, K)
+        C = C.to(lower)
+        A = (torch.cat([C, -C], 1) if bound_upper else C).reshape(B, -1, *out_shape)
+        best = torch.cat([best_lb, -best_ub], 1) if bound_upper else best_lb
+        best = self._optimise_slopes(self.graph.output, A, bounds, best, iterations, lr)
+        k = best_lb.shape[1]
+        return best[:, :k], (-best[:, k:] if bound_upper else None)
+
+    def _optimise_slopes(self, start: str, A: Tensor, bounds: dict[str, Interval], best: Tensor,
+                         iterations: int, lr: float = 0.1) -> Tensor:
+        """Lower bounds (B, S) of A·node[start], each the best of ``best`` and of CROWN passes whose
+        ReLU lower slopes (one per ReLU neuron and row of A) follow projected Adam, clamped to
+        [0, 1], maximising their sum (α-CROWN). Every slope in [0, 1] gives a sound bound, so
+        every iterate is valid. The slopes start at CROWN's adaptive choice."""
+        relus = [n for n in self._ancestors_of(start) if n.op is not None and n.op.kind == "relu"]
+        if not relus or iterations <= 0:
+            return best
         bounds = {k: (lo.detach(), up.detach()) for k, (lo, up) in bounds.items()}
-        S = best_lb.shape[1] * (2 if bound_upper else 1)
+        B, S = A.shape[:2]
         slopes = {}
         for n in relus:
             lo, up = bounds[n.inputs[0]]
-            init = n.op.default_slope(lo, up).unsqueeze(1).expand(lo.shape[0], S, *lo.shape[1:])
+            init = n.op.default_slope(lo, up).unsqueeze(1).expand(B, S, *lo.shape[1:])
             slopes[n.name] = init.clone().requires_grad_(True)
         opt = torch.optim.Adam(slopes.values(), lr=lr)
-        best = torch.cat([best_lb, -best_ub], 1) if bound_upper else best_lb.clone()
+        best = best.detach().clone()
         with torch.enable_grad():
             for _ in range(iterations):
-                lb, ub = self.spec_bounds(bounds, C, "crown", bound_upper, intersect=False, lower_slopes=slopes)
-                cur = torch.cat([lb, -ub], 1) if bound_upper else lb
+                cur = self._backward(start, A, bounds, stop_at_nonlinear=False, lower_slopes=slopes)
                 best = torch.maximum(best, torch.nan_to_num(cur.detach(), nan=-math.inf))
                 # gradients for the slopes only: never into the model (or train-mode BN statistics)
                 grads = torch.autograd.grad(-cur.sum(), list(slopes.values()))
@@ -291,8 +316,7 @@ class BoundedModel:
                 with torch.no_grad():
                     for a in slopes.values():
                         a.clamp_(0, 1)
-        k = best_lb.shape[1]
-        return best[:, :k], (-best[:, k:] if bound_upper else None)
+        return best
 
     def spec_bounds(self, bounds: dict[str, Interval], C: Tensor | None, method: str, bound_upper: bool = True,
                     intersect: bool = True, lower_slopes: dict[str, Tensor] | None = None,

@@ -69,6 +69,8 @@ class SolverConfig:
     box_attack_every: int = 10  # input splitting: PGD inside the worst-bounded open boxes every this many batches...
     box_attack_steps: int = 20  # ...for this many steps
     alpha_iterations: int = 30
+    intermediate_alpha_iterations: int = 20  # ReLU splitting: α-CROWN steps per intermediate bound at the root...
+    intermediate_alpha_time: float = 0.2  # ...within this share of the time left (later layers get CROWN)
     seed: int = 0
 
 
@@ -155,18 +157,30 @@ class Solver:
                 return found
         return None
 
+    def splits_inputs(self) -> bool:
+        return math.prod(self.input_shape) <= self.config.input_split_max
+
     def root_bounds(self, case: Case, spec: Spec, deadline: Deadline) -> tuple[bool, str, dict]:
-        """CROWN, then α-CROWN on the whole box: (refuted, method, CROWN intervals)."""
+        """CROWN, then α-CROWN on the whole box: (refuted, method, node intervals).
+
+        Where ReLU splitting follows, the intermediate bounds are first tightened by α-CROWN
+        too: every subdomain starts from them (on mnist_fc's 256×4 network at ε = 0.05, half
+        of the unstable neurons become stable)."""
         lo, up = self._box(case)
+        cfg = self.config
         with torch.no_grad():
             bounds = self.bm.intervals(lo, up, "crown")
             refuted = margins(self.bm, spec, bounds, lo, up)[0] > 0
         if bool(refuted.all()):
             return True, "crown", bounds
-        if deadline.expired() or self.config.alpha_iterations <= 0:
+        if deadline.expired() or cfg.alpha_iterations <= 0:
             return False, "", bounds
-        lb, _ = self.bm.alpha_crown(bounds, spec.batch_C(1), bound_upper=False,
-                                    iterations=self.config.alpha_iterations)
+        if not self.splits_inputs() and cfg.intermediate_alpha_iterations > 0:
+            stop = time.monotonic() + cfg.intermediate_alpha_time * deadline.left()
+            bounds = self.bm.intervals(lo, up, "crown", known=bounds,
+                                       alpha_iterations=cfg.intermediate_alpha_iterations,
+                                       expired=lambda: time.monotonic() > stop)
+        lb, _ = self.bm.alpha_crown(bounds, spec.batch_C(1), bound_upper=False, iterations=cfg.alpha_iterations)
         return bool((refuted | spec.refuted(lb)).all()), "alpha-crown", bounds
 
     # ---------------------------------------------------------------- driver
@@ -221,7 +235,7 @@ class Solver:
     def branch_and_bound(self, case: Case, spec: Spec, bounds: dict, deadline: Deadline) -> BabOutcome:
         lo, up = self._box(case)
         confirm = self._confirm(case, spec)
-        if math.prod(self.input_shape) <= self.config.input_split_max:
+        if self.splits_inputs():
             def search(starts: Tensor, lo_: Tensor, up_: Tensor) -> tuple | None:
                 return self.pgd(starts.reshape(-1, *self.input_shape), lo_.reshape(-1, *self.input_shape),
                                 up_.reshape(-1, *self.input_shape), spec, self.config.box_attack_steps, confirm,
