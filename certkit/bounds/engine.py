@@ -292,8 +292,10 @@ class BoundedModel:
         ReLU lower slopes (one per ReLU neuron and row of A) follow projected Adam, clamped to
         [0, 1], maximising their sum (α-CROWN). Every slope in [0, 1] gives a sound bound, so
         every iterate is valid. The slopes start at CROWN's adaptive choice."""
+        if iterations <= 0:  # the common case, on the hot path of every CROWN refinement
+            return best
         relus = [n for n in self._ancestors_of(start) if n.op is not None and n.op.kind == "relu"]
-        if not relus or iterations <= 0:
+        if not relus:
             return best
         bounds = {k: (lo.detach(), up.detach()) for k, (lo, up) in bounds.items()}
         B, S = A.shape[:2]

@@ -99,12 +99,12 @@ def _open_score(m: Tensor, alive: Tensor) -> Tensor:
 
 
 def _corners(spec: Spec, A: Tensor, m: Tensor, alive: Tensor, lo: Tensor, up: Tensor) -> Tensor:
-    """Per domain, box corners that are cheap counterexample candidates: (N, R, D).
+    """Per domain, box corners that are cheap counterexample candidates: (N, 1 or 1 + R, D).
 
     Column 0 minimises the CROWN bound of the summed rows of the worst live polytope. When
-    some polytope has several rows, columns 1..S minimise each row of that polytope on its
-    own (a row outside it repeats column 0): summed rows can cancel, e.g. the two sides of
-    ``l ≤ y ≤ u``, where the corner minimising one side is what a search needs."""
+    some polytope has several rows (R at most), the next columns minimise each row of the
+    worst polytope on its own: summed rows can cancel, e.g. the two sides of ``l ≤ y ≤ u``,
+    where the corner minimising one side is what a search needs."""
     n = A.shape[0]
     lo, up = lo.reshape(n, 1, -1), up.reshape(n, 1, -1)
     worst = torch.where(alive, m, torch.full_like(m, math.inf)).argmin(1)
@@ -113,8 +113,9 @@ def _corners(spec: Spec, A: Tensor, m: Tensor, alive: Tensor, lo: Tensor, up: Te
     first = torch.where(summed > 0, lo, up)
     if spec.num_rows == spec.num_groups:  # one row per polytope: the summed corner is the row's corner
         return first
-    rows = torch.where(w.unsqueeze(-1), torch.where(A > 0, lo, up), first)
-    return torch.cat([first, rows], 1)
+    idx = spec.group_rows()[worst]  # (N, R)
+    rows = A.gather(1, idx.unsqueeze(-1).expand(-1, -1, A.shape[2]))
+    return torch.cat([first, torch.where(rows > 0, lo, up)], 1)
 
 
 def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, confirm: Confirm,

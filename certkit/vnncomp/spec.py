@@ -39,6 +39,13 @@ class Spec:
         """C expanded for ``n`` domains: (n, S, K)."""
         return self.C.expand(n, *self.C.shape)
 
+    def group_rows(self) -> Tensor:
+        """(G, R): the rows of each polytope, R the largest polytope's row count (a smaller
+        polytope repeats its first row)."""
+        rows = [(self.group == g).nonzero().squeeze(1) for g in range(self.num_groups)]
+        R = max(r.numel() for r in rows)
+        return torch.stack([torch.cat([r, r[:1].expand(R - r.numel())]) for r in rows])
+
     def values(self, y: Tensor) -> Tensor:
         """a·y − b for every row: (N, S)."""
         return y.reshape(y.shape[0], -1).to(self.C) @ self.C.T - self.b
