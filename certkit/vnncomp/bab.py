@@ -223,28 +223,33 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
     return BabOutcome("input-split", "unsat", None, done, max_open)
 
 
+def _extra(pre: list[str], signs: list[Tensor], betas: list[Tensor], shapes: list) -> dict[str, Tensor]:
+    """The split terms β·σ added at each pre-activation node, shaped (N, S, *node shape)."""
+    return {p: (b * sg.unsqueeze(1)).reshape(*b.shape[:2], *shape)
+            for p, sg, b, shape in zip(pre, signs, betas, shapes) if bool((sg != 0).any())}
+
+
 def _optimise(bm: BoundedModel, spec: Spec, bounds: dict, lo: Tensor, up: Tensor, relus: list, pre: list[str],
-              signs: list[Tensor], best: Tensor, iterations: int, lr: float = 0.1) -> Tensor:
+              signs: list[Tensor], best: Tensor, iterations: int, alphas: list[Tensor], betas: list[Tensor],
+              lr: float = 0.1) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """α-β-CROWN on N domains: optimise the ReLU lower slopes α ∈ [0, 1] and one multiplier β ≥ 0
     per split neuron and specification row, bounding C·y + Σ β·σ·z where σ = −1 for a neuron
     split active (z ≥ 0) and +1 for one split inactive (z ≤ 0), so every added term is ≤ 0 on
-    the domain and any α, β give a sound bound. Returns the element-wise best margins seen."""
+    the domain and any α, β give a sound bound.
+
+    ``alphas`` and ``betas`` (per ReLU, (N, S, neurons)) are the starting values, e.g. the
+    parent's optimised ones. Returns the element-wise best margins seen and the final α, β."""
     n, S = lo.shape[0], spec.num_rows
-    slopes = {}
-    for r in relus:
-        lo_r, up_r = bounds[r.inputs[0]]
-        init = r.op.default_slope(lo_r, up_r).unsqueeze(1).expand(n, S, *lo_r.shape[1:])
-        slopes[r.name] = init.clone().requires_grad_(True)
-    betas = {p: torch.zeros(n, S, sg.shape[1], dtype=lo.dtype, requires_grad=True)
-             for p, sg in zip(pre, signs) if bool((sg != 0).any())}
-    params = list(slopes.values()) + list(betas.values())
+    shapes = [bounds[p][0].shape[1:] for p in pre]
+    alphas = [a.detach().clone().requires_grad_(True) for a in alphas]
+    split = [bool((sg != 0).any()) for sg in signs]  # layers without a split keep β = 0
+    betas = [b.detach().clone().requires_grad_(s) for b, s in zip(betas, split)]
+    params = alphas + [b for b, s in zip(betas, split) if s]
     opt = torch.optim.Adam(params, lr=lr)
-    shapes = {p: bounds[p][0].shape[1:] for p in pre}
-    sign_of = dict(zip(pre, signs))
     with torch.enable_grad():
         for _ in range(iterations):
-            extra = {p: (b * sign_of[p].unsqueeze(1)).reshape(n, S, *shapes[p]) for p, b in betas.items()}
-            m, _, _ = margins(bm, spec, bounds, lo, up, lower_slopes=slopes, extra=extra)
+            slopes = {r.name: a.reshape(n, S, *shape) for r, a, shape in zip(relus, alphas, shapes)}
+            m, _, _ = margins(bm, spec, bounds, lo, up, lower_slopes=slopes, extra=_extra(pre, signs, betas, shapes))
             best = torch.maximum(best, m.detach())
             objective = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).clamp(max=1.0).sum()
             grads = torch.autograd.grad(-objective, params, allow_unused=True)
@@ -252,23 +257,25 @@ def _optimise(bm: BoundedModel, spec: Spec, bounds: dict, lo: Tensor, up: Tensor
                 a.grad = g
             opt.step()
             with torch.no_grad():
-                for a in slopes.values():
+                for a in alphas:
                     a.clamp_(0, 1)
-                for b in betas.values():
+                for b in betas:
                     b.clamp_(min=0)
-    return best
+    return best, [a.detach() for a in alphas], [b.detach() for b in betas]
 
 
 def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root: dict[str, tuple[Tensor, Tensor]],
-               confirm: Confirm, expired: Callable[[], bool], batch: int = 256,
-               max_domains: int = 200_000, iterations: int = 10, fixed_iterations: int = 50) -> BabOutcome:
+               confirm: Confirm, expired: Callable[[], bool], batch: int = 256, max_domains: int = 200_000,
+               memory: float = 4e9, iterations: int = 10, fixed_iterations: int = 50) -> BabOutcome:
     """ReLU-splitting branch and bound on the box [lower, upper] (shape (1, *input_shape)).
 
-    ``root`` holds the intervals of every node on the whole box (e.g. CROWN's); each batch of
-    children gets ``iterations`` steps of α-β-CROWN (:func:`_optimise`). A domain left open
-    with every ReLU fixed cannot be split further; on it the network is affine and the bound
-    with the best β is the exact minimum over the domain (LP duality), so it gets
-    ``fixed_iterations`` more steps before it is given up."""
+    ``root`` holds the intervals of every node on the whole box (e.g. CROWN's). A domain keeps
+    its optimised α and β; its children start from them and get ``iterations`` more steps of
+    α-β-CROWN (:func:`_optimise`), so the optimisation deepens along a branch instead of
+    restarting (as β-CROWN does). A domain left open with every ReLU fixed cannot be split
+    further; on it the network is affine and the bound with the best β is the exact minimum
+    over the domain (LP duality), so it gets ``fixed_iterations`` more steps before it is given
+    up. The open domains may take ``memory`` bytes at most (α and β dominate)."""
     relus = [n for n in bm.graph.nodes[1:] if n.op.kind == "relu"]
     if not relus:
         return BabOutcome("relu-split", "unknown", None, 0, 0, "no ReLU to split")
@@ -277,20 +284,28 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
     sizes = [math.prod(s) for s in shapes]
     offsets = [0] + list(torch.tensor(sizes).cumsum(0).tolist())
     shape = lower.shape[1:]
+    L = range(len(pre))
 
-    def bound(known: dict[str, tuple[Tensor, Tensor]], signs: list[Tensor], alive_all: Tensor,
-              iterations: int = iterations):
+    def bound(d: dict[str, Tensor], iterations: int = iterations) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Bound the domains ``d`` (stack parts): (worst live margin, corners, updated parts)."""
         # only the polytopes still alive in some domain of the batch are bounded (after the root
         # CROWN pass, about 1.3 of mnist_fc's 9 on average)
-        keep = alive_all.any(0)
-        sub, alive = spec.subset(keep), alive_all[:, keep]
+        keep = d["alive"].any(0)
+        sub, alive = spec.subset(keep), d["alive"][:, keep]
+        rows = keep[spec.group]
         n = alive.shape[0]
         lo_x, up_x = lower.expand(n, *shape), upper.expand(n, *shape)
+        signs = [d[f"s{i}"] for i in L]
+        alphas = [d[f"a{i}"][:, rows].to(lower.dtype) for i in L]
+        betas = [d[f"b{i}"][:, rows].to(lower.dtype) for i in L]
         with torch.no_grad():
-            bounds = bm.intervals(lo_x, up_x, "ibp", known=known)
-            m, A, rec = margins(bm, sub, bounds, lo_x, up_x)
+            bounds = bm.intervals(lo_x, up_x, "ibp", known={p: (d[f"l{i}"], d[f"u{i}"]) for i, p in zip(L, pre)})
+            slopes = {r.name: a.reshape(n, sub.num_rows, *shapes[i]) for i, r, a in zip(L, relus, alphas)}
+            m, A, rec = margins(bm, sub, bounds, lo_x, up_x, lower_slopes=slopes,
+                                extra=_extra(pre, signs, betas, shapes))
         if iterations > 0 and not bool((m > 0).all()):
-            m = _optimise(bm, sub, bounds, lo_x, up_x, relus, pre, signs, m, iterations)
+            m, alphas, betas = _optimise(bm, sub, bounds, lo_x, up_x, relus, pre, signs, m, iterations,
+                                         alphas, betas)
         empty = torch.zeros(n, dtype=torch.bool)
         for p in pre:  # a split that contradicts the others leaves an empty domain: refuted
             lo, up = bounds[p]
@@ -305,28 +320,34 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
             coef = (rec[r.name].reshape(n, sub.num_rows, -1).abs() * w.unsqueeze(-1)).sum(1) \
                 if r.name in rec else torch.zeros_like(lo)
             scores.append(torch.where(unstable, coef * intercept + 1e-12, torch.zeros_like(lo)))
-        corners = _corners(sub, A, m, alive, lo_x, up_x)
-        alive_all = torch.zeros_like(alive_all).index_copy(1, keep.nonzero().squeeze(1), alive)
-        return _open_score(m, alive), alive_all, torch.cat(scores, 1), corners, {p: bounds[p] for p in pre}
+        scores = torch.cat(scores, 1)
+        out = {"alive": torch.zeros_like(d["alive"]).index_copy(1, keep.nonzero().squeeze(1), alive),
+               "choice": scores.argmax(1), "has_split": scores.max(1).values > 0}
+        for i, p in zip(L, pre):
+            out[f"l{i}"], out[f"u{i}"] = bounds[p]
+            out[f"s{i}"] = signs[i]
+            for key, new in ((f"a{i}", alphas[i]), (f"b{i}", betas[i])):
+                out[key] = d[key].clone()
+                out[key][:, rows] = new.to(out[key].dtype)
+        return _open_score(m, alive), _corners(sub, A, m, alive, lo_x, up_x), out
 
-    alive0 = torch.ones(1, spec.num_groups, dtype=torch.bool)
-    signs0 = [torch.zeros(1, size, dtype=lower.dtype) for size in sizes]
-    score, alive, scores, corners, known = bound({p: root[p] for p in pre}, signs0, alive0)
+    S = spec.num_rows
+    d0 = {"alive": torch.ones(1, spec.num_groups, dtype=torch.bool)}
+    for i, (r, p) in enumerate(zip(relus, pre)):
+        d0[f"l{i}"], d0[f"u{i}"] = root[p]
+        d0[f"s{i}"] = torch.zeros(1, sizes[i], dtype=lower.dtype)
+        d0[f"a{i}"] = r.op.default_slope(*root[p]).reshape(1, 1, -1).expand(1, S, -1).float()
+        d0[f"b{i}"] = torch.zeros(1, S, sizes[i])
+    score, corners, d0 = bound(d0)
     found = confirm(corners.reshape(-1, *shape))
     if found is not None:
         return BabOutcome("relu-split", "sat", found, 1)
     if score.item() > 0:
         return BabOutcome("relu-split", "unsat", None, 1)
+    per_domain = sum(v[0].numel() * v.element_size() for v in d0.values())
+    max_domains = min(max_domains, int(memory // per_domain))
     stack = _Stack()
-
-    def push(known, signs, alive, scores):
-        items = {"alive": alive, "choice": scores.argmax(1), "has_split": scores.max(1).values > 0}
-        for i, p in enumerate(pre):
-            items[f"l{i}"], items[f"u{i}"] = known[p]
-            items[f"s{i}"] = signs[i]
-        stack.push(items)
-
-    push(known, signs0, alive, scores)
+    stack.push(d0)
     done, max_open, stuck = 1, 1, 0
     while len(stack):
         if expired():
@@ -336,9 +357,9 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
         d = stack.pop(max(1, batch // 2))
         if not bool(d["has_split"].all()):  # every ReLU fixed and still open: optimise β longer
             f = {k: v[~d["has_split"]] for k, v in d.items()}
-            known = {p: (f[f"l{i}"], f[f"u{i}"]) for i, p in enumerate(pre)}
-            score, _, _, corners, _ = bound(known, [f[f"s{i}"] for i in range(len(pre))], f["alive"],
-                                            fixed_iterations)
+            # from β = 0: on the random networks of the tests the inherited β stalled where a fresh start did not
+            f.update({f"b{i}": torch.zeros_like(f[f"b{i}"]) for i in L})
+            score, corners, _ = bound(f, fixed_iterations)
             left = score <= 0
             found = confirm(corners[left].reshape(-1, *shape)) if bool(left.any()) else None
             if found is not None:
@@ -349,28 +370,25 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
                 continue
         n = d["alive"].shape[0]
         choice = d["choice"]
-        known, signs = {}, []
-        for i, p in enumerate(pre):
-            lo = torch.cat([d[f"l{i}"], d[f"l{i}"]]).reshape(2 * n, -1)  # first n: active, last n: inactive
-            up = torch.cat([d[f"u{i}"], d[f"u{i}"]]).reshape(2 * n, -1)
-            sg = torch.cat([d[f"s{i}"], d[f"s{i}"]])
+        children = {k: torch.cat([v, v]) for k, v in d.items()}  # first n: active, last n: inactive
+        for i in L:
+            lo = children[f"l{i}"].reshape(2 * n, -1)
+            up = children[f"u{i}"].reshape(2 * n, -1)
+            sg = children[f"s{i}"]
             local = choice - offsets[i]
             mine = ((local >= 0) & (local < sizes[i])).nonzero().squeeze(1)
             lo[mine, local[mine]] = 0.0
             up[mine + n, local[mine]] = 0.0
             sg[mine, local[mine]] = -1.0
             sg[mine + n, local[mine]] = 1.0
-            known[p] = (lo.reshape(2 * n, *shapes[i]), up.reshape(2 * n, *shapes[i]))
-            signs.append(sg)
-        score, alive, scores, corners, new_known = bound(known, signs, torch.cat([d["alive"], d["alive"]]))
+        score, corners, children = bound(children)
         done += 2 * n
         open_ = score <= 0
         if bool(open_.any()):
             found = confirm(corners[open_].reshape(-1, *shape))
             if found is not None:
                 return BabOutcome("relu-split", "sat", found, done, max_open)
-            push({p: (lo[open_], up[open_]) for p, (lo, up) in new_known.items()}, [sg[open_] for sg in signs],
-                 alive[open_], scores[open_])
+            stack.push({k: v[open_] for k, v in children.items()})
         max_open = max(max_open, len(stack))
     if stuck:
         return BabOutcome("relu-split", "unknown", None, done, max_open,
