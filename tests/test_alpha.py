@@ -65,9 +65,9 @@ def test_alpha_slopes_receive_gradient_at_default_values():
     bounds = bm.intervals(lo, up, "crown")
     relu = next(n for n in bm.graph.nodes if n.op is not None and n.op.kind == "relu")
     pre_lo, pre_up = bounds[relu.inputs[0]]
-    slopes = {relu.name: relu.op.default_slope(pre_lo, pre_up).unsqueeze(1).expand(1, 2, 8).clone()
+    slopes = {relu.name: relu.op.default_alpha(pre_lo, pre_up).unsqueeze(1).expand(1, 2, 8).clone()
               .requires_grad_(True)}
-    lb, _ = bm.spec_bounds(bounds, None, "crown", bound_upper=False, intersect=False, lower_slopes=slopes)
+    lb, _ = bm.spec_bounds(bounds, None, "crown", bound_upper=False, intersect=False, alphas=slopes)
     lb.sum().backward()
     assert slopes[relu.name].grad.abs().sum() > 0
 

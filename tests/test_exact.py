@@ -230,7 +230,7 @@ def test_hand_crown_ibp_and_crown_refinement():
     assert [t.item() for t in bm.intervals(lo, up, "crown")[g]] == [-1.0, 0.0]
 
 
-def test_hand_relu_lower_slope_zero_and_alpha():
+def test_hand_relu_alpha_zero_and_alpha():
     # x in [-3, 1];  h = (x, x);  o = 2 relu(x) - relu(x)  (= relu(x), true range [0, 1]).
     bm = BoundedModel(relu_net(([[1], [1]], [0, 0]), ([[2, -1]], [0])))
     box = ([-3.0], [1.0])
@@ -245,8 +245,8 @@ def test_hand_relu_lower_slope_zero_and_alpha():
     #   ub: -o >= -(x + 3)/2 + x = x/2 - 3/2 >= -3 (x = -3): o <= 3.
     relu = next(n.name for n in bm.graph.nodes if n.op is not None and n.op.kind == "relu")
     ones = {relu: torch.ones(1, 2, 2)}  # (batch, specs: lower and upper rows, neurons)
-    assert bounds(bm, *box, "crown", intersect=False, lower_slopes=ones) == (-6.0, 3.0)
-    assert bounds(bm, *box, "crown", lower_slopes=ones) == (-1.0, 2.0)
+    assert bounds(bm, *box, "crown", intersect=False, alphas=ones) == (-6.0, 3.0)
+    assert bounds(bm, *box, "crown", alphas=ones) == (-1.0, 2.0)
 
 
 # ------------------------------------------------------------------------ ordering

@@ -42,9 +42,11 @@ def s_boxes(gen: torch.Generator, n: int = 3000) -> tuple[torch.Tensor, torch.Te
     return torch.cat([centre - width / 2, fixed[:, 0]]), torch.cat([centre + width / 2, fixed[:, 1]])
 
 
-def check_lines(op: ops.SShaped, lo: torch.Tensor, up: torch.Tensor, points: int = 401) -> tuple[torch.Tensor, ...]:
-    """The relaxation lines against fn on a dense grid of each [lo, up], in float64 and in float32."""
-    a_l, b_l, a_u, b_u = op.relax(lo, up)
+def check_lines(op: ops.SShaped, lo: torch.Tensor, up: torch.Tensor, points: int = 401,
+                alpha: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The relaxation lines (tangent points ``alpha``) against fn on a dense grid of each [lo, up],
+    in float64 and in float32."""
+    a_l, b_l, a_u, b_u = op.relax(lo, up, alpha)
     assert a_l.dtype == lo.dtype and all(torch.isfinite(t).all() for t in (a_l, b_l, a_u, b_u))
     h = lo + (up - lo) * torch.linspace(0, 1, points).unsqueeze(1)
     h = torch.cat([torch.minimum(torch.maximum(h, lo), up), lo.unsqueeze(0), up.unsqueeze(0)])  # rounding
@@ -76,6 +78,25 @@ def test_sshaped_relaxation_sound_on_dense_grid(op):
 def test_sshaped_relaxation_sound_hypothesis(op, centre, width):
     lo = torch.tensor([centre - width / 2, centre - width, centre], dtype=torch.float32)
     check_lines(op, lo, torch.tensor([centre + width / 2, centre, centre + width], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("op", S_SHAPED, ids=lambda o: o.kind)
+def test_sshaped_relaxation_sound_for_every_alpha(op):
+    """α-CROWN's tangent points: any α (clamped to [0, 1]) gives sound lines, and the default α
+    gives CROWN's lines."""
+    gen = gen_of(2)
+    lo, up = s_boxes(gen)
+    for dtype in (torch.float32, torch.float64):
+        l_, u_ = lo.to(dtype), up.to(dtype)
+        for alpha in (torch.rand(*lo.shape, 2, generator=gen) * 2 - 0.5, torch.zeros(*lo.shape, 2),
+                      torch.ones(*lo.shape, 2)):
+            check_lines(op, l_, u_, alpha=alpha.to(dtype))
+        default = op.relax(l_, u_, op.default_alpha(l_, u_))
+        assert all(torch.equal(a, b) for a, b in zip(default, op.relax(l_, u_)))
+    # the tangent points move: on [1, 3] (concave) α = 0 and 1 touch fn at 1 and 3
+    lower, upper, exact = check_lines(op, torch.tensor([1.0, 1.0]), torch.tensor([3.0, 3.0]),
+                                      alpha=torch.tensor([[0.0, 0.5], [1.0, 0.5]]))
+    assert abs(upper[-2, 0] - exact[-2, 0]) < 1e-5 and abs(upper[-1, 1] - exact[-1, 1]) < 1e-5
 
 
 @pytest.mark.parametrize("op", S_SHAPED, ids=lambda o: o.kind)

@@ -378,6 +378,7 @@ REAL = [  # (family, instance index, ground truth): quick ones covering attack, 
     ("rl_benchmarks_2022", 0, "unsat"),
     ("acasxu", 19, "sat"),  # PGD over the whole box stalls at a margin of 0.0014; PGD inside sub-boxes finds it
     ("collins_rul_cnn_2022", 18, "sat"),  # 380 of its 400 inputs are fixed at values float32 cannot hold
+    ("eran_2021", 36, "unsat"),  # sigmoid 6x200: needs α-CROWN's tangent points on every layer (CROWN: −31)
 ]
 
 
@@ -391,6 +392,8 @@ def test_real_instances_get_the_ground_truth_answer(family, index, truth, vnncom
     assert res.status == truth, res.log
     if (family, index) == ("acasxu", 19):
         assert res.stage == "input-split", res.log
+    if (family, index) == ("eran_2021", 36):
+        assert res.stage == "alpha-crown", res.log
     if truth == "sat":
         y = Oracle(fam / onnx, Solver(fam / onnx).input_shape).outputs(res.x[None])[0]
         assert in_unsafe_set(read_vnnlib(fam / vnn).cases[0], y)

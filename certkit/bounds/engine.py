@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from certkit.bounds.graph import Graph, build_graph, reference_tensor
-from certkit.bounds.ops import batchnorm_of
+from certkit.bounds.ops import Activation, batchnorm_of
 from certkit.errors import InvalidInput
 
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -145,7 +145,7 @@ class BoundedModel:
         ``known`` maps node names to intervals already known to hold on this box (from a
         parent domain in branch and bound, with split neurons clamped): each node's interval
         is intersected with them before later nodes use it, so splits propagate forward.
-        With ``alpha_iterations`` > 0 every CROWN refinement optimises its own ReLU slopes
+        With ``alpha_iterations`` > 0 every CROWN refinement optimises its own activation α
         (α-CROWN for intermediate bounds: tighter, about that many times slower, and without
         gradients) until ``expired()`` says time is up; later nodes get plain CROWN.
         Train-mode batch norms use the statistics of the last ``forward``."""
@@ -176,7 +176,7 @@ class BoundedModel:
         if idx.numel() == 0:
             return lo, up
         widest = max(math.prod(self.graph.by_name[a.name].shape) for a in self._ancestors_of(name))
-        # α's slopes, their gradients and Adam's two moments live beside the coefficients
+        # α, its gradients and Adam's two moments live beside the coefficients
         chunk = max(1, _BACKWARD_BUDGET // (2 * B * widest * (5 if alpha_iterations > 0 else 1)))
         lf, uf = lf.clone(), uf.clone()
         n_flat = lf.shape[1]
@@ -186,7 +186,7 @@ class BoundedModel:
             eye[torch.arange(k, device=lo.device), part] = 1
             A = torch.cat([eye, -eye]).expand(B, 2 * k, n_flat).reshape(B, 2 * k, *shape)
             lb = self._backward(name, A, bounds, stop_at_nonlinear=False)
-            lb = self._optimise_slopes(name, A, bounds, lb, alpha_iterations)
+            lb = self._optimise_alphas(name, A, bounds, lb, alpha_iterations)
             lf[:, part] = torch.maximum(lf[:, part], lb[:, :k])
             uf[:, part] = torch.minimum(uf[:, part], -lb[:, k:])
         return lf.reshape(lo.shape), uf.reshape(up.shape)
@@ -197,7 +197,7 @@ class BoundedModel:
         return self._ancestors[name]
 
     def _backward(self, start: str, A: Tensor, bounds: dict[str, Interval], stop_at_nonlinear: bool,
-                  lower_slopes: dict[str, Tensor] | None = None, record: dict[str, Tensor] | None = None,
+                  alphas: dict[str, Tensor] | None = None, record: dict[str, Tensor] | None = None,
                   extra: dict[str, Tensor] | None = None) -> Tensor:
         """Lower bound (B, S) of A·node[start] by backward linear propagation.
 
@@ -222,8 +222,8 @@ class BoundedModel:
                 lb = lb + concretize(A_n, bounds[node.name])
                 continue
             kw = {}
-            if lower_slopes is not None and node.name in lower_slopes:
-                kw["lower_slope"] = lower_slopes[node.name]
+            if alphas is not None and node.name in alphas:
+                kw["alpha"] = alphas[node.name]
             A_ins, bias = node.op.backward(A_n, [bounds[i] for i in node.inputs], **kw)
             if bias is not None:
                 lb = lb + bias
@@ -233,7 +233,7 @@ class BoundedModel:
 
     def compute_bounds(self, lower: Tensor, upper: Tensor, method: str = "crown", C: Tensor | None = None,
                        bound_upper: bool = True, x: Tensor | None = None, intersect: bool = True,
-                       lower_slopes: dict[str, Tensor] | None = None,
+                       alphas: dict[str, Tensor] | None = None,
                        reuse_stats: bool = False) -> tuple[Tensor, Tensor | None]:
         """Bounds (lb, ub) of the outputs (B, K), or of C·output (B, S) when C (B, S, K) is given.
 
@@ -242,7 +242,8 @@ class BoundedModel:
         with ``reuse_stats`` they use the statistics recorded by the last ``forward`` instead
         (the training loop's clean pass of the same step).
         ``intersect`` takes the better of the CROWN and IBP final bounds.
-        ``lower_slopes`` maps ReLU node names to lower slopes of shape (B, S, *shape) for
+        ``alphas`` maps activation node names to their relaxations' α, shaped (B, S, *shape)
+        for ReLU (lower slopes) and (B, S, *shape, 2) for S-shaped ones (tangent points), for
         the final pass (α-CROWN). ``ub`` is None when ``bound_upper`` is False.
         """
         if method not in METHODS:
@@ -255,20 +256,20 @@ class BoundedModel:
         with no_tf32():
             if self.has_train_bn and not reuse_stats:
                 self.forward((lower + upper) / 2 if x is None else x)
-            return self._compute(lower, upper, method, C, bound_upper, intersect, lower_slopes)
+            return self._compute(lower, upper, method, C, bound_upper, intersect, alphas)
 
-    def _compute(self, lower, upper, method, C, bound_upper, intersect, lower_slopes):
+    def _compute(self, lower, upper, method, C, bound_upper, intersect, alphas):
         if method == "alpha-crown":
             with torch.no_grad():
                 bounds = self.intervals(lower, upper, "crown")
             return self.alpha_crown(bounds, C, bound_upper)
         bounds = self.intervals(lower, upper, method)
-        return self.spec_bounds(bounds, C, method, bound_upper, intersect, lower_slopes)
+        return self.spec_bounds(bounds, C, method, bound_upper, intersect, alphas)
 
     def alpha_crown(self, bounds: dict[str, Interval], C: Tensor | None, bound_upper: bool = True,
                     iterations: int = 20, lr: float = 0.1) -> tuple[Tensor, Tensor | None]:
-        """α-CROWN: optimise the lower slopes of the ReLUs in the final backward pass
-        (:meth:`_optimise_slopes`); the result is never worse than CROWN intersected with IBP.
+        """α-CROWN: optimise the activations' relaxations (α) in the final backward pass
+        (:meth:`_optimise_alphas`); the result is never worse than CROWN intersected with IBP.
         The intermediate bounds are those given (see ``intervals(..., alpha_iterations=)``)."""
         with torch.no_grad():
             best_lb, best_ub = self.spec_bounds(bounds, C, "crown", bound_upper)
@@ -282,33 +283,33 @@ class BoundedModel:
         C = C.to(lower)
         A = (torch.cat([C, -C], 1) if bound_upper else C).reshape(B, -1, *out_shape)
         best = torch.cat([best_lb, -best_ub], 1) if bound_upper else best_lb
-        best = self._optimise_slopes(self.graph.output, A, bounds, best, iterations, lr)
+        best = self._optimise_alphas(self.graph.output, A, bounds, best, iterations, lr)
         k = best_lb.shape[1]
         return best[:, :k], (-best[:, k:] if bound_upper else None)
 
-    def _optimise_slopes(self, start: str, A: Tensor, bounds: dict[str, Interval], best: Tensor,
+    def _optimise_alphas(self, start: str, A: Tensor, bounds: dict[str, Interval], best: Tensor,
                          iterations: int, lr: float = 0.1) -> Tensor:
         """Lower bounds (B, S) of A·node[start], each the best of ``best`` and of CROWN passes whose
-        ReLU lower slopes (one per ReLU neuron and row of A) follow projected Adam, clamped to
-        [0, 1], maximising their sum (α-CROWN). Every slope in [0, 1] gives a sound bound, so
-        every iterate is valid. The slopes start at CROWN's adaptive choice."""
+        activation relaxations α (ReLU lower slopes, sigmoid and tanh tangent points; one per
+        neuron and row of A) follow projected Adam, clamped to [0, 1], maximising their sum
+        (α-CROWN). Every α in [0, 1] gives a sound bound, so every iterate is valid. α starts at
+        CROWN's choice."""
         if iterations <= 0:  # the common case, on the hot path of every CROWN refinement
             return best
-        relus = [n for n in self._ancestors_of(start) if n.op is not None and n.op.kind == "relu"]
-        if not relus:
+        acts = [n for n in self._ancestors_of(start) if isinstance(n.op, Activation)]
+        if not acts:
             return best
         bounds = {k: (lo.detach(), up.detach()) for k, (lo, up) in bounds.items()}
         B, S = A.shape[:2]
         slopes = {}
-        for n in relus:
-            lo, up = bounds[n.inputs[0]]
-            init = n.op.default_slope(lo, up).unsqueeze(1).expand(B, S, *lo.shape[1:])
-            slopes[n.name] = init.clone().requires_grad_(True)
+        for n in acts:
+            init = n.op.default_alpha(*bounds[n.inputs[0]])
+            slopes[n.name] = init.unsqueeze(1).expand(B, S, *init.shape[1:]).clone().requires_grad_(True)
         opt = torch.optim.Adam(slopes.values(), lr=lr)
         best = best.detach().clone()
         with torch.enable_grad():
             for _ in range(iterations):
-                cur = self._backward(start, A, bounds, stop_at_nonlinear=False, lower_slopes=slopes)
+                cur = self._backward(start, A, bounds, stop_at_nonlinear=False, alphas=slopes)
                 best = torch.maximum(best, torch.nan_to_num(cur.detach(), nan=-math.inf))
                 # gradients for the slopes only: never into the model (or train-mode BN statistics)
                 grads = torch.autograd.grad(-cur.sum(), list(slopes.values()))
@@ -321,7 +322,7 @@ class BoundedModel:
         return best
 
     def spec_bounds(self, bounds: dict[str, Interval], C: Tensor | None, method: str, bound_upper: bool = True,
-                    intersect: bool = True, lower_slopes: dict[str, Tensor] | None = None,
+                    intersect: bool = True, alphas: dict[str, Tensor] | None = None,
                     record: dict[str, Tensor] | None = None, extra: dict[str, Tensor] | None = None
                     ) -> tuple[Tensor, Tensor | None]:
         """The final pass: bounds of C·output given the node intervals from :meth:`intervals`.
@@ -349,7 +350,7 @@ class BoundedModel:
         if method == "ibp" or intersect:
             lb = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=True)
         if method != "ibp":
-            crown = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=False, lower_slopes=lower_slopes,
+            crown = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=False, alphas=alphas,
                                    record=record, extra=extra)
             lb = crown if lb is None else torch.maximum(lb, crown)
         return lb[:, :S], (-lb[:, S:] if bound_upper else None)

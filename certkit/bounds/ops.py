@@ -43,8 +43,11 @@ def _sum_to(A: Tensor, shape: Sequence[int]) -> Tensor:
 
 
 def _batched_dot(A: Tensor, v: Tensor) -> Tensor:
-    """Σ over one sample's elements of A (B, S, *shape) times v (B or 1, 1, *shape): (B, S)."""
+    """Σ over one sample's elements of A (B, S, *shape) times v (B or 1, 1 or S, *shape): (B, S)
+    (v has S rows when α-CROWN gives each row its own relaxation)."""
     B, S = A.shape[:2]
+    if v.shape[1] != 1:
+        return (A * v).flatten(2).sum(-1)
     v = v.expand(B, 1, *v.shape[2:]).reshape(B, -1, 1)
     return torch.bmm(A.reshape(B, S, -1), v).squeeze(-1)
 
@@ -447,11 +450,19 @@ class Sub(Add):
 # ----------------------------------------------------------------------- nonlinear
 
 
+def _clamp01(alpha: Tensor) -> Tensor:
+    """α clamped to [0, 1] (sound) with the gradient passed straight through (clamp's is 0 at
+    0 and 1, where an optimiser would stick)."""
+    return alpha + (alpha.clamp(0, 1) - alpha).detach()
+
+
 class Activation(Monotone):
     """An element-wise nonlinearity bounded by two lines per neuron.
 
-    Subclasses give a monotone ``fn`` and ``relax(l, u) -> (a_l, b_l, a_u, b_u)`` with
-    ``a_l h + b_l <= fn(h) <= a_u h + b_u`` for all h in [l, u].
+    Subclasses give a monotone ``fn`` and ``relax(l, u, alpha) -> (a_l, b_l, a_u, b_u)`` with
+    ``a_l h + b_l <= fn(h) <= a_u h + b_u`` for all h in [l, u]. ``alpha`` (any values: they are
+    clamped to [0, 1]) chooses among sound lines, per neuron and specification row; α-CROWN
+    optimises it, starting from ``default_alpha(l, u)``, CROWN's choice.
     """
 
     def fn(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -460,12 +471,16 @@ class Activation(Monotone):
     def forward(self, x):
         return self.fn(x)
 
-    def relax(self, lo: Tensor, up: Tensor, lower_slope: Tensor | None = None):
+    @staticmethod
+    def default_alpha(lo: Tensor, up: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def relax(self, lo: Tensor, up: Tensor, alpha: Tensor | None = None):
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def backward(self, A, in_bounds, lower_slope: Tensor | None = None, **kw):
+    def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
         lo, up = in_bounds[0]
-        a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), lower_slope)
+        a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), alpha)
         positive = A >= 0  # positive coefficients take the lower line, negative the upper line
         A_in = A * torch.where(positive, a_l, a_u)
         bias = _batched_dot(A.clamp(max=0), b_u)
@@ -478,7 +493,7 @@ class ReLU(Activation):
     """ReLU with CROWN's triangle relaxation.
 
     Unstable neurons (l < 0 < u): upper line u/(u-l)·(h - l); lower line a·h with a in
-    [0, 1]: the adaptive choice (1 if u >= -l else 0) unless ``lower_slope`` gives a
+    [0, 1]: the adaptive choice (1 if u >= -l else 0) unless ``alpha`` gives a
     (α-CROWN optimises it). Stable neurons are exact.
     """
 
@@ -488,19 +503,16 @@ class ReLU(Activation):
         return torch.relu(x)
 
     @staticmethod
-    def default_slope(lo: Tensor, up: Tensor) -> Tensor:
+    def default_alpha(lo: Tensor, up: Tensor) -> Tensor:
         return (up >= -lo).to(lo.dtype)
 
-    def relax(self, lo, up, lower_slope=None):
+    def relax(self, lo, up, alpha=None):
         active = lo >= 0
         unstable = (lo < 0) & (up > 0)
         denom = torch.where(unstable, up - lo, torch.ones_like(up))
         a_u = torch.where(unstable, up / denom, active.to(up.dtype))
         b_u = torch.where(unstable, -a_u * lo, torch.zeros_like(lo))
-        if lower_slope is None:
-            slope = self.default_slope(lo, up)
-        else:  # clamped to [0, 1] (sound), gradient passed straight through (clamp's is 0 at 0 and 1)
-            slope = lower_slope + (lower_slope.clamp(0, 1) - lower_slope).detach()
+        slope = self.default_alpha(lo, up) if alpha is None else _clamp01(alpha)
         a_l = torch.where(unstable, slope, active.to(lo.dtype))
         return a_l, None, a_u, b_u
 
@@ -514,7 +526,11 @@ class SShaped(Activation):
     or l < 0 < u with chord slope <= f'(u)), the tangent at the midpoint when l >= 0,
     otherwise the tangent at the point d in [0, u] whose tangent passes through (l, f(l)),
     found by bisection and rounded up (a tangent at any d' >= d stays above f). The lower
-    line is the upper line of the reflected function on [-u, -l]. Narrow intervals
+    line is the upper line of the reflected function on [-u, -l]. α = (t_upper, t_lower)
+    (last dimension) moves the tangent points where a tangent is used: to l + t·(u − l) when
+    l >= 0 (f is concave there, every tangent lies above it) and to d + t·(u − d) when the
+    interval straddles 0 (φ(x) = f(x) + f'(x)(l − x) − f(l) increases on x > 0, so the
+    tangent at any point past d still passes above (l, f(l)), and above f on [l, u]). Narrow intervals
     (float rounding would dominate a chord) take the slope f'(midpoint) through the worst
     end points, sound by monotonicity alone. Lines are computed in float64 and loosened by
     a few units of rounding of the caller's dtype so they stay sound after the cast.
@@ -526,8 +542,16 @@ class SShaped(Activation):
     def deriv(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _upper(self, lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-        """(slope, intercept) of a line above f on [lo, up] (float64 tensors, lo <= up)."""
+    @staticmethod
+    def default_alpha(lo: Tensor, up: Tensor) -> Tensor:
+        """CROWN's tangent points: the midpoint when l >= 0 (t = 1/2), d when l < 0 (t = 0);
+        for the lower line the same on the reflected interval [-u, -l]."""
+        half = torch.full_like(lo, 0.5)
+        return torch.stack([torch.where(lo >= 0, half, 0 * half), torch.where(up <= 0, half, 0 * half)], -1)
+
+    def _upper(self, lo: Tensor, up: Tensor, t: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(slope, intercept) of a line above f on [lo, up] (float64 tensors, lo <= up), with
+        tangent positions ``t`` in [0, 1] (see the class; None: CROWN's)."""
         f, df = self.fn, self.deriv
         f_lo, f_up = f(lo), f(up)
         width = up - lo
@@ -541,7 +565,10 @@ class SShaped(Activation):
                 mid = (a + b) / 2
                 ok = f(mid) + df(mid) * (lo - mid) >= f_lo
                 a, b = torch.where(ok, a, mid), torch.where(ok, mid, b)
-        d = torch.where(straddle, b, (lo + up) / 2)  # l >= 0: the midpoint's tangent
+        if t is None:
+            d = torch.where(straddle, b, (lo + up) / 2)  # l >= 0: the midpoint's tangent
+        else:
+            d = torch.where(straddle, b + t * (up - b), lo + t * (up - lo))
         tan_slope = df(d)
         slope = torch.where(use_chord, chord, tan_slope)
         icpt = torch.where(use_chord, f_lo - chord * lo, f(d) - tan_slope * d)
@@ -556,11 +583,14 @@ class SShaped(Activation):
         eps = 4 * torch.finfo(lo.dtype).eps
         return lo - eps * lo.abs(), up + eps * up.abs()
 
-    def relax(self, lo, up, lower_slope=None):
+    def relax(self, lo, up, alpha=None):
         dtype = lo.dtype
         lo64, up64 = lo.double(), up.double()
-        a_u, b_u = self._upper(lo64, up64)
-        a_l, b_l = self._upper(-up64, -lo64)  # f(h) = c - f(-h) >= c - (a·(-h) + b)
+        t_u = t_l = None
+        if alpha is not None:
+            t_u, t_l = _clamp01(alpha.double()).unbind(-1)
+        a_u, b_u = self._upper(lo64, up64, t_u)
+        a_l, b_l = self._upper(-up64, -lo64, t_l)  # f(h) = c - f(-h) >= c - (a·(-h) + b)
         b_l = self.centre_sum - b_l
         # rounding allowance for the cast back and for evaluating the lines in ``dtype``
         scale = 8 * torch.finfo(dtype).eps

@@ -77,7 +77,7 @@ class _Stack:
 
 
 def margins(bm: BoundedModel, spec: Spec, bounds: dict[str, tuple[Tensor, Tensor]], lo: Tensor, up: Tensor,
-            lower_slopes: dict[str, Tensor] | None = None, extra: dict[str, Tensor] | None = None
+            alphas: dict[str, Tensor] | None = None, extra: dict[str, Tensor] | None = None
             ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """One CROWN pass over N domains (node intervals ``bounds``, input box [lo, up]).
 
@@ -86,7 +86,7 @@ def margins(bm: BoundedModel, spec: Spec, bounds: dict[str, tuple[Tensor, Tensor
     n = lo.shape[0]
     rec: dict[str, Tensor] = {}
     lb, _ = bm.spec_bounds(bounds, spec.batch_C(n), "crown", bound_upper=False, intersect=False,
-                           lower_slopes=lower_slopes, record=rec, extra=extra)
+                           alphas=alphas, record=rec, extra=extra)
     lo_f, up_f = lo.reshape(n, -1), up.reshape(n, -1)
     A = rec[bm.graph.input.name].reshape(n, spec.num_rows, -1)
     c = lb - torch.minimum(A * lo_f.unsqueeze(1), A * up_f.unsqueeze(1)).sum(-1)
@@ -249,7 +249,7 @@ def _optimise(bm: BoundedModel, spec: Spec, bounds: dict, lo: Tensor, up: Tensor
     with torch.enable_grad():
         for _ in range(iterations):
             slopes = {r.name: a.reshape(n, S, *shape) for r, a, shape in zip(relus, alphas, shapes)}
-            m, _, _ = margins(bm, spec, bounds, lo, up, lower_slopes=slopes, extra=_extra(pre, signs, betas, shapes))
+            m, _, _ = margins(bm, spec, bounds, lo, up, alphas=slopes, extra=_extra(pre, signs, betas, shapes))
             best = torch.maximum(best, m.detach())
             objective = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).clamp(max=1.0).sum()
             grads = torch.autograd.grad(-objective, params, allow_unused=True)
@@ -301,7 +301,7 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
         with torch.no_grad():
             bounds = bm.intervals(lo_x, up_x, "ibp", known={p: (d[f"l{i}"], d[f"u{i}"]) for i, p in zip(L, pre)})
             slopes = {r.name: a.reshape(n, sub.num_rows, *shapes[i]) for i, r, a in zip(L, relus, alphas)}
-            m, A, rec = margins(bm, sub, bounds, lo_x, up_x, lower_slopes=slopes,
+            m, A, rec = margins(bm, sub, bounds, lo_x, up_x, alphas=slopes,
                                 extra=_extra(pre, signs, betas, shapes))
         if iterations > 0 and not bool((m > 0).all()):
             m, alphas, betas = _optimise(bm, sub, bounds, lo_x, up_x, relus, pre, signs, m, iterations,
@@ -336,7 +336,7 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
     for i, (r, p) in enumerate(zip(relus, pre)):
         d0[f"l{i}"], d0[f"u{i}"] = root[p]
         d0[f"s{i}"] = torch.zeros(1, sizes[i], dtype=lower.dtype)
-        d0[f"a{i}"] = r.op.default_slope(*root[p]).reshape(1, 1, -1).expand(1, S, -1).float()
+        d0[f"a{i}"] = r.op.default_alpha(*root[p]).reshape(1, 1, -1).expand(1, S, -1).float()
         d0[f"b{i}"] = torch.zeros(1, S, sizes[i])
     score, corners, d0 = bound(d0)
     found = confirm(corners.reshape(-1, *shape))

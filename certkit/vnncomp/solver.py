@@ -206,11 +206,12 @@ class Solver:
                 return SolveResult("sat", *found, stage="attack", log=result.log)
             if deadline.expired():
                 return SolveResult("timeout", log=result.log)
-        open_cases = []
+        open_cases, root_stage = [], "crown"
         for i, (case, spec) in enumerate(zip(prop.cases, specs)):
             refuted, method, bounds = self.root_bounds(case, spec, deadline)
             if refuted:
                 note(f"case {i}: refuted by {method}")
+                root_stage = method if method == "alpha-crown" else root_stage
             else:
                 open_cases.append((i, case, spec, bounds))
             if deadline.expired():
@@ -230,7 +231,7 @@ class Solver:
                 unresolved = True
         if unresolved:
             return SolveResult("unknown", log=result.log)
-        return SolveResult("unsat", stage=stage if open_cases else "crown", log=result.log)
+        return SolveResult("unsat", stage=stage if open_cases else root_stage, log=result.log)
 
     def branch_and_bound(self, case: Case, spec: Spec, bounds: dict, deadline: Deadline) -> BabOutcome:
         lo, up = self._box(case)
