@@ -20,8 +20,9 @@ the stack grows past ``max_domains``.
   intervals of every ReLU, with the split neurons clamped to l ≥ 0 (active) or u ≤ 0
   (inactive). Children are bounded by IBP intersected with the parent's intervals
   (so a split propagates to later layers) and then α-β-CROWN (:func:`_optimise`: ReLU
-  slopes and Lagrange multipliers of the split constraints, a few Adam steps per batch);
-  an empty domain (some l > u) is refuted. The neuron to split has the largest
+  slopes and Lagrange multipliers of the split constraints, a few Adam steps per batch,
+  continuing from the parent's values); an empty domain (some l > u) is refuted. Only the
+  polytopes still alive in some domain of a batch are bounded. The neuron to split has the largest
   |coefficient| × triangle intercept −l·u/(u−l) in the CROWN pass (BaBSR's score).
   Every domain's CROWN minimisers (box corners picked by the input coefficients) are
   tried as a counterexample.
@@ -372,8 +373,8 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
         choice = d["choice"]
         children = {k: torch.cat([v, v]) for k, v in d.items()}  # first n: active, last n: inactive
         for i in L:
-            lo = children[f"l{i}"].reshape(2 * n, -1)
-            up = children[f"u{i}"].reshape(2 * n, -1)
+            lo = children[f"l{i}"].view(2 * n, -1)  # views: the writes below land in the children
+            up = children[f"u{i}"].view(2 * n, -1)
             sg = children[f"s{i}"]
             local = choice - offsets[i]
             mine = ((local >= 0) & (local < sizes[i])).nonzero().squeeze(1)
