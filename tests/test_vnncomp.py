@@ -147,6 +147,55 @@ def test_branch_and_bound_agrees_with_an_exhaustive_grid(mode, tmp_path):
     assert decided >= len(answers) - (1 if splits_inputs else 2), answers
 
 
+def test_float32_alpha_beta_steps_return_only_float64_margins():
+    """α-β-CROWN's steps on a float32 copy: the margins handed back are those a float64 pass of
+    the kept α and β gives (or the starting ones), never a float32 value, and they are below
+    the true minimum found by sampling each domain."""
+    import copy
+
+    from certkit.bounds import BoundedModel
+    from certkit.vnncomp.bab import _extra, _optimise, margins
+
+    model = _mlp(4, n_in=3, hidden=(16, 16), n_out=2)
+    bm = BoundedModel(copy.deepcopy(model)).to(torch.float64)
+    polytope = (np.array([[1.0, -1.0], [-1.0, 0.5]]), np.array([-2.0, 0.0]))
+    spec = Spec.from_case(Case(-np.ones(3), np.ones(3), [polytope]))
+    lo, up = -torch.ones(2, 3, dtype=torch.float64), torch.ones(2, 3, dtype=torch.float64)
+    up[1, 0] = 0.0  # two domains: the whole box and its half x0 ≤ 0
+    bounds = bm.intervals(lo, up, "crown")
+    fast = copy.deepcopy(bm).to(torch.float32)  # as relu_split makes it
+    relus = [n for n in bm.graph.nodes[1:] if n.op.kind == "relu"]
+    pre = [n.inputs[0] for n in relus]
+    sizes = [bounds[p][0][0].numel() for p in pre]
+    signs = [torch.zeros(2, k, dtype=torch.float64) for k in sizes]
+    signs[0][:, 0] = -1.0  # neuron 0 of the first layer split active: a β term in play
+    alphas = [r.op.default_alpha(*bounds[p]).reshape(2, 1, -1).expand(2, spec.num_rows, -1).clone()
+              for r, p in zip(relus, pre)]
+    betas = [torch.zeros(2, spec.num_rows, k, dtype=torch.float64) for k in sizes]
+    shapes = [bounds[p][0].shape[1:] for p in pre]
+
+    def start_margins():
+        return margins(bm, spec, bounds, lo, up, alphas={r.name: a for r, a in zip(relus, alphas)},
+                       extra=_extra(pre, signs, betas, shapes))[0].detach()
+
+    spec.b += float(start_margins().max()) + 0.3  # shifts every margin by the same amount: all open
+    start = start_margins()
+    assert bool((start < 0).all())
+    m, ka, kb = _optimise(bm, spec, bounds, lo, up, relus, pre, signs, start, 15, alphas, betas, fast=fast)
+    assert m.dtype == ka[0].dtype == kb[0].dtype == torch.float64
+    again = margins(bm, spec, bounds, lo, up, alphas={r.name: a for r, a in zip(relus, ka)},
+                    extra=_extra(pre, signs, kb, shapes))[0]
+    assert torch.equal(m, torch.maximum(start, again))
+    assert bool((m > start).any())  # the steps did something
+    # sound: sample each domain (respecting the split: first-layer neuron 0 active)
+    x = lo[:, None] + (up - lo)[:, None] * torch.rand(2, 20000, 3, dtype=torch.float64)
+    z = model[0](x.reshape(-1, 3).float()).double().reshape(2, -1, 16)[..., 0]
+    y = model(x.reshape(-1, 3).float()).double().reshape(2, -1, 2)
+    v = (y @ spec.C.T - spec.b).amax(-1)  # the polytope is one group: its largest row
+    v = torch.where(z >= 0, v, torch.full_like(v, torch.inf))
+    assert bool((m[:, 0] <= v.amin(1) + 1e-6).all())
+
+
 def test_relu_split_proves_what_plain_crown_cannot(tmp_path):
     """A threshold halfway between α-CROWN's root bound and the best value a strong PGD finds:
     open at the root, proved by ReLU splitting."""

@@ -96,6 +96,12 @@ class BoundedModel:
         return self
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype inputs are cast to: the network's parameters' (float32 without any)."""
+        param = reference_tensor(self.module)
+        return param.dtype if param is not None else torch.float32
+
+    @property
     def has_train_bn(self) -> bool:
         """Whether some batch norm is in train mode (and so needs clean-batch statistics)."""
         return any((bn := batchnorm_of(n.op)) is not None and bn.module.training for n in self.graph.nodes[1:])
@@ -120,8 +126,7 @@ class BoundedModel:
             raise InvalidInput(
                 f"input of shape {tuple(x.shape)} does not fit the model, which expects (batch, "
                 f"{', '.join(map(str, self.graph.input_shape))})")
-        dtype = param.dtype if param is not None else torch.float32
-        return x.to(dtype)
+        return x.to(self.dtype)
 
     # ----------------------------------------------------------------- forward
 

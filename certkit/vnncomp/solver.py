@@ -71,6 +71,7 @@ class SolverConfig:
     alpha_iterations: int = 30
     intermediate_alpha_iterations: int = 20  # ReLU splitting: α-CROWN steps per intermediate bound at the root...
     intermediate_alpha_time: float = 0.2  # ...within this share of the time left (later layers get CROWN)
+    float32_steps: bool = True  # ReLU splitting: α-β steps in float32, kept α and β checked in float64
     seed: int = 0
 
 
@@ -246,4 +247,5 @@ class Solver:
                                candidates=self.config.split_candidates, search=search,
                                reuse_parent=self.config.reuse_parent_bounds,
                                search_every=self.config.box_attack_every)
-        return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired)
+        return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired,
+                          fast_dtype=torch.float32 if self.config.float32_steps else None)

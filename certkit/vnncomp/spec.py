@@ -48,6 +48,10 @@ class Spec:
         rows = keep[self.group]
         return Spec(self.C[rows], self.b[rows], renumber[self.group[rows]], int(keep.sum()))
 
+    def to(self, dtype: torch.dtype) -> Spec:
+        """The same rows in another dtype (α-β-CROWN's steps run in float32)."""
+        return Spec(self.C.to(dtype), self.b.to(dtype), self.group, self.num_groups)
+
     def group_rows(self) -> Tensor:
         """(G, R): the rows of each polytope, R the largest polytope's row count (a smaller
         polytope repeats its first row)."""
