@@ -227,6 +227,11 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
     return BabOutcome("input-split", "unsat", None, done, max_open)
 
 
+def _slopes(relus: list, alphas: list[Tensor], shapes: list) -> dict[str, Tensor]:
+    """Each ReLU's α (N, S, neurons) shaped (N, S, *node shape), keyed by the ReLU's name."""
+    return {r.name: a.reshape(*a.shape[:2], *shape) for r, a, shape in zip(relus, alphas, shapes)}
+
+
 def _extra(pre: list[str], signs: list[Tensor], betas: list[Tensor], shapes: list) -> dict[str, Tensor]:
     """The split terms β·σ added at each pre-activation node, shaped (N, S, *node shape)."""
     return {p: (b * sg.unsqueeze(1)).reshape(*b.shape[:2], *shape)
@@ -249,7 +254,7 @@ def _optimise(bm: BoundedModel, spec: Spec, bounds: dict, lo: Tensor, up: Tensor
     α, β, from which children continue (continuing from the kept ones instead took mnist_fc
     #67 from 607 to over 180,000 domains: Adam's last steps are progress the best-so-far
     point has not made yet)."""
-    n, S = lo.shape[0], spec.num_rows
+    n = lo.shape[0]
     shapes = [bounds[p][0].shape[1:] for p in pre]
     work = fast if fast is not None else bm
     dt = work.dtype
@@ -258,24 +263,25 @@ def _optimise(bm: BoundedModel, spec: Spec, bounds: dict, lo: Tensor, up: Tensor
     alphas = [a.detach().to(dt).requires_grad_(True) for a in alphas]
     split = [bool((sg != 0).any()) for sg in signs]  # layers without a split keep β = 0
     betas = [b.detach().to(dt).requires_grad_(s) for b, s in zip(betas, split)]
-    kept_a, kept_b = [a.detach().clone() for a in alphas], [b.detach().clone() for b in betas]
+    if fast is not None:  # only the float64 check needs the α, β behind each kept margin
+        kept_a, kept_b = [a.detach().clone() for a in alphas], [b.detach().clone() for b in betas]
     kept_m = torch.nan_to_num(best, nan=-math.inf).to(dt)
     w_spec = spec.to(dt) if fast is not None else spec
     params = alphas + [b for b, s in zip(betas, split) if s]
     opt = torch.optim.Adam(params, lr=lr)
     with torch.enable_grad():
         for _ in range(iterations):
-            slopes = {r.name: a.reshape(n, S, *shape) for r, a, shape in zip(relus, alphas, shapes)}
-            m, _, _ = margins(work, w_spec, w_bounds, w_lo, w_up, alphas=slopes,
+            m, _, _ = margins(work, w_spec, w_bounds, w_lo, w_up, alphas=_slopes(relus, alphas, shapes),
                               extra=_extra(pre, w_signs, betas, shapes))
             with torch.no_grad():
                 better = m > kept_m  # NaN never counts as better
                 kept_m = torch.where(better, m, kept_m)
-                rows = better.gather(1, spec.group.expand(n, -1)).unsqueeze(-1)  # (N, S, 1)
-                for ka, a in zip(kept_a, alphas):
-                    ka.copy_(torch.where(rows, a, ka))
-                for kb, b in zip(kept_b, betas):
-                    kb.copy_(torch.where(rows, b, kb))
+                if fast is not None:
+                    rows = better.gather(1, spec.group.expand(n, -1)).unsqueeze(-1)  # (N, S, 1)
+                    for ka, a in zip(kept_a, alphas):
+                        ka.copy_(torch.where(rows, a, ka))
+                    for kb, b in zip(kept_b, betas):
+                        kb.copy_(torch.where(rows, b, kb))
             objective = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).clamp(max=1.0).sum()
             grads = torch.autograd.grad(-objective, params, allow_unused=True)
             for a, g in zip(params, grads):
@@ -290,8 +296,7 @@ def _optimise(bm: BoundedModel, spec: Spec, bounds: dict, lo: Tensor, up: Tensor
     if fast is None:
         return kept_m, final_a, final_b
     with torch.no_grad():  # the kept α, β in full precision: these margins are the sound ones
-        slopes = {r.name: a.to(lo.dtype).reshape(n, S, *shape) for r, a, shape in zip(relus, kept_a, shapes)}
-        m, _, _ = margins(bm, spec, bounds, lo, up, alphas=slopes,
+        m, _, _ = margins(bm, spec, bounds, lo, up, alphas=_slopes(relus, [a.to(lo.dtype) for a in kept_a], shapes),
                           extra=_extra(pre, signs, [b.to(lo.dtype) for b in kept_b], shapes))
     return torch.maximum(best, m), final_a, final_b
 
@@ -340,8 +345,7 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
         betas = [d[f"b{i}"][:, rows].to(lower.dtype) for i in L]
         with torch.no_grad():
             bounds = bm.intervals(lo_x, up_x, "ibp", known={p: (d[f"l{i}"], d[f"u{i}"]) for i, p in zip(L, pre)})
-            slopes = {r.name: a.reshape(n, sub.num_rows, *shapes[i]) for i, r, a in zip(L, relus, alphas)}
-            m, A, rec = margins(bm, sub, bounds, lo_x, up_x, alphas=slopes,
+            m, A, rec = margins(bm, sub, bounds, lo_x, up_x, alphas=_slopes(relus, alphas, shapes),
                                 extra=_extra(pre, signs, betas, shapes))
         if iterations > 0 and not bool((m > 0).all()):
             m, alphas, betas = _optimise(bm, sub, bounds, lo_x, up_x, relus, pre, signs, m, iterations,
