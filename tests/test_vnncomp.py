@@ -441,6 +441,7 @@ REAL = [  # (family, instance index, ground truth): quick ones covering attack, 
     ("acasxu", 23, "sat"),  # violated only in ~1% of one input's range: found by splitting the child whose best
     #                         candidate point is closest to the unsafe set first (plain depth first: timeout at 116 s)
     ("collins_rul_cnn_2022", 18, "sat"),  # 380 of its 400 inputs are fixed at values float32 cannot hold
+    ("collins_rul_cnn_2022", 20, "sat"),  # output flat at every random start: PGD from CROWN's minimiser corners
     ("eran_2021", 36, "unsat"),  # sigmoid 6x200: needs α-CROWN's tangent points on every layer (CROWN: −31)
 ]
 
@@ -457,6 +458,8 @@ def test_real_instances_get_the_ground_truth_answer(family, index, truth, vnncom
         assert res.stage == "input-split", res.log
     if (family, index) == ("eran_2021", 36):
         assert res.stage == "alpha-crown", res.log
+    if (family, index) == ("collins_rul_cnn_2022", 20):
+        assert "minimisers" in res.log[-1], res.log
     if truth == "sat":
         y = Oracle(fam / onnx, Solver(fam / onnx).input_shape).outputs(res.x[None])[0]
         assert in_unsafe_set(read_vnnlib(fam / vnn).cases[0], y)

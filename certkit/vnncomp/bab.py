@@ -105,7 +105,7 @@ def _open_score(m: Tensor, alive: Tensor) -> Tensor:
     return torch.where(alive, m, torch.full_like(m, math.inf)).min(1).values
 
 
-def _corners(spec: Spec, A: Tensor, m: Tensor, alive: Tensor, lo: Tensor, up: Tensor) -> Tensor:
+def crown_corners(spec: Spec, A: Tensor, m: Tensor, alive: Tensor, lo: Tensor, up: Tensor) -> Tensor:
     """Per domain, box corners that are cheap counterexample candidates: (N, 1 or 1 + R, D).
 
     Column 0 minimises the CROWN bound of the summed rows of the worst live polytope. When
@@ -168,7 +168,7 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
         w = alive.gather(1, spec.group.expand(lo.shape[0], -1)).to(A.dtype)  # rows of live polytopes
         smear = (A.abs() * w.unsqueeze(-1)).sum(1) * (up - lo)
         kept = {name: bounds[name] for name in pre} if reuse_parent else {}
-        return _open_score(m, alive), alive, smear, _corners(spec, A, m, alive, lo, up), kept
+        return _open_score(m, alive), alive, smear, crown_corners(spec, A, m, alive, lo, up), kept
 
     def candidates_of(corners: Tensor, lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
         """Each box's corners and centre (N, c + 1, D) and the least violation among them (N,)."""
@@ -393,7 +393,7 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
             for key, new in ((f"a{i}", alphas[i]), (f"b{i}", betas[i])):
                 out[key] = d[key].clone()
                 out[key][:, rows] = new.to(out[key].dtype)
-        return _open_score(m, alive), _corners(sub, A, m, alive, lo_x, up_x), out
+        return _open_score(m, alive), crown_corners(sub, A, m, alive, lo_x, up_x), out
 
     S = spec.num_rows
     d0 = {"alive": torch.ones(1, spec.num_groups, dtype=torch.bool)}
