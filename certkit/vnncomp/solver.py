@@ -5,7 +5,8 @@ For every case of the property (an input box and its unsafe polytopes):
 1. PGD with restarts towards the unsafe set (minimising, over polytopes, the largest
    row of a·y − b); any point onnxruntime confirms is a ``sat`` answer;
 2. CROWN, then α-CROWN on the whole box; a polytope is refuted when some row's lower
-   bound of a·y − b is above 0;
+   bound of a·y − b is above 0; where one is left, PGD again, from the box corners that
+   minimise CROWN's bounds (where the relaxation sees the unsafe set);
 3. branch and bound until the deadline: input splitting when the network has at most
    ``input_split_max`` inputs (with PGD inside the open sub-boxes whose bounds are worst,
    every few batches), ReLU splitting otherwise.
