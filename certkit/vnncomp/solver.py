@@ -30,7 +30,7 @@ from torch import Tensor
 
 from certkit.bounds import BoundedModel
 from certkit.errors import InvalidInput
-from certkit.vnncomp.bab import BabOutcome, crown_corners, input_split, margins, relu_split
+from certkit.vnncomp.bab import BabOutcome, Confirm, crown_corners, input_split, margins, relu_split
 from certkit.vnncomp.oracle import Oracle
 from certkit.vnncomp.spec import Spec
 from certkit.vnnlib import Case, Property
@@ -105,12 +105,16 @@ class Solver:
         up = torch.as_tensor(case.upper, dtype=torch.float64).reshape(1, *self.input_shape)
         return lo, up
 
-    def _confirm(self, case: Case, spec: Spec) -> Callable[[Tensor], tuple | None]:
-        """Check candidates cheaply in PyTorch first; onnxruntime decides on the promising ones."""
+    def _confirm(self, case: Case, spec: Spec) -> Confirm:
+        """Check candidates cheaply in PyTorch first (unless their violations are given);
+        onnxruntime decides on the promising ones."""
 
-        def confirm(points: Tensor):
-            with torch.no_grad():
-                v = spec.violation(self.forward(points))
+        def confirm(points: Tensor, violation: Tensor | None = None):
+            if violation is not None:
+                v = violation
+            else:
+                with torch.no_grad():
+                    v = spec.violation(self.forward(points))
             order = v.argsort()
             close = order[v[order] < 1e-6 * (1 + v[order].abs())][:32]
             if close.numel() == 0:
@@ -120,7 +124,7 @@ class Solver:
         return confirm
 
     def pgd(self, x: Tensor, lo: Tensor, up: Tensor, spec: Spec, steps: int,
-            confirm: Callable[[Tensor], tuple | None], expired: Callable[[], bool]) -> tuple | None:
+            confirm: Confirm, expired: Callable[[], bool]) -> tuple | None:
         """PGD with sign steps of decaying size from the points ``x``, each kept inside its own box
         [lo, up] (broadcast against x), towards the unsafe set; candidates are confirmed every 10
         steps and at the end."""
