@@ -1,7 +1,7 @@
 """Where the time of one training step goes: natural, vanilla IBP and fast, under torch.profiler.
 
     python benchmarks/step_profile.py [--model cnn7] [--dataset cifar10] [--batch-size 128]
-                                      [--device auto|cpu|cuda] [--steps 10] [--rows 12]
+                                      [--device auto|cpu|cuda] [--steps 10] [--rows 12] [--compile]
 
 For each kind of step prints the wall time per step, the kernel launches per step (on a
 GPU) and the profiler's tables of the operators with the most device time and the most
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rows", type=int, default=12)
+    ap.add_argument("--compile", action="store_true", help="profile the torch.compile'd steps")
     args = ap.parse_args()
     info = DATASETS[args.dataset]
     torch.manual_seed(0)
@@ -39,11 +40,12 @@ def main() -> None:
     fake = (torch.randint(0, 256, (n, *info.shape), dtype=torch.uint8), torch.randint(0, 10, (n,)))
     eps = 8 / 255 if args.dataset == "cifar10" else 0.4
     trainers = {m: Trainer(config_from(None, dataset=args.dataset, model=args.model, method=m, eps=eps,
-                                       batch_size=args.batch_size, device=args.device), Splits(fake, fake, fake))
+                                       batch_size=args.batch_size, device=args.device, compile=args.compile),
+                        Splits(fake, fake, fake))
                 for m in ("vanilla", "fast")}
     device = trainers["fast"].device
     x, y = trainers["fast"].batch(torch.arange(args.batch_size))
-    natural = natural_step(trainers["vanilla"], x, y)
+    natural = natural_step(trainers["vanilla"], x, y, compile=args.compile)
 
     steps = {"natural": natural,
              "vanilla IBP": lambda: trainers["vanilla"].step(x, y, eps / 2, epoch=1),

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from certkit.train.loop import compiled
+
 
 def timeit(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 2, inner: int = 1) -> float:
     """Median wall time of one call of ``fn`` over ``repeats`` timings, after ``warmup`` calls.
@@ -30,11 +32,14 @@ def timeit(fn: Callable[[], object], repeats: int, device: torch.device, warmup:
     return statistics.median(once() for _ in range(repeats))
 
 
-def natural_step(trainer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One step of plain (natural) training of ``trainer``'s model and optimiser on (x, y)."""
+def natural_step(trainer, x: torch.Tensor, y: torch.Tensor, compile: bool = False) -> Callable[[], None]:
+    """One step of plain (natural) training of ``trainer``'s model and optimiser on (x, y)
+    (with ``compile``, the model's forward compiled as the trainer compiles its steps)."""
+    forward = compiled(trainer.model, trainer.device) if compile else trainer.model
+
     def step() -> None:
         trainer.model.train()
-        loss = F.cross_entropy(trainer.model(x), y)
+        loss = F.cross_entropy(forward(x), y)
         trainer.opt.zero_grad(set_to_none=True)
         loss.backward()
         trainer.opt.step()

@@ -2,11 +2,16 @@
 
     python benchmarks/training_speed.py [--model cnn-small|cnn7] [--dataset cifar10|mnist]
                                         [--batch-size 128] [--repeats 5] [--device cpu|cuda]
+                                        [--compile]
 
 Every method trains the same model on the same batch (random pixels, real shapes) with the
 same optimiser; ratios are to natural training, measured in one run. The paper (CNN-7,
 CIFAR-10, one RTX 2080 Ti, per epoch) reports vanilla IBP 1.83× and fast-during-warmup 2.13×
 natural training.
+
+With ``--compile`` every step is timed a second time compiled as ``certkit train`` compiles
+it (``torch.compile``, with CUDA graphs on a GPU; natural: the model's forward; the bound
+methods: the step's whole loss), after untimed steps that compile it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd steps")
     args = ap.parse_args()
     device = resolve_device(args.device)
     info = DATASETS[args.dataset]
@@ -36,22 +42,31 @@ def main() -> None:
     splits = Splits(fake, fake, fake)
     eps_max = 8 / 255 if args.dataset == "cifar10" else 0.4
 
-    trainers = {m: Trainer(config_from(None, dataset=args.dataset, model=args.model, method=m, eps=eps_max,
-                                       batch_size=args.batch_size, device=args.device), splits)
-                for m in ("vanilla", "fast", "crown-ibp")}
-    x, y = trainers["fast"].batch(torch.arange(args.batch_size))
-    natural = natural_step(trainers["vanilla"], x, y)
+    variants = [False, True] if args.compile else [False]
+    trainers = {(m, c): Trainer(config_from(None, dataset=args.dataset, model=args.model, method=m, eps=eps_max,
+                                            batch_size=args.batch_size, device=args.device, compile=c), splits)
+                for c in variants for m in ("vanilla", "fast", "crown-ibp")}
+    x, y = trainers["fast", False].batch(torch.arange(args.batch_size))
 
     eps = eps_max / 2  # mid-ramp: the regularisers (fast) and the CROWN mixing (crown-ibp) are active
     inner = 10  # consecutive steps per timing, as in an epoch
-    times = {"natural": timeit(natural, args.repeats, device, inner=inner)}
-    for name, tr in trainers.items():
-        times[name] = timeit(lambda tr=tr: tr.step(x, y, eps, epoch=1), args.repeats, device, inner=inner)
+    times = {}
+    for c in variants:
+        times["natural", c] = timeit(natural_step(trainers["vanilla", c], x, y, compile=c), args.repeats, device,
+                                     inner=inner)
+        for m in ("vanilla", "fast", "crown-ibp"):
+            tr = trainers[m, c]
+            times[m, c] = timeit(lambda tr=tr: tr.step(x, y, eps, epoch=1), args.repeats, device, inner=inner)
     label = {"natural": "natural", "vanilla": "vanilla IBP", "fast": "fast (warmup, regularisers)",
              "crown-ibp": "CROWN-IBP (ramp)"}
     print(f"torch {torch.__version__}, {device}, {args.model} on {args.dataset}-shaped batches of {args.batch_size}")
-    for name, t in times.items():
-        print(f"  {label[name]:30s} {t * 1e3:9.1f} ms/step   {t / times['natural']:6.2f}x natural")
+    for c in variants:
+        if args.compile:
+            print("compiled (torch.compile)" if c else "eager")
+        for (name, cc), t in times.items():
+            if cc == c:
+                print(f"  {label[name]:30s} {t * 1e3:9.1f} ms/step   {t / times['natural', False]:6.2f}x natural"
+                      + (f"   {t / times['natural', True]:6.2f}x compiled natural" if c else ""))
     print("paper (CNN-7, CIFAR-10, RTX 2080 Ti, per epoch): vanilla IBP 1.83x, fast during warmup 2.13x")
 
 

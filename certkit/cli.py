@@ -183,6 +183,10 @@ def _names(text: str) -> tuple[str, ...]:
                                      "'none' (the others' default).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--compile/--no-compile", "compile_step", default=None,
+              help="torch.compile the training step, with CUDA graphs on a GPU (default: on a GPU only, where "
+                   "a CNN-7 step runs about 3x faster after a minute or two of compilation per phase of the "
+                   "ε schedule).")
 @click.option("--limit", type=int, help="Train on the first N training images only.")
 @click.option("--val-size", type=int, help="Held-out training images for checkpoint selection.")
 @click.option("--eval-limit", type=int, help="Evaluate on the first N test images only.")
@@ -192,7 +196,8 @@ def _names(text: str) -> tuple[str, ...]:
               help="Continue the run in this folder bit-for-bit from its last checkpoint.")
 @friendly_errors
 def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size, lr, schedule, milestones, lam,
-          ibp_init, regularizers, seed, device, limit, val_size, eval_limit, data_dir, run_dir, resume_dir) -> None:
+          ibp_init, regularizers, seed, device, compile_step, limit, val_size, eval_limit, data_dir, run_dir,
+          resume_dir) -> None:
     """Certified robust training (IBP / CROWN-IBP) with the fast short-warmup method.
 
     \b
@@ -220,6 +225,8 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
         cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
         if epochs is not None:
             cfg = dataclasses.replace(cfg, epochs=epochs)
+        if compile_step is not None:
+            cfg = dataclasses.replace(cfg, compile=compile_step)
         run_dir = resume_dir
     else:
         sched = _pair(schedule, "--schedule")
@@ -233,8 +240,8 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
             eps_eval=None if eps_eval is None else parse_eps(eps_eval), batch_size=batch_size, lr=lr,
             schedule_start=sched[0] if sched else None, schedule_length=sched[1] if sched else None,
             milestones=_pair(milestones, "--milestones"), lam=lam, ibp_init=ibp_init,
-            regularizers=None if regularizers is None else _names(regularizers), seed=seed, device=device, limit=limit,
-            val_size=val_size, eval_limit=eval_limit, data_dir=data_dir)
+            regularizers=None if regularizers is None else _names(regularizers), seed=seed, device=device,
+            compile=compile_step, limit=limit, val_size=val_size, eval_limit=eval_limit, data_dir=data_dir)
         run_dir = run_dir or f"runs/{preset or cfg.dataset}-{cfg.method}-{cfg.model}-s{cfg.seed}"
         if (Path(run_dir) / "last.pt").exists():
             raise InvalidInput(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
