@@ -119,6 +119,8 @@ def test_training_on_gpu_resumes_bit_for_bit_and_exports(tmp_path, data_dir, com
 def test_compiled_training_step_matches_eager(method):
     """``--compile`` changes how the step runs, not what it computes: over steps through the ε = 0
     phase and the ramp, the compiled loss and statistics follow the eager ones."""
+    from torch._dynamo.utils import counters
+
     from certkit.train.loop import Splits, Trainer
 
     gen = torch.Generator().manual_seed(0)
@@ -128,8 +130,11 @@ def test_compiled_training_step_matches_eager(method):
     for compile in (False, True):
         tr = Trainer(config_from("mnist", model="cnn-small", method=method, batch_size=100, device="cuda",
                                  compile=compile), Splits(fake, fake, fake))
+        assert tr.compiled == compile
+        graphs = counters["stats"]["unique_graphs"]
         x, y = tr.batch(torch.arange(100))
         runs[compile] = [tr.step(x, y, eps, epoch=1) for eps in (0.0, 0.05, 0.1, 0.1, 0.2)]
+        assert (counters["stats"]["unique_graphs"] > graphs) == compile  # compiled, not fallen back to eager
     for eager, compiled in zip(runs[False], runs[True]):
         for k in ("loss", "tightness", "relu", "clean_err"):
             torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-4)

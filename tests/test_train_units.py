@@ -168,6 +168,8 @@ def test_skipped_nan_layer_leaves_gradients_finite():
 def test_compiled_step_matches_eager_on_cpu():
     """``--compile`` (torch.compile of the step's loss; CUDA graphs on a GPU, see tests/test_cuda.py)
     computes what the eager step computes, through the ε = 0 phase and the warmup ramp."""
+    from torch._dynamo.utils import counters
+
     from certkit.train.loop import Splits, Trainer, config_from
 
     gen = torch.Generator().manual_seed(0)
@@ -177,9 +179,11 @@ def test_compiled_step_matches_eager_on_cpu():
     for compile in (False, True):
         tr = Trainer(config_from("mnist", model="mlp", method="fast", batch_size=32, device="cpu",
                                  compile=compile), Splits(fake, fake, fake))
+        assert tr.compiled == compile
+        graphs = counters["stats"]["unique_graphs"]
         x, y = tr.batch(torch.arange(32))
         runs[compile] = [tr.step(x, y, eps, epoch=1) for eps in (0.0, 0.1, 0.2)]
+        assert (counters["stats"]["unique_graphs"] > graphs) == compile  # compiled, not fallen back to eager
     for eager, compiled in zip(runs[False], runs[True]):
         for k in ("loss", "tightness", "relu", "clean_err"):
             torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-4)
-    assert runs[False][1]["loss"] != runs[False][2]["loss"]  # the steps did change the model

@@ -213,9 +213,8 @@ class Trainer:
         self.eps_sched = SmoothedEps(cfg.eps, cfg.schedule_start, cfg.schedule_length, self.batches)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self._eps = torch.zeros((), device=self.device)
-        self._losses = self._eager_losses
-        if cfg.compile if cfg.compile is not None else self.device.type == "cuda":
-            self._losses = compiled(self._eager_losses, self.device)
+        self.compiled = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self._losses = compiled(self._eager_losses, self.device) if self.compiled else self._eager_losses
         self.epoch = 0  # epochs completed
         self.best_val = math.inf
 
@@ -255,7 +254,7 @@ class Trainer:
         # would make torch.compile specialise on every value, a fresh tensor would wait for the device
         self._eps.fill_(eps if eps > 0 else 1e-6)  # the ε = 0 phase computes the regularisers at ε = 1e-6
         loss, stats = self._losses(x, y, self._eps, eps > 0, mix, warm)
-        if self._losses is not self._eager_losses:
+        if self.compiled:
             stats = {k: v.clone() for k, v in stats.items()}  # CUDA graphs reuse their output buffers
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
