@@ -67,8 +67,8 @@ def main() -> None:
     procs = {}
     for m, run in runs.items():
         run.mkdir(parents=True, exist_ok=True)
-        log = open(run / "train.log", "a")
-        procs[m] = subprocess.Popen(command(args, m, run), stdout=log, stderr=subprocess.STDOUT)
+        with open(run / "train.log", "a") as log:  # the child keeps its own copy of the handle
+            procs[m] = subprocess.Popen(command(args, m, run), stdout=log, stderr=subprocess.STDOUT)
         print(f"[{m}] {' '.join(procs[m].args)}  (log: {run / 'train.log'})", flush=True)
         if not args.parallel:
             procs[m].wait()

@@ -19,6 +19,7 @@ from certkit.results import read_results
 from certkit.train.loop import config_from, train
 from certkit.train.metrics import MetricsFile
 from tests.conftest import REPO
+from tests.test_train_units import assert_compiled_step_matches_eager
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
@@ -117,25 +118,5 @@ def test_training_on_gpu_resumes_bit_for_bit_and_exports(tmp_path, data_dir, com
 
 @pytest.mark.parametrize("method", ["fast", "crown-ibp"])
 def test_compiled_training_step_matches_eager(method):
-    """``--compile`` changes how the step runs, not what it computes: over steps through the ε = 0
-    phase and the ramp, the compiled loss and statistics follow the eager ones."""
-    from torch._dynamo.utils import counters
-
-    from certkit.train.loop import Splits, Trainer
-
-    gen = torch.Generator().manual_seed(0)
-    fake = (torch.randint(0, 256, (200, 1, 28, 28), dtype=torch.uint8, generator=gen),
-            torch.randint(0, 10, (200,), generator=gen))
-    runs = {}
-    for compile in (False, True):
-        tr = Trainer(config_from("mnist", model="cnn-small", method=method, batch_size=100, device="cuda",
-                                 compile=compile), Splits(fake, fake, fake))
-        assert tr.compiled == compile
-        graphs = counters["stats"]["unique_graphs"]
-        x, y = tr.batch(torch.arange(100))
-        runs[compile] = [tr.step(x, y, eps, epoch=1) for eps in (0.0, 0.05, 0.1, 0.1, 0.2)]
-        assert (counters["stats"]["unique_graphs"] > graphs) == compile  # compiled, not fallen back to eager
-    for eager, compiled in zip(runs[False], runs[True]):
-        for k in ("loss", "tightness", "relu", "clean_err"):
-            torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-4)
-        torch.testing.assert_close(compiled["fractions"], eager["fractions"], rtol=0, atol=0.02)
+    """The compiled step with CUDA graphs computes what the eager step computes."""
+    assert_compiled_step_matches_eager("cuda", "cnn-small", method, 100, (0.0, 0.05, 0.1, 0.1, 0.2))

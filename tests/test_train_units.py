@@ -165,25 +165,32 @@ def test_skipped_nan_layer_leaves_gradients_finite():
         assert torch.isfinite(t.grad).all()
 
 
-def test_compiled_step_matches_eager_on_cpu():
-    """``--compile`` (torch.compile of the step's loss; CUDA graphs on a GPU, see tests/test_cuda.py)
-    computes what the eager step computes, through the ε = 0 phase and the warmup ramp."""
+def assert_compiled_step_matches_eager(device: str, model: str, method: str, n: int, epsilons: tuple) -> None:
+    """``--compile`` changes how the step runs, not what it computes: from the same start, over
+    steps through the ε = 0 phase and the ramp, the compiled loss and statistics follow the eager
+    ones, and dynamo really compiled (no silent fallback to eager). Shared with tests/test_cuda.py."""
     from torch._dynamo.utils import counters
 
     from certkit.train.loop import Splits, Trainer, config_from
 
     gen = torch.Generator().manual_seed(0)
-    fake = (torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=gen),
-            torch.randint(0, 10, (64,), generator=gen))
+    fake = (torch.randint(0, 256, (2 * n, 1, 28, 28), dtype=torch.uint8, generator=gen),
+            torch.randint(0, 10, (2 * n,), generator=gen))
     runs = {}
     for compile in (False, True):
-        tr = Trainer(config_from("mnist", model="mlp", method="fast", batch_size=32, device="cpu",
-                                 compile=compile), Splits(fake, fake, fake))
+        tr = Trainer(config_from("mnist", model=model, method=method, batch_size=n, device=device, compile=compile),
+                     Splits(fake, fake, fake))
         assert tr.compiled == compile
         graphs = counters["stats"]["unique_graphs"]
-        x, y = tr.batch(torch.arange(32))
-        runs[compile] = [tr.step(x, y, eps, epoch=1) for eps in (0.0, 0.1, 0.2)]
-        assert (counters["stats"]["unique_graphs"] > graphs) == compile  # compiled, not fallen back to eager
+        x, y = tr.batch(torch.arange(n))
+        runs[compile] = [tr.step(x, y, eps, epoch=1) for eps in epsilons]
+        assert (counters["stats"]["unique_graphs"] > graphs) == compile
     for eager, compiled in zip(runs[False], runs[True]):
         for k in ("loss", "tightness", "relu", "clean_err"):
             torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(compiled["fractions"], eager["fractions"], rtol=0, atol=0.02)
+
+
+def test_compiled_step_matches_eager_on_cpu():
+    """torch.compile's default mode on a CPU (CUDA graphs on a GPU: tests/test_cuda.py)."""
+    assert_compiled_step_matches_eager("cpu", "mlp", "fast", 32, (0.0, 0.1, 0.2))
