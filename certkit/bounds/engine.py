@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from certkit.bounds import forward_mode
 from certkit.bounds.graph import Graph, build_graph, reference_tensor
 from certkit.bounds.ops import Activation, batchnorm_of
 from certkit.errors import InvalidInput
@@ -145,7 +146,10 @@ class BoundedModel:
     def intervals(self, lower: Tensor, upper: Tensor, method: str = "ibp",
                   known: dict[str, Interval] | None = None, alpha_iterations: int = 0,
                   expired: Callable[[], bool] | None = None) -> dict[str, Interval]:
-        """Interval bounds of every node: IBP, refined by CROWN when ``method == 'crown'``.
+        """Interval bounds of every node: IBP, with the nodes that feed a nonlinearity refined by
+        backward CROWN (``method == 'crown'``) or by forward-mode linear bounds (``'forward'``,
+        :mod:`certkit.bounds.forward_mode`: much cheaper for networks with few inputs, looser;
+        nodes past an operator without forward bounds fall back to CROWN).
 
         ``known`` maps node names to intervals already known to hold on this box (from a
         parent domain in branch and bound, with split neurons clamped): each node's interval
@@ -156,16 +160,24 @@ class BoundedModel:
         Train-mode batch norms use the statistics of the last ``forward``."""
         if self._graph is None:
             self._build(tuple(lower.shape[1:]))
+        if method not in ("ibp", "crown", "forward"):
+            raise InvalidInput(f"unknown interval method {method!r}; choose ibp, crown or forward")
         bounds: dict[str, Interval] = {self.graph.input.name: (lower, upper)}
-        refine = method == "crown"
+        lin = {self.graph.input.name: forward_mode.from_box(lower, upper)} if method == "forward" else {}
         for n in self.graph.nodes[1:]:
             lo, up = n.op.interval(*(bounds[i] for i in n.inputs))
             if known is not None and n.name in known:
                 lo, up = torch.maximum(lo, known[n.name][0]), torch.minimum(up, known[n.name][1])
-            if refine and n.name in self.pre_activation and not self._exact[n.name]:
-                if expired is not None and expired():
-                    alpha_iterations = 0
-                lo, up = self._crown_refine(n.name, lo, up, bounds, alpha_iterations)
+            if lin and forward_mode.supported(n.op) and all(i in lin for i in n.inputs):
+                lin[n.name] = forward_mode.propagate(n.op, [lin[i] for i in n.inputs], [bounds[i] for i in n.inputs])
+            if method != "ibp" and n.name in self.pre_activation and not self._exact[n.name]:
+                if n.name in lin:
+                    f_lo, f_up = forward_mode.concretize(lin[n.name])
+                    lo, up = torch.maximum(lo, f_lo), torch.minimum(up, f_up)
+                else:  # backward CROWN, also for nodes past an operator without forward bounds
+                    if expired is not None and expired():
+                        alpha_iterations = 0
+                    lo, up = self._crown_refine(n.name, lo, up, bounds, alpha_iterations)
             bounds[n.name] = (lo, up)
         return bounds
 
@@ -180,11 +192,33 @@ class BoundedModel:
         idx = loose.any(0).nonzero().squeeze(1)
         if idx.numel() == 0:
             return lo, up
-        widest = max(math.prod(self.graph.by_name[a.name].shape) for a in self._ancestors_of(name))
+        ancestors = self._ancestors_of(name)
+        widest = max(math.prod(self.graph.by_name[a.name].shape) for a in ancestors)
         # α, its gradients and Adam's two moments live beside the coefficients
-        chunk = max(1, _BACKWARD_BUDGET // (2 * B * widest * (5 if alpha_iterations > 0 else 1)))
+        per_row = 2 * widest * (5 if alpha_iterations > 0 else 1)
         lf, uf = lf.clone(), uf.clone()
         n_flat = lf.shape[1]
+        pairs = loose.nonzero()  # (P, 2): domain, neuron
+        if 2 * pairs.shape[0] <= B * idx.numel():
+            # few loose neurons per domain but many in the batch (branch and bound's subdomains): bound
+            # each (domain, neuron) pair on its own, with its domain's intervals gathered, instead of
+            # every loose neuron of the batch in every domain (ACAS Xu: ~12% of pairs against ~85%)
+            names = [a.name for a in ancestors if a.name in bounds]
+            gathered = sum(bounds[a][0][0].numel() for a in names)
+            for part in pairs.split(max(1, _BACKWARD_BUDGET // (per_row + 2 * gathered))):
+                dom, neuron = part[:, 0], part[:, 1]
+                k = part.shape[0]
+                A = torch.zeros(k, 2, n_flat, dtype=lo.dtype, device=lo.device)
+                A[torch.arange(k, device=lo.device), 0, neuron] = 1
+                A[torch.arange(k, device=lo.device), 1, neuron] = -1
+                A = A.reshape(k, 2, *shape)
+                sub = {a: (bounds[a][0][dom], bounds[a][1][dom]) for a in names}
+                lb = self._backward(name, A, sub, stop_at_nonlinear=False)
+                lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
+                lf[dom, neuron] = torch.maximum(lf[dom, neuron], lb[:, 0])
+                uf[dom, neuron] = torch.minimum(uf[dom, neuron], -lb[:, 1])
+            return lf.reshape(lo.shape), uf.reshape(up.shape)
+        chunk = max(1, _BACKWARD_BUDGET // (B * per_row))
         for part in idx.split(chunk):
             k = part.numel()
             eye = torch.zeros(k, n_flat, dtype=lo.dtype, device=lo.device)
@@ -268,7 +302,7 @@ class BoundedModel:
             with torch.no_grad():
                 bounds = self.intervals(lower, upper, "crown")
             return self.alpha_crown(bounds, C, bound_upper)
-        bounds = self.intervals(lower, upper, method)
+        bounds = self.intervals(lower, upper, "crown" if method == "crown" else "ibp")  # crown-ibp: IBP's
         return self.spec_bounds(bounds, C, method, bound_upper, intersect, alphas)
 
     def alpha_crown(self, bounds: dict[str, Interval], C: Tensor | None, bound_upper: bool = True,

@@ -66,6 +66,7 @@ class SolverConfig:
     attack_time_max: float = 5.0  # ...and at most this many seconds
     input_split_max: int = 20  # networks with at most this many inputs get input splitting
     split_candidates: int = 1  # input splitting: dimensions tried per split (see bab.input_split)
+    split_min_width: float = 0.02  # input splitting: only dimensions this wide relative to the widest are split
     reuse_parent_bounds: bool = True  # input splitting: children try their parent's intervals first
     box_attack_every: int = 10  # input splitting: PGD inside the worst-bounded open boxes every this many batches...
     box_attack_steps: int = 20  # ...for this many steps
@@ -261,6 +262,7 @@ class Solver:
             return input_split(self.bm, spec, lo, up, confirm, deadline.expired,
                                candidates=self.config.split_candidates, search=search,
                                reuse_parent=self.config.reuse_parent_bounds,
-                               search_every=self.config.box_attack_every)
+                               search_every=self.config.box_attack_every,
+                               min_relative_width=self.config.split_min_width)
         return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired,
                           fast_dtype=torch.float32 if self.config.float32_steps else None)
