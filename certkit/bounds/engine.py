@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from certkit.bounds import forward_mode
 from certkit.bounds.graph import Graph, build_graph, reference_tensor
 from certkit.bounds.ops import Activation, batchnorm_of
 from certkit.errors import InvalidInput
@@ -146,10 +145,7 @@ class BoundedModel:
     def intervals(self, lower: Tensor, upper: Tensor, method: str = "ibp",
                   known: dict[str, Interval] | None = None, alpha_iterations: int = 0,
                   expired: Callable[[], bool] | None = None) -> dict[str, Interval]:
-        """Interval bounds of every node: IBP, with the nodes that feed a nonlinearity refined by
-        backward CROWN (``method == 'crown'``) or by forward-mode linear bounds (``'forward'``,
-        :mod:`certkit.bounds.forward_mode`: much cheaper for networks with few inputs, looser;
-        nodes past an operator without forward bounds fall back to CROWN).
+        """Interval bounds of every node: IBP, refined by CROWN when ``method == 'crown'``.
 
         ``known`` maps node names to intervals already known to hold on this box (from a
         parent domain in branch and bound, with split neurons clamped): each node's interval
@@ -160,75 +156,85 @@ class BoundedModel:
         Train-mode batch norms use the statistics of the last ``forward``."""
         if self._graph is None:
             self._build(tuple(lower.shape[1:]))
-        if method not in ("ibp", "crown", "forward"):
-            raise InvalidInput(f"unknown interval method {method!r}; choose ibp, crown or forward")
+        if method not in ("ibp", "crown"):
+            raise InvalidInput(f"unknown interval method {method!r}; choose ibp or crown")
         bounds: dict[str, Interval] = {self.graph.input.name: (lower, upper)}
-        lin = {self.graph.input.name: forward_mode.from_box(lower, upper)} if method == "forward" else {}
         for n in self.graph.nodes[1:]:
             lo, up = n.op.interval(*(bounds[i] for i in n.inputs))
             if known is not None and n.name in known:
                 lo, up = torch.maximum(lo, known[n.name][0]), torch.minimum(up, known[n.name][1])
-            if lin and forward_mode.supported(n.op) and all(i in lin for i in n.inputs):
-                lin[n.name] = forward_mode.propagate(n.op, [lin[i] for i in n.inputs], [bounds[i] for i in n.inputs])
-            if method != "ibp" and n.name in self.pre_activation and not self._exact[n.name]:
-                if n.name in lin:
-                    f_lo, f_up = forward_mode.concretize(lin[n.name])
-                    lo, up = torch.maximum(lo, f_lo), torch.minimum(up, f_up)
-                else:  # backward CROWN, also for nodes past an operator without forward bounds
-                    if expired is not None and expired():
-                        alpha_iterations = 0
-                    lo, up = self._crown_refine(n.name, lo, up, bounds, alpha_iterations)
+            if method == "crown" and n.name in self.pre_activation and not self._exact[n.name]:
+                if expired is not None and expired():
+                    alpha_iterations = 0
+                lo, up = self._crown_refine(n.name, lo, up, bounds, alpha_iterations)
             bounds[n.name] = (lo, up)
         return bounds
 
     def _crown_refine(self, name: str, lo: Tensor, up: Tensor, bounds: dict[str, Interval],
-                      alpha_iterations: int = 0) -> Interval:
+                      alpha_iterations: int = 0, per_pair: bool | None = None) -> Interval:
         """Tighten with a CROWN pass (α-CROWN with ``alpha_iterations``) the neurons of node
         ``name`` that IBP leaves unstable (every neuron with l < u when the node feeds a
-        nonlinearity other than ReLU)."""
-        B, shape = lo.shape[0], lo.shape[1:]
+        nonlinearity other than ReLU).
+
+        Two batchings give the same bounds: every neuron loose in some domain, in every domain
+        of the batch (:meth:`_refine_neurons`), or each loose (domain, neuron) pair on its own
+        (:meth:`_refine_pairs`). The second wins when the domains' loose neurons differ, as in
+        branch and bound (ACAS Xu subdomains: ~12% of the pairs against ~85% of the neurons);
+        ``per_pair`` forces one (None: the one with fewer rows)."""
+        B = lo.shape[0]
         lf, uf = lo.reshape(B, -1), up.reshape(B, -1)
         loose = ((lf < 0) & (uf > 0)) if name in self._relu_only else (lf < uf)
-        idx = loose.any(0).nonzero().squeeze(1)
-        if idx.numel() == 0:
+        neurons = loose.any(0).nonzero().squeeze(1)
+        if neurons.numel() == 0:
             return lo, up
-        ancestors = self._ancestors_of(name)
-        widest = max(math.prod(self.graph.by_name[a.name].shape) for a in ancestors)
-        # α, its gradients and Adam's two moments live beside the coefficients
-        per_row = 2 * widest * (5 if alpha_iterations > 0 else 1)
-        lf, uf = lf.clone(), uf.clone()
-        n_flat = lf.shape[1]
         pairs = loose.nonzero()  # (P, 2): domain, neuron
-        if 2 * pairs.shape[0] <= B * idx.numel():
-            # few loose neurons per domain but many in the batch (branch and bound's subdomains): bound
-            # each (domain, neuron) pair on its own, with its domain's intervals gathered, instead of
-            # every loose neuron of the batch in every domain (ACAS Xu: ~12% of pairs against ~85%)
-            names = [a.name for a in ancestors if a.name in bounds]
-            gathered = sum(bounds[a][0][0].numel() for a in names)
-            for part in pairs.split(max(1, _BACKWARD_BUDGET // (per_row + 2 * gathered))):
-                dom, neuron = part[:, 0], part[:, 1]
-                k = part.shape[0]
-                A = torch.zeros(k, 2, n_flat, dtype=lo.dtype, device=lo.device)
-                A[torch.arange(k, device=lo.device), 0, neuron] = 1
-                A[torch.arange(k, device=lo.device), 1, neuron] = -1
-                A = A.reshape(k, 2, *shape)
-                sub = {a: (bounds[a][0][dom], bounds[a][1][dom]) for a in names}
-                lb = self._backward(name, A, sub, stop_at_nonlinear=False)
-                lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
-                lf[dom, neuron] = torch.maximum(lf[dom, neuron], lb[:, 0])
-                uf[dom, neuron] = torch.minimum(uf[dom, neuron], -lb[:, 1])
-            return lf.reshape(lo.shape), uf.reshape(up.shape)
-        chunk = max(1, _BACKWARD_BUDGET // (B * per_row))
-        for part in idx.split(chunk):
+        if per_pair is None:
+            per_pair = 2 * pairs.shape[0] <= B * neurons.numel()
+        args = (name, lo.shape[1:], lf.clone(), uf.clone(), bounds, alpha_iterations)
+        lf, uf = self._refine_pairs(pairs, *args) if per_pair else self._refine_neurons(neurons, *args)
+        return lf.reshape(lo.shape), uf.reshape(up.shape)
+
+    def _row_cost(self, name: str, alpha_iterations: int) -> int:
+        """Elements one row of A needs in a backward pass from ``name`` (the widest node's size,
+        twice; α, its gradients and Adam's two moments live beside the coefficients)."""
+        widest = max(math.prod(self.graph.by_name[a.name].shape) for a in self._ancestors_of(name))
+        return 2 * widest * (5 if alpha_iterations > 0 else 1)
+
+    def _refine_neurons(self, neurons: Tensor, name: str, shape, lf: Tensor, uf: Tensor,
+                        bounds: dict[str, Interval], alpha_iterations: int) -> Interval:
+        """CROWN bounds of the given neurons in every domain, tightening lf, uf (B, n) in place."""
+        B, n_flat = lf.shape
+        for part in neurons.split(max(1, _BACKWARD_BUDGET // (B * self._row_cost(name, alpha_iterations)))):
             k = part.numel()
-            eye = torch.zeros(k, n_flat, dtype=lo.dtype, device=lo.device)
-            eye[torch.arange(k, device=lo.device), part] = 1
+            eye = torch.zeros(k, n_flat, dtype=lf.dtype, device=lf.device)
+            eye[torch.arange(k, device=lf.device), part] = 1
             A = torch.cat([eye, -eye]).expand(B, 2 * k, n_flat).reshape(B, 2 * k, *shape)
             lb = self._backward(name, A, bounds, stop_at_nonlinear=False)
             lb = self._optimise_alphas(name, A, bounds, lb, alpha_iterations)
             lf[:, part] = torch.maximum(lf[:, part], lb[:, :k])
             uf[:, part] = torch.minimum(uf[:, part], -lb[:, k:])
-        return lf.reshape(lo.shape), uf.reshape(up.shape)
+        return lf, uf
+
+    def _refine_pairs(self, pairs: Tensor, name: str, shape, lf: Tensor, uf: Tensor,
+                      bounds: dict[str, Interval], alpha_iterations: int) -> Interval:
+        """CROWN bounds of the given (domain, neuron) pairs, each a batch element of its own with its
+        domain's intervals gathered, tightening lf, uf (B, n) in place."""
+        n_flat = lf.shape[1]
+        names = [a.name for a in self._ancestors_of(name) if a.name in bounds]
+        gathered = 2 * sum(bounds[a][0][0].numel() for a in names)
+        for part in pairs.split(max(1, _BACKWARD_BUDGET // (self._row_cost(name, alpha_iterations) + gathered))):
+            dom, neuron = part[:, 0], part[:, 1]
+            rows = torch.arange(part.shape[0], device=lf.device)
+            A = torch.zeros(part.shape[0], 2, n_flat, dtype=lf.dtype, device=lf.device)
+            A[rows, 0, neuron] = 1
+            A[rows, 1, neuron] = -1
+            A = A.reshape(-1, 2, *shape)
+            sub = {a: (bounds[a][0][dom], bounds[a][1][dom]) for a in names}
+            lb = self._backward(name, A, sub, stop_at_nonlinear=False)
+            lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
+            lf[dom, neuron] = torch.maximum(lf[dom, neuron], lb[:, 0])
+            uf[dom, neuron] = torch.minimum(uf[dom, neuron], -lb[:, 1])
+        return lf, uf
 
     def _ancestors_of(self, name: str):
         if name not in self._ancestors:
