@@ -440,6 +440,9 @@ REAL = [  # (family, instance index, ground truth): quick ones covering attack, 
     ("acasxu", 19, "sat"),  # PGD over the whole box stalls at a margin of 0.0014; PGD inside sub-boxes finds it
     ("acasxu", 23, "sat"),  # violated only in ~1% of one input's range: found by splitting the child whose best
     #                         candidate point is closest to the unsafe set first (plain depth first: timeout at 116 s)
+    ("acasxu", 14, "unsat"),  # input splitting with the 25% width guard timed out at 116 s (155,041 domains
+    #                           in 190 s); with the 2% guard about 1,300 domains
+    ("acasxu", 22, "sat"),  # violated in 13 of 160,000 grid points of one face; PGD restarts all stall at 5.4e-4
     ("collins_rul_cnn_2022", 18, "sat"),  # 380 of its 400 inputs are fixed at values float32 cannot hold
     ("collins_rul_cnn_2022", 20, "sat"),  # output flat at every random start: PGD from CROWN's minimiser corners
     ("eran_2021", 36, "unsat"),  # sigmoid 6x200: needs α-CROWN's tangent points on every layer (CROWN: −31)

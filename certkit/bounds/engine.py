@@ -180,7 +180,8 @@ class BoundedModel:
         of the batch (:meth:`_refine_neurons`), or each loose (domain, neuron) pair on its own
         (:meth:`_refine_pairs`). The second wins when the domains' loose neurons differ, as in
         branch and bound (ACAS Xu subdomains: ~12% of the pairs against ~85% of the neurons);
-        ``per_pair`` forces one (None: the one with fewer rows)."""
+        ``per_pair`` forces one (None: per pair when that takes at most half the rows, the
+        gathering of each pair's intervals being the price)."""
         B = lo.shape[0]
         lf, uf = lo.reshape(B, -1), up.reshape(B, -1)
         loose = ((lf < 0) & (uf > 0)) if name in self._relu_only else (lf < uf)

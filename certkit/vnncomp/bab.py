@@ -9,18 +9,19 @@ the stack grows past ``max_domains``.
 * Input splitting (networks with few inputs, e.g. ACAS Xu's 5): the box is halved along
   one dimension, the one with the largest smear (|coefficient of the CROWN bound| × width)
   among those at least ``min_relative_width`` (2%) as wide, relative to the root box, as
-  the widest. Without that guard (pure smear) ACAS Xu 3_5 prop_1 took over 94,000 domains;
-  with it 551 at 2%, 1,293 at 1%, 1,081 at 5%, 30,989 at 25% (the earlier setting, under
-  which 12 ACAS Xu instances timed out). With ``candidates`` = k > 1 the top k dimensions
-  are each tried and the one whose worse child bounds best is kept; on ACAS Xu and
-  reach_prob that bounds 3× the children per split for fewer splits, and k = 1 solved
-  instances about 1.3–1.5× faster (robot_6: 80 s with k = 1 against 120 s with k = 3). A
-  child is first bounded with IBP intersected with its parent's intervals plus one CROWN
-  pass for the property; only the children left open get full CROWN intermediate bounds
-  (1.7–1.8× faster on ACAS Xu #13 and robot_6). The search is depth first, the child whose
-  best candidate point (CROWN minimiser corners, centre) comes closest to the unsafe set
-  on top: refuting costs the same in any order, and ACAS Xu #23 (violated in ~1% of one
-  input's range) is found in 5953 domains where plain depth first times out.
+  the widest. Without that guard (pure smear) ACAS Xu 3_5 prop_1 timed out at 100 s after
+  93,879 domains; with it, it takes 551 domains at 2%, 1,293 at 1%, 1,081 at 5%, 30,989 at
+  25% (the earlier setting, under which 12 ACAS Xu instances timed out; 10 of them solve
+  at 2%). With ``candidates`` = k > 1 the top k dimensions are each tried and the one
+  whose worse child bounds best is kept; on ACAS Xu and reach_prob that bounds 3× the
+  children per split for fewer splits, and k = 1 solved instances about 1.3–1.5× faster
+  (robot_6: 80 s with k = 1 against 120 s with k = 3). A child is first bounded with IBP
+  intersected with its parent's intervals plus one CROWN pass for the property; only the
+  children left open get full CROWN intermediate bounds (1.7–1.8× faster on ACAS Xu #13
+  and robot_6). The search is depth first, the child whose best candidate point (CROWN
+  minimiser corners, centre) comes closest to the unsafe set on top: refuting costs the
+  same in any order, and ACAS Xu #23 (violated in ~1% of one input's range) is found in
+  5953 domains (at the 25% guard) where plain depth first times out.
 * ReLU splitting (the others): a domain is the input box plus the pre-activation
   intervals of every ReLU, with the split neurons clamped to l ≥ 0 (active) or u ≤ 0
   (inactive). Children are bounded by IBP intersected with the parent's intervals
