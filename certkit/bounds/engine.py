@@ -179,9 +179,12 @@ class BoundedModel:
         Two batchings give the same bounds: every neuron loose in some domain, in every domain
         of the batch (:meth:`_refine_neurons`), or each loose (domain, neuron) pair on its own
         (:meth:`_refine_pairs`). The second wins when the domains' loose neurons differ, as in
-        branch and bound (ACAS Xu subdomains: ~12% of the pairs against ~85% of the neurons);
-        ``per_pair`` forces one (None: per pair when that takes at most half the rows, the
-        gathering of each pair's intervals being the price)."""
+        branch and bound (ACAS Xu subdomains: ~12% of the pairs against ~85% of the neurons) and
+        in batches of images (32 random images on the shipped models: 5–12× faster), and gives
+        each domain the bounds it gets alone. The first also tightens neurons stable in one
+        domain but loose in another, which later IBP steps can use (the shipped MNIST model's
+        CROWN outputs: at most 7e-4 tighter). ``per_pair`` forces one (None: per pair when that
+        takes at most half the rows, the gathering of each pair's intervals being the price)."""
         B = lo.shape[0]
         lf, uf = lo.reshape(B, -1), up.reshape(B, -1)
         loose = ((lf < 0) & (uf > 0)) if name in self._relu_only else (lf < uf)
