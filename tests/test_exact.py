@@ -407,15 +407,23 @@ def test_bound_gradient_matches_finite_differences(method):
 # ------------------------------------------------------------ CROWN refinement batching
 
 
-@pytest.mark.parametrize("alpha_iterations", [0, 3])
-def test_per_pair_and_per_neuron_refinement_agree(vnncomp_dir, alpha_iterations):
-    # branch and bound bounds each loose (domain, neuron) pair on its own; that must give the same
-    # bound as the batched pass over every neuron loose somewhere, pair by pair (ACAS Xu sub-boxes)
-    bm = BoundedModel(vnncomp_dir / "acasxu" / "onnx" / "ACASXU_run2a_1_1_batch_2000.onnx").to(torch.float64)
+@pytest.mark.parametrize("network,alpha_iterations", [("acasxu", 0), ("acasxu", 3), ("cnn", 0)])
+def test_per_pair_and_per_neuron_refinement_agree(vnncomp_dir, network, alpha_iterations):
+    # both batchings of CROWN's intermediate bounds give the same bound, pair by pair: branch and
+    # bound's ACAS Xu sub-boxes (with and without α) and a random conv net (conv, grouped conv, batch
+    # norm, average pooling) on boxes of different widths
     gen = torch.Generator().manual_seed(0)
-    shape = bm.graph.input_shape
-    lo = torch.rand(16, *shape, generator=gen, dtype=torch.float64) - 0.5
-    up = lo + 0.02 * torch.rand(16, *shape, generator=gen, dtype=torch.float64)
+    if network == "acasxu":
+        bm = BoundedModel(vnncomp_dir / "acasxu" / "onnx" / "ACASXU_run2a_1_1_batch_2000.onnx").to(torch.float64)
+        shape = bm.graph.input_shape
+        lo = torch.rand(16, *shape, generator=gen, dtype=torch.float64) - 0.5
+        up = lo + 0.02 * torch.rand(16, *shape, generator=gen, dtype=torch.float64)
+    else:
+        _, net, shape = next(n for n in ordering_nets() if n[0] == network)
+        bm = BoundedModel(randomize(net, gen).double())
+        lo, up = random_box(shape, 16, gen, eps=0.3)
+        lo, up = lo.double(), up.double()
+        bm(lo)  # builds the graph
     bounds = bm.intervals(lo, up, "ibp")  # IBP for the earlier nodes: valid, and the same for both
     compared = tightened = 0
     for name in sorted(bm.pre_activation, key=[n.name for n in bm.graph.nodes].index):
