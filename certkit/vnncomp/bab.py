@@ -21,7 +21,7 @@ the stack grows past ``max_domains``.
   and robot_6). The search is depth first, the child whose best candidate point (CROWN
   minimiser corners, centre) comes closest to the unsafe set on top: refuting costs the
   same in any order, and ACAS Xu #23 (violated in ~1% of one input's range) is found in
-  443 domains (5953 at the 25% guard) where plain depth first times out.
+  443 domains (5953 at the 25% guard, where plain depth first timed out).
 * ReLU splitting (the others): a domain is the input box plus the pre-activation
   intervals of every ReLU, with the split neurons clamped to l ≥ 0 (active) or u ≤ 0
   (inactive). Children are bounded by IBP intersected with the parent's intervals
