@@ -20,8 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from certkit.train.loop import PRESETS
 from certkit.train.metrics import MetricsFile
 
@@ -81,13 +79,12 @@ def main() -> None:
     print(f"\n{args.preset}, {args.model}, seed {args.seed}, {budget}; test errors in %, clean / verified")
     print(f"{'method':10s} {'last epoch':>15s} {'picked epoch':>19s} {'paper (mean)':>15s} {'train time':>11s}")
     for m, run in runs.items():
-        d = MetricsFile(run / "metrics.h5").read()
-        best = int(np.argmin(d["val_verified_err"]))
+        r = MetricsFile(run / "metrics.h5").summary()
         paper = published.get(m)
-        print(f"{m:10s} {d['test_clean_err'][-1]:6.2f} / {d['test_verified_err'][-1]:6.2f} "
-              f"{d['test_clean_err'][best]:6.2f} / {d['test_verified_err'][best]:6.2f} (#{int(d['epoch'][best])}) "
+        print(f"{m:10s} {r['clean']:6.2f} / {r['verified']:6.2f} "
+              f"{r['picked_clean']:6.2f} / {r['picked_verified']:6.2f} (#{r['picked_epoch']}) "
               f"{'' if paper is None else f'{paper[0]:6.2f} / {paper[1]:6.2f}':>15s} "
-              f"{d['train_time'].sum() / 60:9.1f} m")
+              f"{r['train_min']:9.1f} m")
 
 
 if __name__ == "__main__":

@@ -44,10 +44,9 @@ def main() -> None:
             run = Path(args.out) / f"{method}-s{seed}"
             resume = (run / "last.pt").exists()
             train(cfg, run, resume=resume, log=lambda line, m=method, s=seed: print(f"[{m} s{s}] {line}", flush=True))
-            m = MetricsFile(run / "metrics.h5").read()
-            best = int(np.argmin(m["val_verified_err"]))
-            results[method, seed] = (m["test_clean_err"][-1], m["test_verified_err"][-1], m["test_clean_err"][best],
-                                     m["test_verified_err"][best], m["epoch"][best], m["train_time"].sum() / 60)
+            r = MetricsFile(run / "metrics.h5").summary()
+            results[method, seed] = tuple(r[k] for k in ("clean", "verified", "picked_clean", "picked_verified",
+                                                         "picked_epoch", "train_min"))
     print(f"\nMNIST, cnn-small, eps 0.3 (train 0.4), {args.epochs} epochs, ramp start {start} length {length}, "
           f"lr x0.2 at {milestones}; errors in % on the 10,000 test images")
     print(f"{'method':8s} {'seed':>5s} {'clean (last)':>13s} {'verified (last)':>16s} {'clean (best)':>13s} "

@@ -10,6 +10,7 @@ import torch
 from certkit.bounds import BoundedModel
 from certkit.train.data import augment
 from certkit.train.init import ibp_init, ibp_sigma
+from certkit.train.metrics import MetricsFile
 from certkit.train.models import build_model, num_params
 from certkit.train.regularizers import robust_loss, warmup_regularizers
 from certkit.train.schedule import SmoothedEps
@@ -194,3 +195,13 @@ def assert_compiled_step_matches_eager(device: str, model: str, method: str, n: 
 def test_compiled_step_matches_eager_on_cpu():
     """torch.compile's default mode on a CPU (CUDA graphs on a GPU: tests/test_cuda.py)."""
     assert_compiled_step_matches_eager("cpu", "mlp", "fast", 32, (0.0, 0.1, 0.2))
+
+
+def test_metrics_summary_reports_the_last_and_the_validation_picked_epoch(tmp_path):
+    mf = MetricsFile(tmp_path / "metrics.h5")
+    for epoch, (val, clean, verified, t) in enumerate([(30.0, 9.0, 40.0, 60.0), (20.0, 8.0, 30.0, 60.0),
+                                                      (20.0, 7.0, 25.0, 120.0), (25.0, 6.0, 28.0, 60.0)], 1):
+        mf.append({"epoch": epoch, "val_verified_err": val, "test_clean_err": clean, "test_verified_err": verified,
+                   "train_time": t})
+    assert mf.summary() == {"clean": 6.0, "verified": 28.0, "picked_clean": 8.0, "picked_verified": 30.0,
+                            "picked_epoch": 2, "train_min": 5.0}  # a tie picks the first epoch, as best.pt does

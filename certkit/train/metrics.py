@@ -41,3 +41,13 @@ class MetricsFile:
     def read(self) -> dict[str, np.ndarray]:
         with h5py.File(self.path, "r") as f:
             return {k: f[k][()] for k in f}
+
+    def summary(self) -> dict[str, float]:
+        """Test errors (%) after the last epoch and at the epoch the validation split picks (the
+        lowest validation verified error, the first if tied, as ``best.pt``), and training minutes."""
+        m = self.read()
+        best = int(np.argmin(m["val_verified_err"]))
+        return {"clean": float(m["test_clean_err"][-1]), "verified": float(m["test_verified_err"][-1]),
+                "picked_clean": float(m["test_clean_err"][best]),
+                "picked_verified": float(m["test_verified_err"][best]),
+                "picked_epoch": int(m["epoch"][best]), "train_min": float(m["train_time"].sum()) / 60}
