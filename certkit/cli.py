@@ -405,7 +405,7 @@ def report(results, as_json) -> None:
               help="Result file to write (competition format).")
 @click.option("--category", default="", help="Benchmark name (VNN-COMP category), shown in the log.")
 @click.option("--threads", type=int, default=0, show_default=True,
-              help="CPU threads for PyTorch; 0 picks 1 for small networks and the default otherwise.")
+              help="CPU threads for PyTorch; 0 keeps PyTorch's default (every core).")
 @click.option("--pidfile", type=click.Path(dir_okay=False),
               help="Write the solver process's id here while it runs (vnncomp/prepare_instance.sh reads it "
                    "to stop a solver left over from an interrupted run, and no other).")
