@@ -86,9 +86,6 @@ class Graph:
                 mixes[n.name] = m + (1 if op.mixing else 0)
         return {k: v <= 1 for k, v in mixes.items()}
 
-    def num_params(self) -> int:
-        return sum(n.op.num_params() for n in self.nodes[1:])
-
 
 # ------------------------------------------------------------------ building
 
