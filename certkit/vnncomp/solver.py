@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from certkit.bounds import BoundedModel
+from certkit.bounds import BoundedModel, milp
 from certkit.errors import InvalidInput
 from certkit.vnncomp.bab import BabOutcome, Confirm, crown_corners, input_split, margins, relu_split
 from certkit.vnncomp.oracle import Oracle
@@ -54,7 +54,7 @@ class SolveResult:
     status: str  # sat, unsat, unknown, timeout
     x: np.ndarray | None = None
     y: np.ndarray | None = None
-    stage: str = ""  # what decided it: attack, crown, alpha-crown, input-split, relu-split
+    stage: str = ""  # what decided it: attack, crown, alpha-crown, milp-alpha-crown, input-split, relu-split
     log: list[str] = field(default_factory=list)
 
 
@@ -74,6 +74,10 @@ class SolverConfig:
     intermediate_alpha_iterations: int = 20  # ReLU splitting: α-CROWN steps per intermediate bound at the root...
     intermediate_alpha_time: float = 0.2  # ...within this share of the time left (later layers get CROWN)
     float32_steps: bool = True  # ReLU splitting: α-β steps in float32, kept α and β checked in float64
+    milp_time: float = 0.25  # ReLU splitting: MILP-refined intermediate bounds within this share of the time left...
+    milp_max_neurons: int = 2048  # ...for networks with at most this many ReLU neurons...
+    milp_seconds_per_bound: float = 1.0  # ...each bound with at most this much solver time...
+    milp_workers: int = 2  # ...this many programs at a time
     seed: int = 0
 
 
@@ -167,7 +171,8 @@ class Solver:
     def splits_inputs(self) -> bool:
         return math.prod(self.input_shape) <= self.config.input_split_max
 
-    def root_bounds(self, case: Case, spec: Spec, deadline: Deadline) -> tuple[bool, str, dict, Tensor]:
+    def root_bounds(self, case: Case, spec: Spec, deadline: Deadline,
+                    note: Callable[[str], None] | None = None) -> tuple[bool, str, dict, Tensor]:
         """CROWN, then α-CROWN on the whole box: (refuted, method, node intervals, CROWN's
         minimiser corners of the polytopes left (c, *input shape), starting points for a search).
 
@@ -185,13 +190,40 @@ class Solver:
             return True, "crown", bounds, starts
         if deadline.expired() or cfg.alpha_iterations <= 0:
             return False, "", bounds, starts
-        if not self.splits_inputs() and cfg.intermediate_alpha_iterations > 0:
-            stop = time.monotonic() + cfg.intermediate_alpha_time * deadline.left()
-            bounds = self.bm.intervals(lo, up, "crown", known=bounds,
-                                       alpha_iterations=cfg.intermediate_alpha_iterations,
-                                       expired=lambda: time.monotonic() > stop)
+        relu_splitting = not self.splits_inputs()
+        if relu_splitting and cfg.intermediate_alpha_iterations > 0:
+            bounds = self._alpha_intervals(lo, up, bounds, deadline)
         lb, _ = self.bm.alpha_crown(bounds, spec.batch_C(1), bound_upper=False, iterations=cfg.alpha_iterations)
-        return bool((refuted | spec.refuted(lb)).all()), "alpha-crown", bounds, starts
+        refuted = refuted | spec.refuted(lb)
+        if bool(refuted.all()) or not relu_splitting or cfg.milp_time <= 0 or deadline.expired():
+            return bool(refuted.all()), "alpha-crown", bounds, starts
+        if self.relu_neurons() > cfg.milp_max_neurons:
+            return False, "alpha-crown", bounds, starts
+        stop = time.monotonic() + cfg.milp_time * deadline.left()
+        with torch.no_grad():
+            bounds, stats = milp.refine(self.bm, lo, up, bounds, lambda: time.monotonic() > stop,
+                                        lambda known: self._alpha_intervals(lo, up, known, deadline),
+                                        cfg.milp_seconds_per_bound, cfg.milp_workers)
+        if note is not None and stats.bounds:
+            note(f"MILP refinement: {stats.bounds} bounds of {stats.layers} layer(s) solved in {stats.seconds:.1f} s, "
+                 f"{stats.tightened} tightened, {stats.stabilised} neuron(s) stabilised")
+        if stats.bounds == 0:
+            return False, "alpha-crown", bounds, starts
+        lb, _ = self.bm.alpha_crown(bounds, spec.batch_C(1), bound_upper=False, iterations=cfg.alpha_iterations)
+        refuted = refuted | spec.refuted(lb)
+        return bool(refuted.all()), "milp-alpha-crown", bounds, starts
+
+    def _alpha_intervals(self, lo: Tensor, up: Tensor, known: dict, deadline: Deadline) -> dict:
+        """Every node's interval by α-CROWN (CROWN once the time share for it is spent),
+        intersected with the ``known`` intervals."""
+        cfg = self.config
+        stop = time.monotonic() + cfg.intermediate_alpha_time * deadline.left()
+        return self.bm.intervals(lo, up, "crown", known=known, alpha_iterations=cfg.intermediate_alpha_iterations,
+                                 expired=lambda: time.monotonic() > stop)
+
+    def relu_neurons(self) -> int:
+        graph = self.bm.graph
+        return sum(math.prod(graph.by_name[n.inputs[0]].shape) for n in graph.nodes[1:] if n.op.kind == "relu")
 
     # ---------------------------------------------------------------- driver
 
@@ -218,10 +250,11 @@ class Solver:
                 return SolveResult("timeout", log=result.log)
         open_cases, root_stage = [], "crown"
         for i, (case, spec) in enumerate(zip(prop.cases, specs)):
-            refuted, method, bounds, starts = self.root_bounds(case, spec, deadline)
+            refuted, method, bounds, starts = self.root_bounds(case, spec, deadline,
+                                                               lambda m, i=i: note(f"case {i}: {m}"))
             if refuted:
                 note(f"case {i}: refuted by {method}")
-                root_stage = method if method == "alpha-crown" else root_stage
+                root_stage = method if method != "crown" else root_stage
             else:
                 # the corners minimising CROWN's bound lie where the relaxation sees the unsafe set:
                 # collins #20's output is flat on every random start, 14.7 of the 18 needed there

@@ -1,0 +1,272 @@
+"""MILP refinement of a ReLU network's intermediate bounds on one input box (HiGHS).
+
+CROWN and α-CROWN bound each pre-activation through the triangle relaxation of every earlier
+unstable ReLU; the exact bound needs each such ReLU's phase as a binary variable. This module
+writes the network up to a layer as a mixed-integer program (the big-M encoding with the
+current intervals as constants: for an unstable ReLU a = max(z, 0) with l < 0 < u,
+``a ≥ 0, a ≥ z, a ≤ u·δ, a ≤ z − l·(1 − δ)``, δ ∈ {0, 1}) and lets HiGHS minimise and
+maximise each unstable neuron of that layer within a time limit. Only the solver's proven
+bound is used (its dual bound, valid when it stops early too), widened by a margin for the
+solver's floating-point tolerances, and intersected with the interval already known, so a
+refined interval is never looser.
+
+Why: on mnist_fc's 256×4 network at ε = 0.05 (#56), 60 s of these programs on 24 of the 70
+unstable neurons of the second layer took ReLU splitting from 33,885 domains (169 s) to
+1,689 (11 s); the intervals moved by only ~5%, but every later layer and every domain of
+branch and bound inherits them.
+
+Applies when every pre-activation is an affine function of the input and of earlier ReLU
+outputs (fully connected and convolutional ReLU networks, residual ones included);
+:func:`relu_layers` returns None otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from certkit.bounds.engine import BoundedModel, Interval, concretize
+
+MARGIN = 1e-4  # relative widening of every solver bound: HiGHS works to tolerances of ~1e-7 per constraint
+
+
+@dataclass
+class ReluLayer:
+    """One ReLU layer: its pre-activation z = Σ_s W_s·s + b over source nodes s (the network's
+    input or earlier ReLUs' outputs), flattened."""
+
+    pre: str
+    relu: str
+    sources: dict[str, np.ndarray]  # source node → W (neurons, source size)
+    bias: np.ndarray
+
+
+@dataclass
+class RefineStats:
+    layers: int = 0  # layers refined (fully or in part)
+    bounds: int = 0  # lower or upper bounds solved for
+    tightened: int = 0  # of which the solver improved
+    stabilised: int = 0  # neurons that became stable
+    seconds: float = 0.0
+
+
+def relu_layers(bm: BoundedModel, bounds: dict[str, Interval]) -> list[ReluLayer] | None:
+    """The network's ReLU layers as affine maps of earlier ones, in order; None when some
+    pre-activation depends on a nonlinearity other than ReLU (or there is no ReLU)."""
+    graph = bm.graph
+    relus = [n for n in graph.nodes[1:] if n.op.kind == "relu"]
+    if not relus:
+        return None
+    names = {r.name for r in relus} | {graph.input.name}
+    layers = []
+    with torch.no_grad():
+        for r in relus:
+            pre = r.inputs[0]
+            lo = bounds[pre][0][:1]
+            n = lo[0].numel()
+            eye = torch.eye(n, dtype=lo.dtype, device=lo.device).reshape(1, n, *lo.shape[1:])
+            record: dict[str, Tensor] = {}
+            lb = bm._backward(pre, eye, {k: (a[:1], b[:1]) for k, (a, b) in bounds.items()},
+                              stop_at_nonlinear=True, record=record)
+            bias, sources = lb[0], {}
+            for s, A in record.items():
+                node = graph.by_name[s]
+                if node.op is not None and node.op.affine:
+                    continue
+                if s not in names:
+                    return None
+                sources[s] = A.reshape(n, -1).double().cpu().numpy()
+                bias = bias - concretize(A, (bounds[s][0][:1], bounds[s][1][:1]))[0]
+            layers.append(ReluLayer(pre, r.name, sources, bias.double().cpu().numpy()))
+    return layers
+
+
+_banner_shown = False
+
+
+def _highs():
+    """A silent HiGHS instance. The first one made in a process prints a banner on stdout, which
+    would land in the middle of command output: that one is made with stdout pointing nowhere."""
+    global _banner_shown
+    import highspy
+
+    if _banner_shown:
+        h = highspy.Highs()
+    else:
+        sys.stdout.flush()
+        saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        try:
+            h = highspy.Highs()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
+        _banner_shown = True
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("threads", 1)
+    return h
+
+
+class _Program:
+    """The big-M program of the layers before ``k``, ready for one objective after another."""
+
+    def __init__(self, layers: list[ReluLayer], k: int, input_name: str, lower: np.ndarray, upper: np.ndarray,
+                 intervals: dict[str, tuple[np.ndarray, np.ndarray]]):
+        import highspy
+
+        self.highspy = highspy
+        h = self.h = _highs()
+        inf = highspy.kHighsInf
+        self.columns = {input_name: np.arange(lower.size)}
+        h.addVars(lower.size, lower, upper)
+        ncol = lower.size
+        for layer in layers[:k]:
+            lo, up = intervals[layer.pre]
+            n = lo.size
+            active, inactive = lo >= 0, up <= 0
+            unstable = ~active & ~inactive
+            live = np.nonzero(~inactive)[0]  # neurons with a variable: z (active) or z and a (unstable)
+            z = np.full(n, -1)
+            z[live] = ncol + np.arange(live.size)
+            h.addVars(live.size, lo[live], up[live])
+            ncol += live.size
+            # z − Σ W·source = b, over the sources' live columns
+            idx, val = [z[live, None]], [np.ones((live.size, 1))]
+            for s, W in layer.sources.items():
+                cols = self.columns[s]
+                keep = cols >= 0
+                idx.append(np.broadcast_to(cols[keep], (live.size, int(keep.sum()))))
+                val.append(-W[live][:, keep])
+            idx, val = np.concatenate(idx, 1), np.concatenate(val, 1)
+            width = idx.shape[1]
+            b = layer.bias[live]
+            h.addRows(live.size, b, b, idx.size, np.arange(live.size) * width, idx.reshape(-1).astype(np.int32),
+                      val.reshape(-1))
+            post = np.where(active, z, -1)
+            u_idx = np.nonzero(unstable)[0]
+            m = u_idx.size
+            if m:
+                a = ncol + np.arange(m)
+                d = ncol + m + np.arange(m)
+                h.addVars(m, np.zeros(m), up[u_idx])
+                h.addVars(m, np.zeros(m), np.ones(m))
+                ncol += 2 * m
+                h.changeColsIntegrality(m, d.astype(np.int32), np.full(m, highspy.HighsVarType.kInteger))
+                l_u, u_u, z_u = lo[u_idx], up[u_idx], z[u_idx]
+                two, three = np.arange(m) * 2, np.arange(m) * 3
+                h.addRows(m, np.zeros(m), np.full(m, inf), 2 * m, two,  # a − z ≥ 0
+                          np.stack([a, z_u], 1).reshape(-1).astype(np.int32), np.tile([1.0, -1.0], m))
+                h.addRows(m, np.full(m, -inf), np.zeros(m), 2 * m, two,  # a − u·δ ≤ 0
+                          np.stack([a, d], 1).reshape(-1).astype(np.int32),
+                          np.stack([np.ones(m), -u_u], 1).reshape(-1))
+                h.addRows(m, np.full(m, -inf), -l_u, 3 * m, three,  # a − z − l·δ ≤ −l
+                          np.stack([a, z_u, d], 1).reshape(-1).astype(np.int32),
+                          np.stack([np.ones(m), -np.ones(m), -l_u], 1).reshape(-1))
+                post[u_idx] = a
+            self.columns[layer.relu] = post
+        self.ncol = ncol
+
+    def minimum(self, layer: ReluLayer, neuron: int, sign: float, seconds: float) -> float:
+        """A proven lower bound of sign·z[neuron] − sign·b (−inf when the solver proved nothing)."""
+        cost = np.zeros(self.ncol)
+        for s, W in layer.sources.items():
+            cols = self.columns[s]
+            keep = cols >= 0
+            np.add.at(cost, cols[keep], sign * W[neuron, keep])
+        h = self.h
+        h.changeColsCost(self.ncol, np.arange(self.ncol, dtype=np.int32), cost)
+        h.setOptionValue("time_limit", max(seconds, 1e-3))
+        h.run()
+        status = h.getModelStatus()
+        ok = (self.highspy.HighsModelStatus.kOptimal, self.highspy.HighsModelStatus.kTimeLimit,
+              self.highspy.HighsModelStatus.kInterrupt, self.highspy.HighsModelStatus.kSolutionLimit)
+        if status not in ok:
+            return -math.inf
+        value = h.getInfo().mip_dual_bound
+        return value if math.isfinite(value) else -math.inf
+
+
+def refine_layer(layers: list[ReluLayer], k: int, input_name: str, lower: np.ndarray, upper: np.ndarray,
+                 intervals: dict[str, tuple[np.ndarray, np.ndarray]], expired: Callable[[], bool],
+                 seconds_per_bound: float = 1.0, workers: int = 2, stats: RefineStats | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Tighter intervals (flattened lower, upper) of layer ``k``'s pre-activations on the box
+    [lower, upper] (flattened, float64), given the intervals of the earlier layers and of this
+    one (``intervals``: name → (lower, upper)). Unstable neurons are taken most balanced first
+    (largest min(−l, u)), each bound with at most ``seconds_per_bound`` of solver time, until
+    ``expired()``; ``workers`` programs are solved at a time (HiGHS releases the GIL)."""
+    layer = layers[k]
+    lo, up = (v.copy() for v in intervals[layer.pre])
+    unstable = np.nonzero((lo < 0) & (up > 0))[0]
+    order = unstable[np.argsort(-np.minimum(-lo[unstable], up[unstable]), kind="stable")]
+    stats = stats if stats is not None else RefineStats()
+    if order.size == 0:
+        return lo, up
+    start = time.monotonic()
+    programs = [_Program(layers, k, input_name, lower, upper, intervals) for _ in range(max(1, workers))]
+    jobs = [(int(i), sign) for i in order for sign in (1.0, -1.0)]
+
+    def work(w: int) -> None:
+        program = programs[w]
+        for j in range(w, len(jobs), len(programs)):
+            if expired():
+                return
+            i, sign = jobs[j]
+            value = program.minimum(layer, i, sign, seconds_per_bound)
+            stats.bounds += 1
+            if not math.isfinite(value):
+                continue
+            bound = sign * (value + sign * layer.bias[i])  # of z[i]: a lower bound (sign 1) or an upper one
+            bound -= sign * MARGIN * (1 + abs(bound))
+            if sign > 0 and bound > lo[i]:
+                lo[i], stats.tightened = bound, stats.tightened + 1
+            elif sign < 0 and bound < up[i]:
+                up[i], stats.tightened = bound, stats.tightened + 1
+
+    with ThreadPoolExecutor(len(programs)) as pool:
+        list(pool.map(work, range(len(programs))))
+    stats.layers += 1
+    stats.stabilised += int(((lo[order] >= 0) | (up[order] <= 0)).sum())
+    stats.seconds += time.monotonic() - start
+    return lo, up
+
+
+def refine(bm: BoundedModel, lower: Tensor, upper: Tensor, bounds: dict[str, Interval],
+           expired: Callable[[], bool], repropagate: Callable[[dict[str, Interval]], dict[str, Interval]],
+           seconds_per_bound: float = 1.0, workers: int = 2) -> tuple[dict[str, Interval], RefineStats]:
+    """Refine the intervals ``bounds`` of one box (batch of 1) layer by layer, from the first
+    layer with an unstable ReLU before it, until ``expired()``. After each layer
+    ``repropagate(known)`` recomputes every node's interval from the refined ones (e.g. CROWN
+    with them as known intervals), so the next layer's program and its unstable neurons see
+    them. Returns the new intervals (``bounds`` itself when nothing applies) and statistics."""
+    stats = RefineStats()
+    layers = relu_layers(bm, bounds)
+    if layers is None:
+        return bounds, stats
+    name = bm.graph.input.name
+    lo_x = lower.reshape(-1).double().cpu().numpy()
+    up_x = upper.reshape(-1).double().cpu().numpy()
+    for k in range(1, len(layers)):
+        if expired():
+            break
+        if set(layers[k].sources) == {name}:  # affine in the input: CROWN is exact already
+            continue
+        intervals = {L.pre: tuple(t.detach().reshape(-1).double().cpu().numpy() for t in bounds[L.pre])
+                     for L in layers[:k + 1]}
+        lo, up = refine_layer(layers, k, name, lo_x, up_x, intervals, expired, seconds_per_bound, workers, stats)
+        old = bounds[layers[k].pre]
+        known = dict(bounds)  # every interval still holds: the recomputed ones can only be tighter
+        known[layers[k].pre] = (torch.as_tensor(lo, dtype=old[0].dtype, device=old[0].device).reshape(old[0].shape),
+                                torch.as_tensor(up, dtype=old[1].dtype, device=old[1].device).reshape(old[1].shape))
+        bounds = repropagate(known)
+    return bounds, stats
