@@ -9,18 +9,13 @@ import torch.nn as nn
 
 from certkit.bounds import BoundedModel
 from certkit.bounds.milp import refine, relu_layers
+from tests.test_vnncomp import _mlp as _vnncomp_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int, n_in: int, hidden: tuple[int, ...]) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    d = n_in
-    for h in hidden:
-        layers += [nn.Linear(d, h), nn.ReLU()]
-        d = h
-    return nn.Sequential(*layers, nn.Linear(d, 3)).double().eval()
+    return _vnncomp_mlp(seed, n_in, hidden).double()
 
 
 def _pre_activations(model: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
