@@ -421,7 +421,9 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile) 
 
     \b
     Strategy: PGD attack, CROWN, alpha-CROWN, then branch and bound until the deadline
-    (input splitting for networks with at most 20 inputs, ReLU splitting otherwise).
+    (input splitting for networks with at most 20 inputs, ReLU splitting otherwise; before
+    ReLU splitting, ReLU networks of at most 2,048 ReLU neurons get their intermediate
+    bounds refined by MILP (HiGHS) within a quarter of the time left).
 
     \b
     Example:

@@ -178,7 +178,9 @@ class Solver:
 
         Where ReLU splitting follows, the intermediate bounds are first tightened by α-CROWN
         too: every subdomain starts from them (on mnist_fc's 256×4 network at ε = 0.05, half
-        of the unstable neurons become stable)."""
+        of the unstable neurons become stable). If α-CROWN leaves the box open on a small
+        enough ReLU network, they are then refined by MILP (:mod:`certkit.bounds.milp`) within
+        ``milp_time`` of the time left, and α-CROWN bounds the property once more."""
         lo, up = self._box(case)
         cfg = self.config
         with torch.no_grad():
@@ -222,6 +224,7 @@ class Solver:
                                  expired=lambda: time.monotonic() > stop)
 
     def relu_neurons(self) -> int:
+        """How many neurons feed a ReLU, over the whole network (the MILP refinement's size guard)."""
         graph = self.bm.graph
         return sum(math.prod(graph.by_name[n.inputs[0]].shape) for n in graph.nodes[1:] if n.op.kind == "relu")
 
