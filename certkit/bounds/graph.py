@@ -63,6 +63,12 @@ class Graph:
     def output_shape(self) -> tuple[int, ...]:
         return self.by_name[self.output].shape
 
+    @property
+    def relus(self) -> list[Node]:
+        """The ReLU nodes, in order (the units of ReLU splitting, MILP refinement and the warmup
+        regularisers)."""
+        return [n for n in self.nodes[1:] if n.op.kind == "relu"]
+
     def ancestors(self, name: str) -> list[Node]:
         """The node and everything it depends on, in reverse topological order."""
         need = {name}

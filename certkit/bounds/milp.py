@@ -63,7 +63,7 @@ def relu_layers(bm: BoundedModel, bounds: dict[str, Interval]) -> list[ReluLayer
     """The network's ReLU layers as affine maps of earlier ones, in order; None when some
     pre-activation depends on a nonlinearity other than ReLU (or there is no ReLU)."""
     graph = bm.graph
-    relus = [n for n in graph.nodes[1:] if n.op.kind == "relu"]
+    relus = graph.relus
     if not relus:
         return None
     names = {r.name for r in relus} | {graph.input.name}

@@ -205,7 +205,7 @@ class Trainer:
         graph = self.bm.graph
         if cfg.use_ibp_init:
             ibp_init(self.model, graph)
-        self.relu_inputs = [n.inputs[0] for n in graph.nodes[1:] if n.op.kind == "relu"]
+        self.relu_inputs = [n.inputs[0] for n in graph.relus]
         self.input_node = self._normalised_input(graph)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.lr_sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(cfg.milestones), cfg.lr_decay)

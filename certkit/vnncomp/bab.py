@@ -349,7 +349,7 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
     With ``fast_dtype`` (and a network in a wider dtype), the α-β steps run on a copy of the
     network in that dtype and only each domain's kept α and β are evaluated in the network's
     own: on a CPU float32 steps cost about half as much as float64 ones."""
-    relus = [n for n in bm.graph.nodes[1:] if n.op.kind == "relu"]
+    relus = bm.graph.relus
     if not relus:
         return BabOutcome("relu-split", "unknown", None, 0, 0, "no ReLU to split")
     pre = [n.inputs[0] for n in relus]

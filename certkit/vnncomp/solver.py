@@ -226,7 +226,7 @@ class Solver:
     def relu_neurons(self) -> int:
         """How many neurons feed a ReLU, over the whole network (the MILP refinement's size guard)."""
         graph = self.bm.graph
-        return sum(math.prod(graph.by_name[n.inputs[0]].shape) for n in graph.nodes[1:] if n.op.kind == "relu")
+        return sum(math.prod(graph.by_name[n.inputs[0]].shape) for n in graph.relus)
 
     # ---------------------------------------------------------------- driver
 
