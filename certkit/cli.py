@@ -421,9 +421,10 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile) 
 
     \b
     Strategy: PGD attack, CROWN, alpha-CROWN, then branch and bound until the deadline
-    (input splitting for networks with at most 20 inputs, ReLU splitting otherwise; before
-    ReLU splitting, ReLU networks of at most 2,048 ReLU neurons get their intermediate
-    bounds refined by MILP (HiGHS) within a quarter of the time left).
+    (input splitting for networks with at most 20 inputs, ReLU splitting otherwise; when
+    ReLU splitting has not finished within a tenth of the time left on a ReLU network of
+    at most 2,048 ReLU neurons, its intermediate bounds are refined by MILP (HiGHS) for a
+    quarter of the time left before that try and splitting starts again from them).
 
     \b
     Example:

@@ -469,14 +469,27 @@ def test_real_instances_get_the_ground_truth_answer(family, index, truth, vnncom
         assert in_unsafe_set(read_vnnlib(fam / vnn).cases[0], y)
 
 
+def _mnist_fc(index: int, vnncomp_dir, timeout: float):
+    fam = vnncomp_dir / "mnist_fc_2022"
+    onnx, vnn, _ = list(csv.reader(open(fam / "instances.csv")))[index]
+    return Solver(fam / onnx).solve(read_vnnlib(fam / vnn), timeout=timeout)
+
+
 def test_milp_refinement_lets_relu_splitting_finish_mnist_fc_56(vnncomp_dir):
     """mnist_fc 256×4 #56 (ε = 0.05, unsat): ReLU splitting from α-CROWN's intervals needed 33,885
     domains (169 s); after 30 s of MILP refinement of the second layer's intervals, 1,259 (8 s)."""
-    fam = vnncomp_dir / "mnist_fc_2022"
-    onnx, vnn, _ = list(csv.reader(open(fam / "instances.csv")))[56]
-    res = Solver(fam / onnx).solve(read_vnnlib(fam / vnn), timeout=120)
+    res = _mnist_fc(56, vnncomp_dir, timeout=120)
     assert res.status == "unsat", res.log
     assert any("MILP refinement" in line for line in res.log), res.log
+
+
+def test_relu_splitting_that_finishes_quickly_skips_the_milp_refinement(vnncomp_dir):
+    """mnist_fc #25 (unsat) needs about 600 domains from α-CROWN's intervals: the first slice of
+    ReLU splitting (a tenth of the time left) decides it, and the MILP refinement, which takes a
+    quarter of the time left, never runs."""
+    res = _mnist_fc(25, vnncomp_dir, timeout=300)
+    assert res.status == "unsat" and res.stage == "relu-split", res.log
+    assert not any("MILP" in line for line in res.log), res.log
 
 
 def test_worker_reports_an_internal_error_with_its_traceback(tmp_path, monkeypatch, capsys, vnncomp_dir):
