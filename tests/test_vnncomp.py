@@ -228,7 +228,7 @@ def test_relu_split_proves_what_plain_crown_cannot(tmp_path):
     assert root < best
     b = root + 0.5 * (best - root)
     prop = Property(4, 2, [Case(-np.ones(4), np.ones(4), [(np.array([[1.0, -1.0]]), np.array([b]))])])
-    # without MILP refinement, which alone refutes this one at the root
+    # MILP off: were the first slice of ReLU splitting to run out, MILP alone would refute it at the root
     res = Solver(path, SolverConfig(input_split_max=0, milp_time=0)).solve(prop, timeout=60)
     assert res.status == "unsat" and res.stage == "relu-split", (res.status, res.stage, res.log)
 

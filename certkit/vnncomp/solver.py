@@ -190,12 +190,10 @@ class Solver:
             return True, "crown", bounds, starts
         if deadline.expired() or cfg.alpha_iterations <= 0:
             return False, "", bounds, starts
-        relu_splitting = not self.splits_inputs()
-        if relu_splitting and cfg.intermediate_alpha_iterations > 0:
+        if not self.splits_inputs() and cfg.intermediate_alpha_iterations > 0:
             bounds = self._alpha_intervals(lo, up, bounds, deadline)
         lb, _ = self.bm.alpha_crown(bounds, spec.batch_C(1), bound_upper=False, iterations=cfg.alpha_iterations)
-        refuted = refuted | spec.refuted(lb)
-        return bool(refuted.all()), "alpha-crown", bounds, starts
+        return bool((refuted | spec.refuted(lb)).all()), "alpha-crown", bounds, starts
 
     def milp_applies(self) -> bool:
         """Whether ReLU splitting may start again from MILP-refined intervals: ReLU networks
@@ -264,7 +262,7 @@ class Solver:
             refuted, method, bounds, starts = self.root_bounds(case, spec, deadline)
             if refuted:
                 note(f"case {i}: refuted by {method}")
-                root_stage = method if method != "crown" else root_stage
+                root_stage = method if method == "alpha-crown" else root_stage
             else:
                 # the corners minimising CROWN's bound lie where the relaxation sees the unsafe set:
                 # collins #20's output is flat on every random start, 14.7 of the 18 needed there
