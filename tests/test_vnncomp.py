@@ -147,6 +147,32 @@ def test_branch_and_bound_agrees_with_an_exhaustive_grid(mode, tmp_path):
     assert decided >= len(answers) - (1 if splits_inputs else 2), answers
 
 
+def test_pair_margins_match_the_per_domain_margins_of_the_same_polytopes():
+    """Bounding (domain, polytope) pairs one by one gives each pair the margin the per-domain
+    pass gives that polytope on that domain, including a two-row polytope (λ-combined) next
+    to one-row ones (padded by repeating their row)."""
+    from certkit.bounds import BoundedModel
+    from certkit.vnncomp.bab import _Pairs, margins, pair_margins
+
+    model = _mlp(5, n_in=3, hidden=(12, 12), n_out=3)
+    bm = BoundedModel(model).to(torch.float64)
+    polytopes = [(np.array([[1.0, -1.0, 0.0]]), np.array([0.5])),
+                 (np.array([[0.0, 1.0, -1.0], [-1.0, 0.0, 1.0]]), np.array([0.2, 0.1])),
+                 (np.array([[-1.0, 0.0, 1.0]]), np.array([-0.3]))]
+    spec = Spec.from_case(Case(-np.ones(3), np.ones(3), polytopes))
+    lo = -torch.rand(4, 3, dtype=torch.float64)
+    up = torch.rand(4, 3, dtype=torch.float64)
+    bounds = bm.intervals(lo, up, "crown")
+    m_dom, A_dom, _ = margins(bm, spec, bounds, lo, up)
+    alive = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    pairs = _Pairs.of(spec, alive)
+    assert pairs.rows.shape == (int(alive.sum()), 2)
+    gathered = {k: (a[pairs.dom], b[pairs.dom]) for k, (a, b) in bounds.items()}
+    m, A, _ = pair_margins(bm, pairs, gathered, lo[pairs.dom], up[pairs.dom])
+    torch.testing.assert_close(m, m_dom[pairs.dom, pairs.group])
+    torch.testing.assert_close(A[:, 0], A_dom[pairs.dom, pairs.rows[:, 0]])
+
+
 def test_float32_alpha_beta_steps_return_only_float64_margins():
     """α-β-CROWN's steps on a float32 copy: the margins handed back are those one float64 pass
     (of the kept α and β) gives, or the starting ones, never a float32 value, and they are
@@ -154,7 +180,7 @@ def test_float32_alpha_beta_steps_return_only_float64_margins():
     import copy
 
     from certkit.bounds import BoundedModel
-    from certkit.vnncomp.bab import _extra, _optimise, margins
+    from certkit.vnncomp.bab import _extra, _optimise, _Pairs, pair_margins
 
     model = _mlp(4, n_in=3, hidden=(16, 16), n_out=2)
     bm = BoundedModel(copy.deepcopy(model)).to(torch.float64)
@@ -173,16 +199,18 @@ def test_float32_alpha_beta_steps_return_only_float64_margins():
               for r, p in zip(relus, pre)]
     betas = [torch.zeros(2, spec.num_rows, k, dtype=torch.float64) for k in sizes]
     shapes = [bounds[p][0].shape[1:] for p in pre]
+    pairs = _Pairs.of(spec, torch.ones(2, 1, dtype=torch.bool))  # one polytope per domain: pair i = domain i
 
     def start_margins():
-        return margins(bm, spec, bounds, lo, up, alphas={r.name: a for r, a in zip(relus, alphas)},
-                       extra=_extra(pre, signs, betas, shapes))[0].detach()
+        return pair_margins(bm, pairs, bounds, lo, up, alphas={r.name: a for r, a in zip(relus, alphas)},
+                            extra=_extra(pre, signs, betas, shapes))[0].detach()
 
-    spec.b += float(start_margins().max()) + 0.3  # shifts every margin by the same amount: all open
+    pairs.b += float(start_margins().max()) + 0.3  # shifts every margin by the same amount: all open
+    spec.b += float(pairs.b[0, 0] - spec.b[0])
     start = start_margins()
     assert bool((start < 0).all())
     evaluated = []
-    real_margins = margins
+    real_margins = pair_margins
 
     def spy(model, *a, **kw):  # every pass of the float64 network, and what it gave
         out = real_margins(model, *a, **kw)
@@ -191,11 +219,11 @@ def test_float32_alpha_beta_steps_return_only_float64_margins():
         return out
 
     import certkit.vnncomp.bab as bab_module
-    bab_module.margins = spy
+    bab_module.pair_margins = spy
     try:
-        m, fa, fb = _optimise(bm, spec, bounds, lo, up, relus, pre, signs, start, 15, alphas, betas, fast=fast)
+        m, fa, fb = _optimise(bm, pairs, bounds, lo, up, relus, pre, signs, start, 15, alphas, betas, fast=fast)
     finally:
-        bab_module.margins = real_margins
+        bab_module.pair_margins = real_margins
     assert m.dtype == fa[0].dtype == fb[0].dtype == torch.float64
     assert len(evaluated) == 1 and torch.equal(m, torch.maximum(start, evaluated[0]))  # one float64 pass decides
     assert bool((m > start).any())  # the steps did something
@@ -205,7 +233,7 @@ def test_float32_alpha_beta_steps_return_only_float64_margins():
     y = model(x.reshape(-1, 3).float()).double().reshape(2, -1, 2)
     v = (y @ spec.C.T - spec.b).amax(-1)  # the polytope is one group: its largest row
     v = torch.where(z >= 0, v, torch.full_like(v, torch.inf))
-    assert bool((m[:, 0] <= v.amin(1) + 1e-6).all())
+    assert bool((m <= v.amin(1) + 1e-6).all())
 
 
 def test_relu_split_proves_what_plain_crown_cannot(tmp_path):

@@ -269,46 +269,112 @@ def _extra(pre: list[str], signs: list[Tensor], betas: list[Tensor], shapes: lis
             for p, sg, b, shape in zip(pre, signs, betas, shapes) if bool((sg != 0).any())}
 
 
-def _optimise(bm: BoundedModel, spec: Spec, bounds: dict, lo: Tensor, up: Tensor, relus: list, pre: list[str],
+@dataclass
+class _Pairs:
+    """The (domain, polytope) pairs of a batch that are still open, each bounded on its own.
+
+    α and β are per specification row, so the rows of different polytopes are independent
+    CROWN problems: bounding only the open pairs instead of every polytope open anywhere in
+    the batch cuts the work by the share of refuted pairs (on mnist_fc #56 about 600–1,000
+    open pairs of 256 domains × 9 polytopes). A pair carries its polytope's R rows (R the
+    largest polytope's row count; a smaller polytope repeats its first row, ``real`` marks
+    the genuine ones)."""
+
+    dom: Tensor  # (P,): the domain
+    group: Tensor  # (P,): the polytope
+    rows: Tensor  # (P, R): its rows in the spec
+    real: Tensor  # (P, R): False on repeated rows
+    C: Tensor  # (P, R, K)
+    b: Tensor  # (P, R)
+
+    @classmethod
+    def of(cls, spec: Spec, alive: Tensor) -> _Pairs:
+        dom, group = alive.nonzero(as_tuple=True)
+        table = spec.group_rows()
+        counts = torch.bincount(spec.group, minlength=spec.num_groups)
+        rows = table[group]
+        real = torch.arange(table.shape[1]).unsqueeze(0) < counts[group].unsqueeze(1)
+        return cls(dom, group, rows, real, spec.C[rows], spec.b[rows])
+
+    def to(self, dtype: torch.dtype) -> _Pairs:
+        return _Pairs(self.dom, self.group, self.rows, self.real, self.C.to(dtype), self.b.to(dtype))
+
+
+def pair_margins(bm: BoundedModel, pairs: _Pairs, bounds: dict[str, tuple[Tensor, Tensor]], lo: Tensor, up: Tensor,
+                 alphas: dict[str, Tensor] | None = None, extra: dict[str, Tensor] | None = None
+                 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """One CROWN pass over P pairs (``bounds`` and the box [lo, up] given per pair): each pair's
+    polytope margin (P,) (> 0: refuted; see :meth:`Spec.group_margins`), the input
+    coefficients A (P, R, D) and the coefficients recorded at every node."""
+    P, R = pairs.rows.shape
+    rec: dict[str, Tensor] = {}
+    lb, _ = bm.spec_bounds(bounds, pairs.C, "crown", bound_upper=False, intersect=False,
+                           alphas=alphas, record=rec, extra=extra)
+    A = rec[bm.graph.input.name].reshape(P, R, -1)
+    if R == 1:
+        m = lb[:, 0] - pairs.b[:, 0]
+        return torch.where(torch.isfinite(m), m, torch.full_like(m, -math.inf)), A, rec
+    lo_f, up_f = lo.reshape(P, -1), up.reshape(P, -1)
+    c = lb - torch.minimum(A * lo_f.unsqueeze(1), A * up_f.unsqueeze(1)).sum(-1) - pairs.b
+    one = Spec(pairs.C[0], torch.zeros_like(pairs.b[0]), torch.zeros(R, dtype=torch.long), 1)
+    return one.group_margins(A, c, lo_f, up_f)[:, 0], A, rec
+
+
+def _per_domain(pairs: _Pairs, m: Tensor, live: Tensor, A: Tensor, n: int, lo: Tensor, up: Tensor
+                ) -> tuple[Tensor, Tensor]:
+    """Per domain of ``n``, from its pairs' margins ``m`` and input coefficients ``A``: the worst
+    margin over its live pairs (+inf when all are refuted) and the :func:`crown_corners` of its
+    worst live pair (n, 1 or 1 + R, D), for the box [lo, up] (1, 1, D)."""
+    key = torch.where(live, m, torch.full_like(m, math.inf))
+    score = torch.full((n,), math.inf, dtype=m.dtype).scatter_reduce(0, pairs.dom, key, "amin")
+    index = torch.where(key == score[pairs.dom], torch.arange(key.shape[0]), -1)
+    worst = torch.full((n,), -1, dtype=torch.long).scatter_reduce(0, pairs.dom, index, "amax").clamp(min=0)
+    A_w = A[worst]  # (n, R, D)
+    summed = (A_w * pairs.real[worst].unsqueeze(-1).to(A.dtype)).sum(1, keepdim=True)
+    first = torch.where(summed > 0, lo, up)
+    if A.shape[1] == 1:
+        return score, first
+    return score, torch.cat([first, torch.where(A_w > 0, lo, up)], 1)
+
+
+def _optimise(bm: BoundedModel, pairs: _Pairs, bounds: dict, lo: Tensor, up: Tensor, relus: list, pre: list[str],
               signs: list[Tensor], best: Tensor, iterations: int, alphas: list[Tensor], betas: list[Tensor],
               lr: float = 0.1, fast: BoundedModel | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """α-β-CROWN on N domains: optimise the ReLU lower slopes α ∈ [0, 1] and one multiplier β ≥ 0
+    """α-β-CROWN on P pairs: optimise the ReLU lower slopes α ∈ [0, 1] and one multiplier β ≥ 0
     per split neuron and specification row, bounding C·y + Σ β·σ·z where σ = −1 for a neuron
     split active (z ≥ 0) and +1 for one split inactive (z ≤ 0), so every added term is ≤ 0 on
     the domain and any α, β give a sound bound.
 
-    ``alphas`` and ``betas`` (per ReLU, (N, S, neurons)) are the starting values, e.g. the
-    parent's optimised ones; ``best`` holds the margins they give. Each polytope keeps the α
+    ``alphas`` and ``betas`` (per ReLU, (P, R, neurons)) are the starting values, e.g. the
+    parent's optimised ones; ``best`` (P,) holds the margins they give. Each pair keeps the α
     and β of its best margin. With ``fast`` (the network in a cheaper dtype, e.g. float32)
     the steps run there and only the kept α and β are evaluated in ``bm``'s dtype, so the
     returned margins are as sound as one pass of ``bm``. Returns those margins and the final
     α, β, from which children continue (continuing from the kept ones instead took mnist_fc
     #67 from 607 to over 180,000 domains: Adam's last steps are progress the best-so-far
     point has not made yet)."""
-    n = lo.shape[0]
     shapes = [bounds[p][0].shape[1:] for p in pre]
     work = fast if fast is not None else bm
     dt = work.dtype
     w_bounds = {k: (a.to(dt), b.to(dt)) for k, (a, b) in bounds.items()}
-    w_lo, w_up, w_signs = lo.to(dt), up.to(dt), [sg.to(dt) for sg in signs]
+    w_lo, w_up, w_signs, w_pairs = lo.to(dt), up.to(dt), [sg.to(dt) for sg in signs], pairs.to(dt)
     alphas = [a.detach().to(dt).requires_grad_(True) for a in alphas]
     split = [bool((sg != 0).any()) for sg in signs]  # layers without a split keep β = 0
     betas = [b.detach().to(dt).requires_grad_(s) for b, s in zip(betas, split)]
     if fast is not None:  # only the float64 check needs the α, β behind each kept margin
         kept_a, kept_b = [a.detach().clone() for a in alphas], [b.detach().clone() for b in betas]
     kept_m = torch.nan_to_num(best, nan=-math.inf).to(dt)
-    w_spec = spec.to(dt) if fast is not None else spec
     params = alphas + [b for b, s in zip(betas, split) if s]
     opt = torch.optim.Adam(params, lr=lr)
     with torch.enable_grad():
         for _ in range(iterations):
-            m, _, _ = margins(work, w_spec, w_bounds, w_lo, w_up, alphas=_slopes(relus, alphas, shapes),
-                              extra=_extra(pre, w_signs, betas, shapes))
+            m, _, _ = pair_margins(work, w_pairs, w_bounds, w_lo, w_up, alphas=_slopes(relus, alphas, shapes),
+                                   extra=_extra(pre, w_signs, betas, shapes))
             with torch.no_grad():
                 better = m > kept_m  # NaN never counts as better
                 kept_m = torch.where(better, m, kept_m)
                 if fast is not None:
-                    rows = better.gather(1, spec.group.expand(n, -1)).unsqueeze(-1)  # (N, S, 1)
+                    rows = better.view(-1, 1, 1)
                     for ka, a in zip(kept_a, alphas):
                         ka.copy_(torch.where(rows, a, ka))
                     for kb, b in zip(kept_b, betas):
@@ -327,8 +393,9 @@ def _optimise(bm: BoundedModel, spec: Spec, bounds: dict, lo: Tensor, up: Tensor
     if fast is None:
         return kept_m, final_a, final_b
     with torch.no_grad():  # the kept α, β in full precision: these margins are the sound ones
-        m, _, _ = margins(bm, spec, bounds, lo, up, alphas=_slopes(relus, [a.to(lo.dtype) for a in kept_a], shapes),
-                          extra=_extra(pre, signs, [b.to(lo.dtype) for b in kept_b], shapes))
+        m, _, _ = pair_margins(bm, pairs, bounds, lo, up,
+                               alphas=_slopes(relus, [a.to(lo.dtype) for a in kept_a], shapes),
+                               extra=_extra(pre, signs, [b.to(lo.dtype) for b in kept_b], shapes))
     return torch.maximum(best, m), final_a, final_b
 
 
@@ -364,49 +431,53 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
 
     def bound(d: dict[str, Tensor], iterations: int = iterations) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Bound the domains ``d`` (stack parts): (worst live margin, corners, updated parts)."""
-        # only the polytopes still alive in some domain of the batch are bounded (after the root
-        # CROWN pass, about 1.3 of mnist_fc's 9 on average)
-        keep = d["alive"].any(0)
-        sub, alive = spec.subset(keep), d["alive"][:, keep]
-        rows = keep[spec.group]
-        n = alive.shape[0]
-        lo_x, up_x = lower.expand(n, *shape), upper.expand(n, *shape)
+        pairs = _Pairs.of(spec, d["alive"])
+        n, P = d["alive"].shape[0], pairs.dom.shape[0]
+        dom, at = pairs.dom, (pairs.dom.unsqueeze(1), pairs.rows)
         signs = [d[f"s{i}"] for i in L]
-        alphas = [d[f"a{i}"][:, rows].to(lower.dtype) for i in L]
-        betas = [d[f"b{i}"][:, rows].to(lower.dtype) for i in L]
         with torch.no_grad():
-            bounds = bm.intervals(lo_x, up_x, "ibp", known={p: (d[f"l{i}"], d[f"u{i}"]) for i, p in zip(L, pre)})
-            m, A, rec = margins(bm, sub, bounds, lo_x, up_x, alphas=_slopes(relus, alphas, shapes),
-                                extra=_extra(pre, signs, betas, shapes))
+            intervals = bm.intervals(lower.expand(n, *shape), upper.expand(n, *shape), "ibp",
+                                      known={p: (d[f"l{i}"], d[f"u{i}"]) for i, p in zip(L, pre)})
+            bounds = {k: (lo[dom], up[dom]) for k, (lo, up) in intervals.items()}
+            lo_x, up_x = lower.expand(P, *shape), upper.expand(P, *shape)
+            p_signs = [sg[dom] for sg in signs]
+            alphas = [d[f"a{i}"][at].to(lower.dtype) for i in L]
+            betas = [d[f"b{i}"][at].to(lower.dtype) for i in L]
+            m, A, rec = pair_margins(bm, pairs, bounds, lo_x, up_x, alphas=_slopes(relus, alphas, shapes),
+                                     extra=_extra(pre, p_signs, betas, shapes))
         if iterations > 0 and not bool((m > 0).all()):
-            m, alphas, betas = _optimise(bm, sub, bounds, lo_x, up_x, relus, pre, signs, m, iterations,
+            m, alphas, betas = _optimise(bm, pairs, bounds, lo_x, up_x, relus, pre, p_signs, m, iterations,
                                          alphas, betas, fast=fast)
         empty = torch.zeros(n, dtype=torch.bool)
         for p in pre:  # a split that contradicts the others leaves an empty domain: refuted
-            lo, up = bounds[p]
+            lo, up = intervals[p]
             empty |= ((lo - up).reshape(n, -1) > 1e-7 * (1 + up.abs().reshape(n, -1))).any(1)
-        alive = alive & ~(m > 0) & ~empty.unsqueeze(1)
-        w = alive.gather(1, sub.group.expand(n, -1)).to(A.dtype)
+        live = ~(m > 0) & ~empty[dom]  # (P,)
+        alive = d["alive"].clone()
+        alive[dom, pairs.group] = live
         # BaBSR: the upper line's intercept −l·u/(u − l) lowers the bound only through negative
         # coefficients of the ReLU's output (positive ones use the lower line, which has none)
+        w = (pairs.real & live.unsqueeze(1)).to(A.dtype)  # (P, R): the genuine rows of live pairs
         scores = []
         for r, p in zip(relus, pre):
-            lo, up = (t.reshape(n, -1) for t in bounds[p])
+            lo, up = (t.reshape(n, -1) for t in intervals[p])
             unstable = (lo < 0) & (up > 0)
             intercept = torch.where(unstable, -lo * up / (up - lo).clamp(min=1e-30), torch.zeros_like(lo))
-            coef = (rec[r.name].reshape(n, sub.num_rows, -1).clamp(max=0).neg() * w.unsqueeze(-1)).sum(1) \
-                if r.name in rec else torch.zeros_like(lo)
+            coef = torch.zeros_like(lo)
+            if r.name in rec:
+                coef.index_add_(0, dom, (rec[r.name].reshape(P, pairs.rows.shape[1], -1).clamp(max=0).neg()
+                                         * w.unsqueeze(-1)).sum(1))
             scores.append(torch.where(unstable, coef * intercept + 1e-12, torch.zeros_like(lo)))
         scores = torch.cat(scores, 1)
-        out = {"alive": torch.zeros_like(d["alive"]).index_copy(1, keep.nonzero().squeeze(1), alive),
-               "choice": scores.argmax(1), "has_split": scores.max(1).values > 0}
+        out = {"alive": alive, "choice": scores.argmax(1), "has_split": scores.max(1).values > 0}
         for i, p in zip(L, pre):
-            out[f"l{i}"], out[f"u{i}"] = bounds[p]
+            out[f"l{i}"], out[f"u{i}"] = intervals[p]
             out[f"s{i}"] = signs[i]
             for key, new in ((f"a{i}", alphas[i]), (f"b{i}", betas[i])):
                 out[key] = d[key].clone()
-                out[key][:, rows] = new.to(out[key].dtype)
-        return _open_score(m, alive), crown_corners(sub, A, m, alive, lo_x, up_x), out
+                out[key][at] = new.to(out[key].dtype)
+        score, corners = _per_domain(pairs, m, live, A, n, lower.reshape(1, 1, -1), upper.reshape(1, 1, -1))
+        return score, corners, out
 
     S = spec.num_rows
     d0 = {"alive": torch.ones(1, spec.num_groups, dtype=torch.bool)}
