@@ -85,15 +85,6 @@ def test_group_margins_never_exceed_the_true_minimum_of_the_largest_row():
         assert bool((m.unsqueeze(1) <= L.amax(2) + 1e-9).all())
 
 
-def test_spec_subset_keeps_the_rows_of_the_chosen_polytopes_in_order():
-    polys = [(np.full((r, 2), float(g)), np.full(r, float(g))) for g, r in enumerate((1, 2, 3))]
-    spec = Spec.from_case(Case(np.zeros(1), np.ones(1), polys))
-    sub = spec.subset(torch.tensor([True, False, True]))
-    assert sub.num_groups == 2 and sub.group.tolist() == [0, 1, 1, 1]
-    assert sub.b.tolist() == [0.0, 2.0, 2.0, 2.0] and sub.C[:, 0].tolist() == [0.0, 2.0, 2.0, 2.0]
-    assert spec.subset(torch.ones(3, dtype=torch.bool)) is spec
-
-
 def test_group_margins_combine_rows_that_no_single_row_refutes():
     """y1 ≥ 0 and y2 ≥ 0 with y1 = x, y2 = -x on [-1, 1]: each row alone can be 0, the sum cannot."""
     # unsafe: -y1 ≤ -0.5 and -y2 ≤ -0.5 (both ≥ 0.5): impossible since y1 + y2 = 0

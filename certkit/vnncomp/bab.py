@@ -28,7 +28,7 @@ the stack grows past ``max_domains``.
   (so a split propagates to later layers) and then α-β-CROWN (:func:`_optimise`: ReLU
   slopes and Lagrange multipliers of the split constraints, a few Adam steps per batch,
   continuing from the parent's values); an empty domain (some l > u) is refuted. Only the
-  polytopes still alive in some domain of a batch are bounded. The neuron to split has the largest
+  (domain, polytope) pairs still open are bounded (:class:`_Pairs`). The neuron to split has the largest
   negative part of its output's coefficient × triangle intercept −l·u/(u−l) in the CROWN
   pass (BaBSR's intercept score; scoring |coefficient| instead took oval21 #0 from 1253 to
   20553 domains). The α-β steps run in float32, their outcome is evaluated in float64.

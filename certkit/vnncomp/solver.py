@@ -74,6 +74,7 @@ class SolverConfig:
     intermediate_alpha_iterations: int = 20  # ReLU splitting: α-CROWN steps per intermediate bound at the root...
     intermediate_alpha_time: float = 0.2  # ...within this share of the time left (later layers get CROWN)
     float32_steps: bool = True  # ReLU splitting: α-β steps in float32, kept α and β checked in float64
+    bab_iterations: int = 10  # ReLU splitting: α-β-CROWN steps per batch of children
     milp_after: float = 0.1  # ReLU splitting: a first try within this share of the time left; if it fails...
     milp_time: float = 0.25  # ...MILP-refined intermediate bounds within this share of the time left before it...
     milp_max_neurons: int = 2048  # ...for networks with at most this many ReLU neurons...
@@ -318,7 +319,8 @@ class Solver:
             left = deadline.left()
             stop = time.monotonic() + self.config.milp_after * left
             first = relu_split(self.bm, spec, lo, up, bounds, confirm,
-                               lambda: deadline.expired() or time.monotonic() > stop, fast_dtype=fast)
+                               lambda: deadline.expired() or time.monotonic() > stop, fast_dtype=fast,
+                               iterations=self.config.bab_iterations)
             if first.status != "timeout" or deadline.expired():
                 return first
             note(f"relu-split open after {first.domains} domains; refining the root's intervals")
@@ -327,4 +329,5 @@ class Solver:
                 return BabOutcome("milp-alpha-crown", "unsat", domains=first.domains, max_open=first.max_open)
             if deadline.expired():
                 return BabOutcome("relu-split", "timeout", domains=first.domains, max_open=first.max_open)
-        return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired, fast_dtype=fast)
+        return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired, fast_dtype=fast,
+                          iterations=self.config.bab_iterations)

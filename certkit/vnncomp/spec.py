@@ -39,19 +39,6 @@ class Spec:
         """C expanded for ``n`` domains: (n, S, K)."""
         return self.C.expand(n, *self.C.shape)
 
-    def subset(self, keep: Tensor) -> Spec:
-        """The polytopes marked in ``keep`` (G,) only, renumbered in order: branch and bound
-        bounds just the rows of polytopes some domain has not refuted yet."""
-        if bool(keep.all()):
-            return self
-        renumber = keep.long().cumsum(0) - 1
-        rows = keep[self.group]
-        return Spec(self.C[rows], self.b[rows], renumber[self.group[rows]], int(keep.sum()))
-
-    def to(self, dtype: torch.dtype) -> Spec:
-        """The same rows in another dtype (α-β-CROWN's steps run in float32)."""
-        return Spec(self.C.to(dtype), self.b.to(dtype), self.group, self.num_groups)
-
     def group_rows(self) -> Tensor:
         """(G, R): the rows of each polytope, R the largest polytope's row count (a smaller
         polytope repeats its first row)."""
