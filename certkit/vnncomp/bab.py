@@ -316,7 +316,7 @@ def pair_margins(bm: BoundedModel, pairs: _Pairs, bounds: dict[str, tuple[Tensor
         return torch.where(torch.isfinite(m), m, torch.full_like(m, -math.inf)), A, rec
     lo_f, up_f = lo.reshape(P, -1), up.reshape(P, -1)
     c = lb - torch.minimum(A * lo_f.unsqueeze(1), A * up_f.unsqueeze(1)).sum(-1) - pairs.b
-    one = Spec(pairs.C[0], torch.zeros_like(pairs.b[0]), torch.zeros(R, dtype=torch.long), 1)
+    one = Spec(pairs.C.new_zeros(R, pairs.C.shape[2]), pairs.b.new_zeros(R), torch.zeros(R, dtype=torch.long), 1)
     return one.group_margins(A, c, lo_f, up_f)[:, 0], A, rec
 
 
