@@ -116,6 +116,16 @@ def _open_score(m: Tensor, alive: Tensor) -> Tensor:
     return torch.where(alive, m, torch.full_like(m, math.inf)).min(1).values
 
 
+def _corners(rows: Tensor, real: Tensor, lo: Tensor, up: Tensor) -> Tensor:
+    """Box corners minimising the CROWN bound of one polytope's rows (n, R, D) per domain
+    (``real`` (n, R) marks the genuine rows among repeats): the corner of their sum, then, when
+    R > 1, the corner of each row (see :func:`crown_corners`): (n, 1 or 1 + R, D)."""
+    first = torch.where((rows * real.unsqueeze(-1).to(rows.dtype)).sum(1, keepdim=True) > 0, lo, up)
+    if rows.shape[1] == 1:
+        return first
+    return torch.cat([first, torch.where(rows > 0, lo, up)], 1)
+
+
 def crown_corners(spec: Spec, A: Tensor, m: Tensor, alive: Tensor, lo: Tensor, up: Tensor) -> Tensor:
     """Per domain, box corners that are cheap counterexample candidates: (N, 1 or 1 + R, D).
 
@@ -124,16 +134,10 @@ def crown_corners(spec: Spec, A: Tensor, m: Tensor, alive: Tensor, lo: Tensor, u
     worst polytope on its own: summed rows can cancel, e.g. the two sides of ``l ≤ y ≤ u``,
     where the corner minimising one side is what a search needs."""
     n = A.shape[0]
-    lo, up = lo.reshape(n, 1, -1), up.reshape(n, 1, -1)
     worst = torch.where(alive, m, torch.full_like(m, math.inf)).argmin(1)
-    w = spec.group.unsqueeze(0) == worst.unsqueeze(1)  # (N, S): rows of the worst polytope
-    summed = (A * w.unsqueeze(-1).to(A.dtype)).sum(1, keepdim=True)
-    first = torch.where(summed > 0, lo, up)
-    if spec.num_rows == spec.num_groups:  # one row per polytope: the summed corner is the row's corner
-        return first
-    idx = spec.group_rows()[worst]  # (N, R)
-    rows = A.gather(1, idx.unsqueeze(-1).expand(-1, -1, A.shape[2]))
-    return torch.cat([first, torch.where(rows > 0, lo, up)], 1)
+    table, real = spec.group_rows
+    rows = A.gather(1, table[worst].unsqueeze(-1).expand(-1, -1, A.shape[2]))  # (N, R, D)
+    return _corners(rows, real[worst], lo.reshape(n, 1, -1), up.reshape(n, 1, -1))
 
 
 def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, confirm: Confirm,
@@ -290,11 +294,9 @@ class _Pairs:
     @classmethod
     def of(cls, spec: Spec, alive: Tensor) -> _Pairs:
         dom, group = alive.nonzero(as_tuple=True)
-        table = spec.group_rows()
-        counts = torch.bincount(spec.group, minlength=spec.num_groups)
+        table, real = spec.group_rows
         rows = table[group]
-        real = torch.arange(table.shape[1]).unsqueeze(0) < counts[group].unsqueeze(1)
-        return cls(dom, group, rows, real, spec.C[rows], spec.b[rows])
+        return cls(dom, group, rows, real[group], spec.C[rows], spec.b[rows])
 
     def to(self, dtype: torch.dtype) -> _Pairs:
         return _Pairs(self.dom, self.group, self.rows, self.real, self.C.to(dtype), self.b.to(dtype))
@@ -323,18 +325,13 @@ def pair_margins(bm: BoundedModel, pairs: _Pairs, bounds: dict[str, tuple[Tensor
 def _per_domain(pairs: _Pairs, m: Tensor, live: Tensor, A: Tensor, n: int, lo: Tensor, up: Tensor
                 ) -> tuple[Tensor, Tensor]:
     """Per domain of ``n``, from its pairs' margins ``m`` and input coefficients ``A``: the worst
-    margin over its live pairs (+inf when all are refuted) and the :func:`crown_corners` of its
+    margin over its live pairs (+inf when all are refuted) and the corners (:func:`_corners`) of its
     worst live pair (n, 1 or 1 + R, D), for the box [lo, up] (1, 1, D)."""
     key = torch.where(live, m, torch.full_like(m, math.inf))
     score = torch.full((n,), math.inf, dtype=m.dtype).scatter_reduce(0, pairs.dom, key, "amin")
     index = torch.where(key == score[pairs.dom], torch.arange(key.shape[0]), -1)
     worst = torch.full((n,), -1, dtype=torch.long).scatter_reduce(0, pairs.dom, index, "amax").clamp(min=0)
-    A_w = A[worst]  # (n, R, D)
-    summed = (A_w * pairs.real[worst].unsqueeze(-1).to(A.dtype)).sum(1, keepdim=True)
-    first = torch.where(summed > 0, lo, up)
-    if A.shape[1] == 1:
-        return score, first
-    return score, torch.cat([first, torch.where(A_w > 0, lo, up)], 1)
+    return score, _corners(A[worst], pairs.real[worst], lo, up)
 
 
 def _optimise(bm: BoundedModel, pairs: _Pairs, bounds: dict, lo: Tensor, up: Tensor, relus: list, pre: list[str],

@@ -8,6 +8,7 @@ comparisons are both met, whatever the file said).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,12 +40,15 @@ class Spec:
         """C expanded for ``n`` domains: (n, S, K)."""
         return self.C.expand(n, *self.C.shape)
 
-    def group_rows(self) -> Tensor:
+    @functools.cached_property
+    def group_rows(self) -> tuple[Tensor, Tensor]:
         """(G, R): the rows of each polytope, R the largest polytope's row count (a smaller
-        polytope repeats its first row)."""
+        polytope repeats its first row), and (G, R): False on those repeats."""
         rows = [(self.group == g).nonzero().squeeze(1) for g in range(self.num_groups)]
         R = max(r.numel() for r in rows)
-        return torch.stack([torch.cat([r, r[:1].expand(R - r.numel())]) for r in rows])
+        table = torch.stack([torch.cat([r, r[:1].expand(R - r.numel())]) for r in rows])
+        real = torch.arange(R).unsqueeze(0) < torch.tensor([r.numel() for r in rows]).unsqueeze(1)
+        return table, real
 
     def values(self, y: Tensor) -> Tensor:
         """a·y − b for every row: (N, S)."""
