@@ -227,6 +227,71 @@ def test_float32_alpha_beta_steps_return_only_float64_margins():
     assert bool((m <= v.amin(1) + 1e-6).all())
 
 
+def test_alpha_beta_steps_drop_refuted_pairs_without_changing_the_others():
+    """Pairs refuted half-way leave the α-β batch; the pairs left open end with the same margins
+    and the same final α, β as when they are stepped on their own."""
+    import copy
+
+    import certkit.vnncomp.bab as bab_module
+    from certkit.bounds import BoundedModel
+    from certkit.vnncomp.bab import _extra, _optimise, _Pairs, pair_margins
+
+    n = 8
+    model = _mlp(5, n_in=3, hidden=(16, 16), n_out=2)
+    bm = BoundedModel(copy.deepcopy(model)).to(torch.float64)
+    spec = Spec.from_case(Case(-np.ones(3), np.ones(3), [(np.array([[1.0, -1.0]]), np.array([0.0]))]))
+    gen = torch.Generator().manual_seed(0)
+    centre = torch.rand(n, 3, generator=gen, dtype=torch.float64) * 1.2 - 0.6
+    lo, up = centre - 0.4, centre + 0.4  # eight different domains, one pair each
+    bounds = bm.intervals(lo, up, "crown")
+    relus = [node for node in bm.graph.nodes[1:] if node.op.kind == "relu"]
+    pre = [node.inputs[0] for node in relus]
+    sizes = [bounds[p][0][0].numel() for p in pre]
+    signs = [torch.zeros(n, k, dtype=torch.float64) for k in sizes]
+    signs[0][:, 3] = 1.0  # a split neuron (inactive) in every domain: β in play
+    alphas = [r.op.default_alpha(*bounds[p]).reshape(n, 1, -1).clone() for r, p in zip(relus, pre)]
+    betas = [torch.zeros(n, 1, k, dtype=torch.float64) for k in sizes]
+    shapes = [bounds[p][0].shape[1:] for p in pre]
+    pairs = _Pairs.of(spec, torch.ones(n, 1, dtype=torch.bool))
+
+    def run(rows: torch.Tensor, shift: torch.Tensor, spy: list | None = None):
+        sub = _Pairs(pairs.dom[rows], pairs.group[rows], pairs.rows[rows], pairs.real[rows], pairs.C[rows],
+                     pairs.b[rows] + shift[rows, None])
+        args = ({k: (a[rows], b[rows]) for k, (a, b) in bounds.items()}, lo[rows], up[rows], relus, pre,
+                [s[rows] for s in signs])
+        start = pair_margins(bm, sub, args[0], lo[rows], up[rows],
+                             alphas={r.name: a[rows].reshape(-1, 1, *s) for r, a, s in zip(relus, alphas, shapes)},
+                             extra=_extra(pre, args[5], [b[rows] for b in betas], shapes))[0]
+        real = bab_module.pair_margins
+
+        def counting(model, p, *a, **kw):
+            if spy is not None:
+                spy.append(p.dom.shape[0])
+            return real(model, p, *a, **kw)
+
+        bab_module.pair_margins = counting
+        try:
+            return start, _optimise(bm, sub, *args, start, 20, [a[rows] for a in alphas], [b[rows] for b in betas])
+        finally:
+            bab_module.pair_margins = real
+
+    every = torch.arange(n)
+    start, (alone, _, _) = run(every, torch.full((n,), 100.0))  # every pair open all along
+    start = start.detach()
+    assert bool((alone - start > 1e-3).all())  # the steps improve every pair
+    # half of the pairs refuted half-way: their threshold lowered to the middle of their progress
+    shift = torch.where(every % 2 == 0, (start + alone) / 2 + 100.0, torch.full((n,), 100.0))
+    sizes_seen: list[int] = []
+    start2, (m, fa, fb) = run(every, shift, sizes_seen)
+    odd = every[1::2]
+    assert bool((start2[::2] < 0).all()) and bool((m[::2] > 0).all())  # refuted on the way, not at the start
+    assert min(sizes_seen) == n // 2  # they left the batch
+    _, (m_odd, fa_odd, fb_odd) = run(odd, shift)
+    assert torch.allclose(m[odd], m_odd, atol=1e-9)
+    for full, alone_ in zip(fa + fb, fa_odd + fb_odd):
+        assert torch.allclose(full[odd], alone_, atol=1e-9)
+
+
 def test_relu_split_proves_what_plain_crown_cannot(tmp_path):
     """A threshold halfway between α-CROWN's root bound and the best value a strong PGD finds:
     open at the root, proved by ReLU splitting."""
