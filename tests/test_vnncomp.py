@@ -255,8 +255,8 @@ def test_alpha_beta_steps_drop_refuted_pairs_without_changing_the_others():
     pairs = _Pairs.of(spec, torch.ones(n, 1, dtype=torch.bool))
 
     def run(rows: torch.Tensor, shift: torch.Tensor, spy: list | None = None):
-        sub = _Pairs(pairs.dom[rows], pairs.group[rows], pairs.rows[rows], pairs.real[rows], pairs.C[rows],
-                     pairs.b[rows] + shift[rows, None])
+        sub = pairs.take(rows)
+        sub.b = sub.b + shift[rows, None]
         args = ({k: (a[rows], b[rows]) for k, (a, b) in bounds.items()}, lo[rows], up[rows], relus, pre,
                 [s[rows] for s in signs])
         start = pair_margins(bm, sub, args[0], lo[rows], up[rows],

@@ -298,8 +298,11 @@ class _Pairs:
         rows = table[group]
         return cls(dom, group, rows, real[group], spec.C[rows], spec.b[rows])
 
-    def to(self, dtype: torch.dtype) -> _Pairs:
-        return _Pairs(self.dom, self.group, self.rows, self.real, self.C.to(dtype), self.b.to(dtype))
+    def take(self, rows: Tensor, dtype: torch.dtype | None = None) -> _Pairs:
+        """The pairs ``rows``, their C and b in ``dtype`` (kept when None)."""
+        dtype = dtype or self.C.dtype
+        return _Pairs(self.dom[rows], self.group[rows], self.rows[rows], self.real[rows],
+                      self.C[rows].to(dtype), self.b[rows].to(dtype))
 
 
 def pair_margins(bm: BoundedModel, pairs: _Pairs, bounds: dict[str, tuple[Tensor, Tensor]], lo: Tensor, up: Tensor,
@@ -403,9 +406,7 @@ def _optimise(bm: BoundedModel, pairs: _Pairs, bounds: dict, lo: Tensor, up: Ten
         a = [x[rows].requires_grad_(True) for x in alphas]
         b = [x[rows].requires_grad_(s) for x, s in zip(betas, split)]
         problem = ({k: (l_[rows].to(dt), u_[rows].to(dt)) for k, (l_, u_) in bounds.items()},
-                   lo[rows].to(dt), up[rows].to(dt), [sg[rows].to(dt) for sg in signs],
-                   _Pairs(pairs.dom[rows], pairs.group[rows], pairs.rows[rows], pairs.real[rows],
-                          pairs.C[rows].to(dt), pairs.b[rows].to(dt)))
+                   lo[rows].to(dt), up[rows].to(dt), [sg[rows].to(dt) for sg in signs], pairs.take(rows, dt))
         return a, b, a + [x for x, s in zip(b, split) if s], problem
 
     def put_back(a: list[Tensor], b: list[Tensor]) -> None:
