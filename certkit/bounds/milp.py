@@ -35,8 +35,10 @@ import torch
 from torch import Tensor
 
 from certkit.bounds.engine import BoundedModel, Interval, concretize
+from certkit.bounds.layer2_bab import BranchStats, branch_bounds
 
 MARGIN = 1e-4  # relative widening of every solver bound: HiGHS works to tolerances of ~1e-7 per constraint
+BRANCH_MARGIN = 1e-9  # the same for branch_second_layer's float64 bounds (sums of a few thousand products)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class RefineStats:
     tightened: int = 0  # of which the solver improved
     stabilised: int = 0  # neurons that became stable
     seconds: float = 0.0
+    branch: BranchStats | None = None  # the second layer's branch and bound, where it ran
 
 
 def relu_layers(bm: BoundedModel, bounds: dict[str, Interval]) -> list[ReluLayer] | None:
@@ -241,14 +244,52 @@ def refine_layer(layers: list[ReluLayer], k: int, input_name: str, lower: np.nda
     return lo, up
 
 
+def branch_second_layer(layers: list[ReluLayer], input_name: str, lower: np.ndarray, upper: np.ndarray,
+                        intervals: dict[str, tuple[np.ndarray, np.ndarray]], expired: Callable[[], bool],
+                        stats: RefineStats) -> tuple[np.ndarray, np.ndarray] | None:
+    """The second layer's intervals by branch and bound over the first layer's ReLU phases
+    (:func:`certkit.bounds.layer2_bab.branch_bounds`), for its unstable neurons, until
+    ``expired()``; None unless the first layer is affine in the input alone and the second in
+    the first's ReLU outputs alone (a plain fully connected or convolutional start)."""
+    first, second = layers[0], layers[1]
+    if set(first.sources) != {input_name} or set(second.sources) != {first.relu}:
+        return None
+    lo, up = (v.copy() for v in intervals[second.pre])
+    unstable = np.nonzero((lo < 0) & (up > 0))[0]
+    stats.branch = stats.branch or BranchStats()
+    if unstable.size == 0:
+        return lo, up
+    t = torch.as_tensor
+    W2, b2 = second.sources[first.relu][unstable], second.bias[unstable]
+    C, k = t(np.concatenate([W2, -W2])), t(np.concatenate([b2, -b2]))
+    l1, u1 = intervals[first.pre]
+    with torch.no_grad():
+        value = branch_bounds(t(first.sources[input_name]), t(first.bias), t(l1), t(u1), t(lower), t(upper), C, k,
+                              expired, stats=stats.branch).numpy()
+    value = value - BRANCH_MARGIN * (1 + np.abs(value))
+    n = unstable.size
+    new_lo, new_up = np.maximum(lo[unstable], value[:n]), np.minimum(up[unstable], -value[n:])
+    stats.tightened += int((new_lo > lo[unstable]).sum() + (new_up < up[unstable]).sum())
+    stats.stabilised += int(((new_lo >= 0) | (new_up <= 0)).sum())
+    stats.bounds += 2 * n
+    lo[unstable], up[unstable] = new_lo, new_up
+    return lo, up
+
+
 def refine(bm: BoundedModel, lower: Tensor, upper: Tensor, bounds: dict[str, Interval],
            expired: Callable[[], bool], repropagate: Callable[[dict[str, Interval]], dict[str, Interval]],
-           seconds_per_bound: float = 1.0, workers: int = 2) -> tuple[dict[str, Interval], RefineStats]:
+           seconds_per_bound: float = 1.0, workers: int = 2, branch_expired: Callable[[], bool] | None = None
+           ) -> tuple[dict[str, Interval], RefineStats]:
     """Refine the intervals ``bounds`` of one box (batch of 1) layer by layer, from the first
     layer with an unstable ReLU before it, until ``expired()``. After each layer
     ``repropagate(known)`` recomputes every node's interval from the refined ones (e.g. CROWN
     with them as known intervals), so the next layer's program and its unstable neurons see
-    them. Returns the new intervals (``bounds`` itself when nothing applies) and statistics."""
+    them. Returns the new intervals (``bounds`` itself when nothing applies) and statistics.
+
+    With ``branch_expired``, the second layer is bounded by :func:`branch_second_layer` until
+    it says time is up (or ``expired()`` does), where that applies, instead of by MILP: on
+    mnist_fc #50 (256×4, 55 unstable first-layer ReLUs), 30 s of it closed 118 of the 256
+    searches and stabilised 54 of 128 neurons, where 73 s of MILP stabilised at most a few."""
     stats = RefineStats()
     layers = relu_layers(bm, bounds)
     if layers is None:
@@ -263,7 +304,19 @@ def refine(bm: BoundedModel, lower: Tensor, upper: Tensor, bounds: dict[str, Int
             continue
         intervals = {L.pre: tuple(t.detach().reshape(-1).double().cpu().numpy() for t in bounds[L.pre])
                      for L in layers[:k + 1]}
-        lo, up = refine_layer(layers, k, name, lo_x, up_x, intervals, expired, seconds_per_bound, workers, stats)
+        branched = None
+        if k == 1 and branch_expired is not None:
+            start = time.monotonic()
+            branched = branch_second_layer(layers, name, lo_x, up_x, intervals,
+                                           lambda: branch_expired() or expired(), stats)
+            if branched is not None:
+                stats.layers += 1
+                stats.seconds += time.monotonic() - start
+        if branched is not None:
+            lo, up = branched
+        else:
+            lo, up = refine_layer(layers, k, name, lo_x, up_x, intervals, expired, seconds_per_bound, workers,
+                                  stats)
         old = bounds[layers[k].pre]
         known = dict(bounds)  # every interval still holds: the recomputed ones can only be tighter
         known[layers[k].pre] = (torch.as_tensor(lo, dtype=old[0].dtype, device=old[0].device).reshape(old[0].shape),

@@ -79,7 +79,8 @@ class SolverConfig:
     milp_time: float = 0.25  # ...MILP-refined intermediate bounds within this share of the time left before it...
     milp_max_neurons: int = 2048  # ...for networks with at most this many ReLU neurons...
     milp_seconds_per_bound: float = 1.0  # ...each bound with at most this much solver time...
-    milp_workers: int = 2  # ...this many programs at a time
+    milp_workers: int = 2  # ...this many programs at a time...
+    milp_branch: float = 0.5  # ...after the second layer's branch and bound in this share of that time
     seed: int = 0
 
 
@@ -210,15 +211,21 @@ class Solver:
         later layers re-propagated by α-CROWN: (refuted by α-CROWN from them, the intervals)."""
         lo, up = self._box(case)
         cfg = self.config
-        stop = time.monotonic() + seconds
+        now = time.monotonic()
+        stop, branch_stop = now + seconds, now + cfg.milp_branch * seconds
         with torch.no_grad():
             bounds, stats = milp.refine(self.bm, lo, up, bounds, lambda: time.monotonic() > stop,
                                         lambda known: self._alpha_intervals(lo, up, known, deadline),
-                                        cfg.milp_seconds_per_bound, cfg.milp_workers)
+                                        cfg.milp_seconds_per_bound, cfg.milp_workers,
+                                        branch_expired=(lambda: time.monotonic() > branch_stop)
+                                        if cfg.milp_branch > 0 else None)
         if stats.bounds == 0:
             return False, bounds
-        note(f"MILP refinement: {stats.bounds} bounds of {stats.layers} layer(s) solved in {stats.seconds:.1f} s, "
-             f"{stats.tightened} tightened, {stats.stabilised} neuron(s) stabilised")
+        b = stats.branch
+        branched = (f" (the second layer's by branch and bound: {b.domains} domains, {b.closed} of {b.objectives}"
+                    f" searches closed in {b.seconds:.1f} s)" if b is not None else "")
+        note(f"MILP refinement: {stats.bounds} bounds of {stats.layers} layer(s) solved in {stats.seconds:.1f} s"
+             f"{branched}, {stats.tightened} tightened, {stats.stabilised} neuron(s) stabilised")
         lb, _ = self.bm.alpha_crown(bounds, spec.batch_C(1), bound_upper=False, iterations=cfg.alpha_iterations)
         return bool(spec.refuted(lb).all()), bounds
 
