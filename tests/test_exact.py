@@ -275,10 +275,13 @@ def ordering_nets():
 
 @pytest.mark.parametrize("seed", range(8))
 def test_crown_never_looser_than_ibp(seed):
+    """The ordering holds in exact arithmetic, so it is checked in float64: in float32 the two
+    methods' different summation orders differ by ~10 ulps where they tie (cnn, seed 5: 1.9e-5
+    on 16.86 on one CPU), more than any tolerance that still means 'never looser'."""
     for _, net, shape in ordering_nets():
         gen = torch.Generator().manual_seed(seed)
-        model = randomize(net, gen)
-        lo, up = random_box(shape, 3, gen, eps=[0.05, 0.3, 1.0][seed % 3])
+        model = randomize(net, gen).double()
+        lo, up = (t.double() for t in random_box(shape, 3, gen, eps=[0.05, 0.3, 1.0][seed % 3]))
         bm = BoundedModel(model)
         K = model(lo).shape[1]
         C = margin_matrix(torch.randint(0, K, (3,), generator=gen), K)
