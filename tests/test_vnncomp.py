@@ -560,7 +560,7 @@ def _mnist_fc(index: int, vnncomp_dir, timeout: float):
     return Solver(fam / onnx).solve(read_vnnlib(fam / vnn), timeout=timeout)
 
 
-def test_milp_refinement_lets_relu_splitting_finish_mnist_fc_59(vnncomp_dir):
+def test_milp_refinement_decides_mnist_fc_59(vnncomp_dir):
     """mnist_fc 256×4 #59 (ε = 0.05, unsat), measured at this 150 s limit (7bd60d6): the first
     slice of ReLU splitting leaves it open (2,365 domains); the refinement window (28 s: the
     second layer by branch and bound over the first layer's phases, every search closed in 17 s,
