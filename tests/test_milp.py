@@ -88,3 +88,58 @@ def test_networks_with_other_nonlinearities_are_left_alone():
         assert relu_layers(bm, bounds) is None
         same, stats = refine(bm, lo, up, bounds, lambda: False, lambda known: known)
     assert same is bounds and stats.bounds == 0
+
+
+def test_refinement_stops_at_the_first_layer_after_which_done_says_so():
+    """``done`` is asked after every refined layer with the re-propagated intervals; once it
+    says yes no later layer is refined (the solver stops as soon as α-CROWN refutes the
+    property), and the intervals it saw are the ones returned."""
+    n_in = 4
+    model = _mlp(4, n_in, (12, 12, 12, 12))
+    bm = BoundedModel(model, (n_in,)).to(torch.float64)
+    lo, up = -torch.ones(1, n_in, dtype=torch.float64), torch.ones(1, n_in, dtype=torch.float64)
+    seen = []
+
+    def done(bounds):
+        seen.append(bounds)
+        return len(seen) == 2
+
+    with torch.no_grad():
+        crown = bm.intervals(lo, up, "crown")
+        refined, stats = refine(bm, lo, up, crown, lambda: False,
+                                lambda known: bm.intervals(lo, up, "crown", known=known), 1.0, workers=1, done=done)
+        _, full = refine(bm, lo, up, crown, lambda: False,
+                         lambda known: bm.intervals(lo, up, "crown", known=known), 1.0, workers=1)
+    assert stats.done and stats.layers == 2 and len(seen) == 2 and refined is seen[-1]
+    assert full.layers == 3 and not full.done
+
+
+def test_milp_takes_the_highest_priority_neurons_first():
+    """With time for two bounds only, the neuron ``priority`` scores highest is the one
+    refined, whichever is most balanced."""
+    n_in = 3
+    model = _mlp(5, n_in, (16, 16))
+    bm = BoundedModel(model, (n_in,)).to(torch.float64)
+    lo, up = -torch.ones(1, n_in, dtype=torch.float64), torch.ones(1, n_in, dtype=torch.float64)
+    with torch.no_grad():
+        crown = bm.intervals(lo, up, "crown")
+        layers = relu_layers(bm, crown)
+        cl, cu = (t.reshape(-1) for t in crown[layers[1].pre])
+    unstable = ((cl < 0) & (cu > 0)).nonzero().squeeze(1)
+    assert unstable.numel() >= 2
+    balanced = unstable[torch.minimum(-cl[unstable], cu[unstable]).argmax()]
+    target = int(unstable[unstable != balanced][0])
+    for chosen, priority in ((int(balanced), None), (target, {layers[1].pre: (torch.arange(cl.numel()) == target)
+                                                             .double().numpy()})):
+        calls = []
+
+        def expired():
+            calls.append(1)
+            return len(calls) > 3  # asked once before the layer, then before each bound: two bounds
+
+        with torch.no_grad():
+            refined, stats = refine(bm, lo, up, crown, expired, lambda known: known, 5.0, workers=1,
+                                    priority=None if priority is None else (lambda b, p=priority: p))
+        rl, ru = (t.reshape(-1) for t in refined[layers[1].pre])
+        moved = ((rl > cl + 1e-9) | (ru < cu - 1e-9)).nonzero().squeeze(1).tolist()
+        assert stats.bounds == 2 and moved == [chosen], (chosen, moved, stats)

@@ -80,7 +80,8 @@ class SolverConfig:
     milp_max_neurons: int = 2048  # ...for networks with at most this many ReLU neurons...
     milp_seconds_per_bound: float = 1.0  # ...each bound with at most this much solver time...
     milp_workers: int = 2  # ...this many programs at a time...
-    milp_branch: float = 0.5  # ...after the second layer's branch and bound in this share of that time
+    milp_branch: float = 0.5  # ...after the second layer's branch and bound in this share of that time...
+    milp_priority: bool = True  # ...its neurons whose relaxation costs the property's bound most first
     seed: int = 0
 
 
@@ -208,26 +209,51 @@ class Solver:
     def milp_bounds(self, case: Case, spec: Spec, bounds: dict, deadline: Deadline, seconds: float,
                     note: Callable[[str], None]) -> tuple[bool, dict]:
         """The root's intervals refined by MILP (:mod:`certkit.bounds.milp`) within ``seconds``,
-        later layers re-propagated by α-CROWN: (refuted by α-CROWN from them, the intervals)."""
+        later layers re-propagated by α-CROWN: (refuted by α-CROWN from them, the intervals).
+        α-CROWN tries the property after every layer, so the refinement stops as soon as
+        the intervals suffice."""
         lo, up = self._box(case)
         cfg = self.config
         now = time.monotonic()
         stop, branch_stop = now + seconds, now + cfg.milp_branch * seconds
+
+        def refutes(known: dict) -> bool:
+            lb, _ = self.bm.alpha_crown(known, spec.batch_C(1), bound_upper=False, iterations=cfg.alpha_iterations)
+            return bool(spec.refuted(lb).all())
+
         with torch.no_grad():
             bounds, stats = milp.refine(self.bm, lo, up, bounds, lambda: time.monotonic() > stop,
                                         lambda known: self._alpha_intervals(lo, up, known, deadline),
                                         cfg.milp_seconds_per_bound, cfg.milp_workers,
                                         branch_expired=(lambda: time.monotonic() > branch_stop)
-                                        if cfg.milp_branch > 0 else None)
-        if stats.bounds == 0:
-            return False, bounds
-        b = stats.branch
-        branched = (f" (the second layer's by branch and bound: {b.domains} domains, {b.closed} of {b.objectives}"
-                    f" searches closed in {b.seconds:.1f} s)" if b is not None else "")
-        note(f"MILP refinement: {stats.bounds} bounds of {stats.layers} layer(s) solved in {stats.seconds:.1f} s"
-             f"{branched}, {stats.tightened} tightened, {stats.stabilised} neuron(s) stabilised")
-        lb, _ = self.bm.alpha_crown(bounds, spec.batch_C(1), bound_upper=False, iterations=cfg.alpha_iterations)
-        return bool(spec.refuted(lb).all()), bounds
+                                        if cfg.milp_branch > 0 else None,
+                                        priority=(lambda known: self.relaxation_costs(spec, known))
+                                        if cfg.milp_priority else None,
+                                        done=refutes)
+        if stats.bounds:
+            b = stats.branch
+            branched = (f" (the second layer's by branch and bound: {b.domains} domains, {b.closed} of {b.objectives}"
+                        f" searches closed in {b.seconds:.1f} s)" if b is not None else "")
+            note(f"MILP refinement: {stats.bounds} bounds of {stats.layers} layer(s) solved in {stats.seconds:.1f} s"
+                 f"{branched}, {stats.tightened} tightened, {stats.stabilised} neuron(s) stabilised"
+                 f"{'; α-CROWN refutes the property from them' if stats.done else ''}")
+        return stats.done, bounds
+
+    def relaxation_costs(self, spec: Spec, bounds: dict) -> dict[str, np.ndarray]:
+        """Per ReLU input (flat): what its triangle relaxation can cost CROWN's bound of the
+        property, |λ|·(−l·u/(u − l)) summed over the property's rows, with λ the coefficient
+        reaching the ReLU's output (0 where the neuron is stable)."""
+        record: dict[str, Tensor] = {}
+        self.bm.spec_bounds(bounds, spec.batch_C(1), "crown", bound_upper=False, intersect=False, record=record)
+        costs = {}
+        for relu in self.bm.graph.relus:
+            lam = record.get(relu.name)
+            if lam is None:
+                continue
+            lo, up = bounds[relu.inputs[0]]
+            gap = -lo.clamp(max=0) * up.clamp(min=0) / (up - lo).clamp(min=1e-30)
+            costs[relu.inputs[0]] = (lam.abs().sum(1) * gap).reshape(-1).double().cpu().numpy()
+        return costs
 
     def _alpha_intervals(self, lo: Tensor, up: Tensor, known: dict, deadline: Deadline) -> dict:
         """Every node's interval by α-CROWN (CROWN once the time share for it is spent),
