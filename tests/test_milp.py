@@ -133,7 +133,7 @@ def test_milp_takes_the_highest_priority_neurons_first():
                                                              .double().numpy()})):
         calls = []
 
-        def expired():
+        def expired(calls=calls):
             calls.append(1)
             return len(calls) > 3  # asked once before the layer, then before each bound: two bounds
 
