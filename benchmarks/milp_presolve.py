@@ -15,12 +15,12 @@ the width each setting removes (off / choose).
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from instances import VNNCOMP, instance_paths  # benchmarks/instances.py
 
 from certkit.bounds import milp
 from certkit.vnncomp.solver import Deadline, Solver
@@ -82,15 +82,12 @@ def main() -> None:
     ap.add_argument("--instances", nargs="+", default=DEFAULT, help="FAMILY:INDEX of instances.csv rows")
     ap.add_argument("--neurons", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=1.0)
-    ap.add_argument("--vnncomp", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "vnncomp")
+    ap.add_argument("--vnncomp", type=Path, default=VNNCOMP)
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"{'instance':<22} {'width before':>12} {'choose':>9} {'off':>9} {'removed off/choose':>19} {'s':>6}")
     for item in args.instances:
-        family, index = item.split(":")
-        fam = args.vnncomp / family
-        onnx, vnnlib, _ = list(csv.reader(open(fam / "instances.csv")))[int(index)]
-        solver, layers, bounds, box = third_layer_program(fam / onnx, fam / vnnlib)
+        solver, layers, bounds, box = third_layer_program(*instance_paths(args.vnncomp, item))
         before, after_choose, t1 = widths(solver, layers, bounds, box, args.neurons, args.seconds, "choose")
         _, after_off, t2 = widths(solver, layers, bounds, box, args.neurons, args.seconds, "off")
         ratio = (before - after_off) / max(before - after_choose, 1e-12)

@@ -13,12 +13,12 @@ time (both solved) and of domains per second.
 from __future__ import annotations
 
 import argparse
-import csv
 import re
 import time
 from pathlib import Path
 
 import torch
+from instances import VNNCOMP, instance_paths  # benchmarks/instances.py
 
 from certkit.vnncomp.solver import Solver, SolverConfig
 from certkit.vnnlib import read_vnnlib
@@ -51,18 +51,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--instances", nargs="*", default=DEFAULT, help="FAMILY:INDEX (row of instances.csv)")
     ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--vnncomp", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "vnncomp")
+    ap.add_argument("--vnncomp", type=Path, default=VNNCOMP)
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"{'instance':20s} {'steps':8s} {'answer':8s} {'s':>7s} {'BaB s':>7s} {'domains':>8s} {'dom/s':>7s}")
     for item in args.instances:
-        family, index = item.split(":")
-        root = args.vnncomp / family
-        onnx, vnnlib, _ = list(csv.reader(open(root / "instances.csv")))[int(index)]
-        prop = read_vnnlib(root / vnnlib)
+        onnx, vnnlib = instance_paths(args.vnncomp, item)
+        prop = read_vnnlib(vnnlib)
         runs = {}
         for name, f32 in (("float64", False), ("float32", True)):
-            status, seconds, bab, domains = runs[name] = solve(root / onnx, prop, args.timeout, f32)
+            status, seconds, bab, domains = runs[name] = solve(onnx, prop, args.timeout, f32)
             print(f"{item:20s} {name:8s} {status:8s} {seconds:7.1f} {bab:7.1f} {domains:8d} "
                   f"{domains / max(bab, 1e-9):7.1f}")
         (s64, _, b64, d64), (s32, _, b32, d32) = runs["float64"], runs["float32"]
