@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from instances import VNNCOMP, instance_paths  # benchmarks/instances.py
+from instances import add_instance_arguments, instance_paths  # benchmarks/instances.py
 
 from certkit.bounds import milp
 from certkit.vnncomp.solver import Deadline, Solver
@@ -31,7 +31,7 @@ DEFAULT = ["mnist_fc_2022:69", "eran_2021:1"]
 
 
 def third_layer_program(onnx: Path, vnnlib: Path):
-    """(layers, the intervals after the second layer's branching, box) for the property's first case."""
+    """(solver, ReLU layers, the intervals after the second layer's branching, box) for the property's first case."""
     solver = Solver(onnx)
     case = read_vnnlib(vnnlib).cases[0]
     spec = Spec.from_case(case)
@@ -66,10 +66,7 @@ def widths(solver, layers, bounds, box, neurons: int, seconds: float, presolve: 
     start = time.perf_counter()
     for j, i in enumerate(chosen):
         for sign in (1.0, -1.0):
-            value = program.minimum(layers[k], int(i), sign, seconds)
-            if not np.isfinite(value):
-                continue
-            bound = sign * (value + sign * layers[k].bias[i])
+            bound = program.bound(layers[k], int(i), sign, seconds)  # ±inf where nothing was proven
             if sign > 0:
                 new_lo[j] = max(new_lo[j], bound)
             else:
@@ -79,10 +76,9 @@ def widths(solver, layers, bounds, box, neurons: int, seconds: float, presolve: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--instances", nargs="+", default=DEFAULT, help="FAMILY:INDEX of instances.csv rows")
+    add_instance_arguments(ap, DEFAULT)
     ap.add_argument("--neurons", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=1.0)
-    ap.add_argument("--vnncomp", type=Path, default=VNNCOMP)
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"{'instance':<22} {'width before':>12} {'choose':>9} {'off':>9} {'removed off/choose':>19} {'s':>6}")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from instances import VNNCOMP, instance_paths  # benchmarks/instances.py
+from instances import add_instance_arguments, instance_paths  # benchmarks/instances.py
 
 from certkit.vnncomp.solver import Solver, SolverConfig
 from certkit.vnnlib import read_vnnlib
@@ -49,9 +49,8 @@ def solve(onnx: Path, prop, timeout: float, float32_steps: bool) -> tuple[str, f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--instances", nargs="*", default=DEFAULT, help="FAMILY:INDEX (row of instances.csv)")
+    add_instance_arguments(ap, DEFAULT)
     ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--vnncomp", type=Path, default=VNNCOMP)
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"{'instance':20s} {'steps':8s} {'answer':8s} {'s':>7s} {'BaB s':>7s} {'domains':>8s} {'dom/s':>7s}")

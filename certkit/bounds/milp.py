@@ -204,6 +204,11 @@ class _Program:
         value = h.getInfo().mip_dual_bound
         return value if math.isfinite(value) else -math.inf
 
+    def bound(self, layer: ReluLayer, neuron: int, sign: float, seconds: float) -> float:
+        """A proven bound of z[neuron] itself: a lower bound for sign 1, an upper one for sign −1
+        (−inf or +inf respectively when the solver proved nothing); no tolerance margin yet."""
+        return sign * (self.minimum(layer, neuron, sign, seconds) + sign * layer.bias[neuron])
+
 
 def refine_layer(layers: list[ReluLayer], k: int, input_name: str, lower: np.ndarray, upper: np.ndarray,
                  intervals: dict[str, tuple[np.ndarray, np.ndarray]], expired: Callable[[], bool],
@@ -234,11 +239,10 @@ def refine_layer(layers: list[ReluLayer], k: int, input_name: str, lower: np.nda
             if expired():
                 return
             i, sign = jobs[j]
-            value = program.minimum(layer, i, sign, seconds_per_bound)
+            bound = program.bound(layer, i, sign, seconds_per_bound)
             stats.bounds += 1
-            if not math.isfinite(value):
+            if not math.isfinite(bound):
                 continue
-            bound = sign * (value + sign * layer.bias[i])  # of z[i]: a lower bound (sign 1) or an upper one
             bound -= sign * MARGIN * (1 + abs(bound))
             if sign > 0 and bound > lo[i]:
                 lo[i], stats.tightened = bound, stats.tightened + 1
