@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from certkit.bounds import BoundedModel
-from certkit.bounds.milp import refine, relu_layers
+from certkit.bounds.milp import _Program, affine_layer, refine, relu_layers
 from tests.test_vnncomp import _mlp as _vnncomp_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,6 +76,31 @@ def test_refined_bounds_of_a_two_input_network_match_an_exhaustive_grid():
     assert bool((rl[unstable] >= zmin[unstable] - slack[unstable]).all())
     assert bool((ru[unstable] <= zmax[unstable] + slack[unstable]).all())
     assert float((cu - cl)[unstable].sum()) > float((ru - rl)[unstable].sum()) + 1e-3
+
+
+def test_the_whole_network_program_bounds_property_rows_exactly():
+    """The program of every ReLU layer with a property's rows over the output as objective
+    (benchmarks/whole_network_milp.py): each proven minimum of c·y lies at or below every
+    grid value and within the grid's resolution of the smallest, where CROWN's is looser."""
+    model = _mlp(3, 2, (12, 12))
+    lo, up = -torch.ones(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64)
+    bm = BoundedModel(model, (2,)).to(torch.float64)
+    C = torch.tensor([[1.0, -1.0, 0.0], [-1.0, 0.0, 1.0], [0.5, 2.0, -1.0]], dtype=torch.float64)
+    axis = torch.linspace(-1, 1, 801, dtype=torch.float64)
+    with torch.no_grad():
+        crown = bm.intervals(lo, up, "crown")
+        layers = relu_layers(bm, crown)
+        rows = affine_layer(bm, crown, bm.graph.output, C)
+        crown_lb, _ = bm.spec_bounds(crown, C.unsqueeze(0), "crown", bound_upper=False)
+        y = model(torch.cartesian_prod(axis, axis)) @ C.T
+    intervals = {L.pre: tuple(t.reshape(-1).double().numpy() for t in crown[L.pre]) for L in layers}
+    program = _Program(layers, len(layers), bm.graph.input.name, lo.reshape(-1).numpy(), up.reshape(-1).numpy(),
+                       intervals)
+    proven = torch.tensor([program.bound(rows, i, 1.0, 10.0) for i in range(C.shape[0])], dtype=torch.float64)
+    ymin, ymax = y.min(0).values, y.max(0).values
+    assert bool((proven <= ymin + 1e-6).all()), (proven, ymin)
+    assert bool((proven >= ymin - 0.01 * (ymax - ymin) - 1e-3).all()), (proven, ymin)
+    assert float((proven - crown_lb[0]).max()) > 1e-3, (proven, crown_lb)
 
 
 def test_networks_with_other_nonlinearities_are_left_alone():

@@ -44,7 +44,8 @@ BRANCH_MARGIN = 1e-9  # the same for branch_second_layer's float64 bounds (sums 
 @dataclass
 class ReluLayer:
     """One ReLU layer: its pre-activation z = Σ_s W_s·s + b over source nodes s (the network's
-    input or earlier ReLUs' outputs), flattened."""
+    input or earlier ReLUs' outputs), flattened. With ``relu`` empty, rows no ReLU follows
+    (a property's rows over the output, as :func:`affine_layer` gives them)."""
 
     pre: str
     relu: str
@@ -66,32 +67,42 @@ class RefineStats:
 def relu_layers(bm: BoundedModel, bounds: dict[str, Interval]) -> list[ReluLayer] | None:
     """The network's ReLU layers as affine maps of earlier ones, in order; None when some
     pre-activation depends on a nonlinearity other than ReLU (or there is no ReLU)."""
-    graph = bm.graph
-    relus = graph.relus
+    relus = bm.graph.relus
     if not relus:
         return None
-    names = {r.name for r in relus} | {graph.input.name}
     layers = []
-    with torch.no_grad():
-        for r in relus:
-            pre = r.inputs[0]
-            lo = bounds[pre][0][:1]
-            n = lo[0].numel()
-            eye = torch.eye(n, dtype=lo.dtype, device=lo.device).reshape(1, n, *lo.shape[1:])
-            record: dict[str, Tensor] = {}
-            lb = bm._backward(pre, eye, {k: (a[:1], b[:1]) for k, (a, b) in bounds.items()},
-                              stop_at_nonlinear=True, record=record)
-            bias, sources = lb[0], {}
-            for s, A in record.items():
-                node = graph.by_name[s]
-                if node.op is not None and node.op.affine:
-                    continue
-                if s not in names:
-                    return None
-                sources[s] = A.reshape(n, -1).double().cpu().numpy()
-                bias = bias - concretize(A, (bounds[s][0][:1], bounds[s][1][:1]))[0]
-            layers.append(ReluLayer(pre, r.name, sources, bias.double().cpu().numpy()))
+    for r in relus:
+        ref = bounds[r.inputs[0]][0]
+        layer = affine_layer(bm, bounds, r.inputs[0], torch.eye(ref[0].numel(), dtype=ref.dtype, device=ref.device),
+                             r.name)
+        if layer is None:
+            return None
+        layers.append(layer)
     return layers
+
+
+def affine_layer(bm: BoundedModel, bounds: dict[str, Interval], node: str, C: Tensor,
+                 relu: str = "") -> ReluLayer | None:
+    """The rows of C·node (C: (S, node size)) as an affine map of the input and of ReLU outputs,
+    named as the ReLU layer ``relu`` (empty for a map no ReLU follows, e.g. a property's rows
+    over the output); None when it depends on a nonlinearity other than ReLU."""
+    graph = bm.graph
+    names = {r.name for r in graph.relus} | {graph.input.name}
+    first = {k: (a[:1], b[:1]) for k, (a, b) in bounds.items()}
+    S = C.shape[0]
+    with torch.no_grad():
+        A0 = C.to(first[node][0]).reshape(1, S, *first[node][0].shape[1:])
+        record: dict[str, Tensor] = {}
+        bias, sources = bm._backward(node, A0, first, stop_at_nonlinear=True, record=record)[0], {}
+        for s, A in record.items():
+            op = graph.by_name[s].op
+            if op is not None and op.affine:
+                continue
+            if s not in names:
+                return None
+            sources[s] = A.reshape(S, -1).double().cpu().numpy()
+            bias = bias - concretize(A, first[s])[0]
+    return ReluLayer(node, relu, sources, bias.double().cpu().numpy())
 
 
 _banner_shown = False
