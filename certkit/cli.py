@@ -397,6 +397,10 @@ def report(results, as_json) -> None:
         console.print(summary_table(summary))
 
 
+DEVICE_HELP = ("Where bounds and branch and bound run: cpu, cuda (TF32 off; the MILP refinement and "
+               "onnxruntime's checks stay on the CPU) or auto (cuda where present).")
+
+
 @main.command("run-instance")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("prop", metavar="PROPERTY", type=click.Path(dir_okay=False))
@@ -409,8 +413,10 @@ def report(results, as_json) -> None:
 @click.option("--pidfile", type=click.Path(dir_okay=False),
               help="Write the solver process's id here while it runs (vnncomp/prepare_instance.sh reads it "
                    "to stop a solver left over from an interrupted run, and no other).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help=DEVICE_HELP)
 @friendly_errors
-def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile) -> None:
+def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, device) -> None:
     """Solve one VNN-COMP instance: is some input in the property's box mapped into its unsafe set?
 
     \b
@@ -431,14 +437,17 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile) 
       certkit run-instance acasxu/onnx/ACASXU_run2a_1_1_batch_2000.onnx \\
           acasxu/vnnlib/prop_1.vnnlib --timeout 116 --results out.txt
     """
+    from certkit.train.loop import resolve_device
     from certkit.vnncomp.instance import run_instance
 
+    resolve_device(device)  # --device cuda without one: say so here, before any result file
     if timeout <= 0:
         raise CertkitError(f"--timeout must be positive; got {timeout}")
     for path in (model, prop):
         if not Path(path).is_file():
             raise CertkitError(f"{path}: no such file")
-    status = run_instance(model, prop, timeout, results, category=category, threads=threads, pidfile=pidfile)
+    status = run_instance(model, prop, timeout, results, category=category, threads=threads, pidfile=pidfile,
+                          device=device)
     click.echo(status)
     if status == "error":
         sys.exit(1)
@@ -455,8 +464,10 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile) 
 @click.option("--timeout-scale", type=float, default=1.0, show_default=True,
               help="Multiply every published timeout by this factor.")
 @click.option("--families", help="Comma-separated families to run (BENCH_DIR holding several).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help=DEVICE_HELP)
 @friendly_errors
-def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, families) -> None:
+def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, families, device) -> None:
     """Run a VNN-COMP benchmark and score it against the ground truth.
 
     \b
@@ -475,8 +486,10 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from certkit.report import console, vnncomp_table
+    from certkit.train.loop import resolve_device
     from certkit.vnncomp.runner import discover, run_benchmark, summarize
 
+    resolve_device(device)
     fams = [f.strip() for f in families.split(",") if f.strip()] if families else None
     insts = discover(bench_dir, instances, ground_truth, fams)
     out_csv = Path(out_csv)
@@ -490,7 +503,8 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
             progress.update(task, advance=1, description=inst.family,
                             last=f"#{inst.index} {outcome.status}{mark} ({outcome.seconds:.1f}s)")
 
-        outcomes = run_benchmark(insts, out_csv, out_csv.parent, Path(h5) if h5 else None, timeout_scale, on_done)
+        outcomes = run_benchmark(insts, out_csv, out_csv.parent, Path(h5) if h5 else None, timeout_scale, on_done,
+                                 device=device)
     summary = summarize(insts, outcomes)
     console.print(vnncomp_table(summary))
     console.print(f"results: {out_csv}" + (f", {h5}" if h5 else ""))

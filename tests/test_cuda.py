@@ -1,10 +1,10 @@
-"""The CUDA paths: bounds, verification and training on a GPU agree with the CPU and stay sound.
+"""The CUDA paths: bounds, verification, training and the VNN-COMP solver on a GPU agree with
+the CPU and stay sound.
 
 These tests run only where a CUDA device is present (CI has none; a GPU session runs them
 with ``pytest tests/test_cuda.py``). TF32 is switched *on* globally before bounding, so a
 bound that silently used TF32 matmuls or convolutions would drift from the CPU's float32
-result by far more than the tolerance and could be violated by sampled points.
-"""
+result by far more than the tolerance and could be violated by sampled points."""
 
 from __future__ import annotations
 
@@ -120,3 +120,47 @@ def test_training_on_gpu_resumes_bit_for_bit_and_exports(tmp_path, data_dir, com
 def test_compiled_training_step_matches_eager(method):
     """The compiled step with CUDA graphs computes what the eager step computes."""
     assert_compiled_step_matches_eager("cuda", "cnn-small", method, 100, (0.0, 0.05, 0.1, 0.1, 0.2))
+
+
+@pytest.mark.parametrize("n_in", [2, 24])  # input splitting (at most 20 inputs), ReLU splitting
+def test_vnncomp_solver_on_gpu_gives_the_cpu_answers(tmp_path, n_in, tf32_on):
+    """Random networks and properties with sat and unsat answers: the solver on the GPU answers
+    what it answers on the CPU, its counterexamples hold in onnxruntime, and TF32 is back on
+    afterwards (the solver switches it off only while it runs)."""
+    from certkit.vnncomp.oracle import Oracle, in_unsafe_set
+    from certkit.vnncomp.solver import Solver
+    from tests.test_vnncomp import _export, _mlp, _random_property
+
+    rng = np.random.default_rng(n_in)
+    answers = []
+    for seed in range(4):
+        model = _mlp(seed, n_in, (16, 16))
+        onnx = tmp_path / f"net{seed}.onnx"
+        _export(model, n_in, onnx)
+        with torch.no_grad():
+            y = model(torch.as_tensor(rng.uniform(-1, 1, (2000, n_in)), dtype=torch.float32)).numpy()
+        prop = _random_property(rng, n_in, 3, y)
+        cpu = Solver(onnx).solve(prop, timeout=60)
+        gpu = Solver(onnx, device="cuda").solve(prop, timeout=60)
+        assert gpu.status == cpu.status, (gpu.log, cpu.log)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        if gpu.status == "sat":
+            out = Oracle(onnx, (n_in,)).outputs(gpu.x[None])[0]
+            assert in_unsafe_set(prop.cases[0], out)
+        answers.append(gpu.status)
+    assert set(answers) <= {"sat", "unsat"}, answers
+
+
+@pytest.mark.parametrize("family,index,truth", [("acasxu", 0, "unsat"), ("oval21_2022", 0, "unsat"),
+                                                ("mnist_fc_2022", 25, "unsat"), ("collins_rul_cnn_2022", 20, "sat")])
+def test_real_vnncomp_instances_on_gpu_get_the_ground_truth_answer(family, index, truth, vnncomp_dir):
+    """Input splitting (ACAS Xu), ReLU splitting (oval21, mnist_fc) and PGD (collins) on the GPU."""
+    import csv
+
+    from certkit.vnncomp.solver import Solver
+    from certkit.vnnlib import read_vnnlib
+
+    fam = vnncomp_dir / family
+    onnx, vnn, _ = list(csv.reader(open(fam / "instances.csv")))[index]
+    res = Solver(fam / onnx, device="cuda").solve(read_vnnlib(fam / vnn), timeout=120)
+    assert res.status == truth, res.log

@@ -419,6 +419,20 @@ def test_run_instance_cli_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "no such file" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("command", ["run-instance", "vnncomp"])
+def test_device_cuda_without_one_is_a_clear_error_before_any_output(tmp_path, command):
+    onnx, prop, results = tmp_path / "net.onnx", tmp_path / "p.vnnlib", tmp_path / "out" / "r.txt"
+    _export(_mlp(0), 2, onnx)
+    _write_prop(prop, _random_property(np.random.default_rng(0), 2, 3, np.zeros((4, 3))))
+    args = ([str(onnx), str(prop), "--timeout", "30", "--results", str(results)] if command == "run-instance"
+            else [str(tmp_path), "--out", str(results)])
+    proc = subprocess.run([sys.executable, "-m", "certkit.cli", command, *args, "--device", "cuda"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+    assert not results.parent.exists()
+
+
 def test_harness_scripts_follow_the_calling_convention(tmp_path):
     onnx = tmp_path / "net.onnx"
     model = _mlp(5)
@@ -592,7 +606,7 @@ def test_worker_reports_an_internal_error_with_its_traceback(tmp_path, monkeypat
     fam = vnncomp_dir / "rl_benchmarks_2022"
     onnx, prop = next(csv.reader(open(fam / "instances.csv")))[:2]
     out = tmp_path / "res.txt"
-    assert worker.main([str(fam / onnx), str(fam / prop), str(out), str(time.time() + 30), "rl", "1"]) == 3
+    assert worker.main([str(fam / onnx), str(fam / prop), str(out), str(time.time() + 30), "rl", "1", "cpu"]) == 3
     assert out.read_text().strip() == "error"
     err = capsys.readouterr().err
     assert "internal error" in err and "injected failure" in err and "Traceback" in err

@@ -196,7 +196,8 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
 
     lower, upper = lower.reshape(1, D), upper.reshape(1, D)
     root_width = (upper - lower).clamp(min=1e-30)
-    score, alive, smear, corners, kept = bound(lower, upper, torch.ones(1, spec.num_groups, dtype=torch.bool))
+    everything = torch.ones(1, spec.num_groups, dtype=torch.bool, device=lower.device)
+    score, alive, smear, corners, kept = bound(lower, upper, everything)
     points, v, _ = candidates_of(corners, lower, upper)
     found = confirm(points, v)
     if found is not None:
@@ -243,7 +244,8 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
         done += lo_c.shape[0]
         worse = s_c.reshape(n, k, 2).min(2).values.masked_fill(~valid, -math.inf)
         best = worse.argmax(1)  # the dimension whose worse child is best
-        pick = (torch.arange(n).unsqueeze(1) * (2 * k) + best.unsqueeze(1) * 2 + torch.arange(2)).reshape(-1)
+        at = torch.arange(n, device=best.device).unsqueeze(1) * (2 * k)
+        pick = (at + best.unsqueeze(1) * 2 + torch.arange(2, device=best.device)).reshape(-1)
         pick = pick[s_c[pick] <= 0]
         if pick.numel() == 0:
             continue
@@ -321,7 +323,8 @@ def pair_margins(bm: BoundedModel, pairs: _Pairs, bounds: dict[str, tuple[Tensor
         return torch.where(torch.isfinite(m), m, torch.full_like(m, -math.inf)), A, rec
     lo_f, up_f = lo.reshape(P, -1), up.reshape(P, -1)
     c = lb - torch.minimum(A * lo_f.unsqueeze(1), A * up_f.unsqueeze(1)).sum(-1) - pairs.b
-    one = Spec(pairs.C.new_zeros(R, pairs.C.shape[2]), pairs.b.new_zeros(R), torch.zeros(R, dtype=torch.long), 1)
+    one = Spec(pairs.C.new_zeros(R, pairs.C.shape[2]), pairs.b.new_zeros(R),
+               torch.zeros(R, dtype=torch.long, device=pairs.b.device), 1)
     return one.group_margins(A, c, lo_f, up_f)[:, 0], A, rec
 
 
@@ -331,9 +334,10 @@ def _per_domain(pairs: _Pairs, m: Tensor, live: Tensor, A: Tensor, n: int, lo: T
     margin over its live pairs (+inf when all are refuted) and the corners (:func:`_corners`) of its
     worst live pair (n, 1 or 1 + R, D), for the box [lo, up] (1, 1, D)."""
     key = torch.where(live, m, torch.full_like(m, math.inf))
-    score = torch.full((n,), math.inf, dtype=m.dtype).scatter_reduce(0, pairs.dom, key, "amin")
-    index = torch.where(key == score[pairs.dom], torch.arange(key.shape[0]), -1)
-    worst = torch.full((n,), -1, dtype=torch.long).scatter_reduce(0, pairs.dom, index, "amax").clamp(min=0)
+    score = torch.full((n,), math.inf, dtype=m.dtype, device=m.device).scatter_reduce(0, pairs.dom, key, "amin")
+    index = torch.where(key == score[pairs.dom], torch.arange(key.shape[0], device=m.device), -1)
+    worst = torch.full((n,), -1, dtype=torch.long, device=m.device).scatter_reduce(0, pairs.dom, index, "amax")
+    worst = worst.clamp(min=0)
     return score, _corners(A[worst], pairs.real[worst], lo, up)
 
 
@@ -399,7 +403,7 @@ def _optimise(bm: BoundedModel, pairs: _Pairs, bounds: dict, lo: Tensor, up: Ten
     if fast is not None:  # only the float64 check needs the α, β behind each kept margin
         kept_a, kept_b = [a.clone() for a in alphas], [b.clone() for b in betas]
     kept_m = torch.nan_to_num(best, nan=-math.inf).to(dt)
-    stepped = torch.arange(best.shape[0])  # the pairs being stepped
+    stepped = torch.arange(best.shape[0], device=best.device)  # the pairs being stepped
 
     def select(rows: Tensor):
         """The stepped pairs' problem in the working dtype and their α, β as leaves to step."""
@@ -504,7 +508,7 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
         if iterations > 0 and not bool((m > 0).all()):
             m, alphas, betas = _optimise(bm, pairs, bounds, lo_x, up_x, relus, pre, p_signs, m, iterations,
                                          alphas, betas, fast=fast)
-        empty = torch.zeros(n, dtype=torch.bool)
+        empty = torch.zeros(n, dtype=torch.bool, device=lower.device)
         for p in pre:  # a split that contradicts the others leaves an empty domain: refuted
             lo, up = intervals[p]
             empty |= ((lo - up).reshape(n, -1) > 1e-7 * (1 + up.abs().reshape(n, -1))).any(1)
@@ -536,12 +540,13 @@ def relu_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, root:
         return score, corners, out
 
     S = spec.num_rows
-    d0 = {"alive": torch.ones(1, spec.num_groups, dtype=torch.bool)}
+    dev = lower.device
+    d0 = {"alive": torch.ones(1, spec.num_groups, dtype=torch.bool, device=dev)}
     for i, (r, p) in enumerate(zip(relus, pre)):
         d0[f"l{i}"], d0[f"u{i}"] = root[p]
-        d0[f"s{i}"] = torch.zeros(1, sizes[i], dtype=lower.dtype)
+        d0[f"s{i}"] = torch.zeros(1, sizes[i], dtype=lower.dtype, device=dev)
         d0[f"a{i}"] = r.op.default_alpha(*root[p]).reshape(1, 1, -1).expand(1, S, -1).float()
-        d0[f"b{i}"] = torch.zeros(1, S, sizes[i])
+        d0[f"b{i}"] = torch.zeros(1, S, sizes[i], device=dev)
     score, corners, d0 = bound(d0)
     found = confirm(corners.reshape(-1, *shape))
     if found is not None:

@@ -39,8 +39,9 @@ def read_status(path: str | Path) -> str:
 
 def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: str | Path,
                  category: str = "", quiet: bool = False, threads: int | None = None,
-                 log_file: str | Path | None = None, pidfile: str | Path | None = None) -> str:
-    """Solve one instance within ``timeout`` wall-clock seconds; returns the status written.
+                 log_file: str | Path | None = None, pidfile: str | Path | None = None, device: str = "cpu") -> str:
+    """Solve one instance within ``timeout`` wall-clock seconds, its bounds on ``device`` (cpu,
+    cuda, or auto: cuda where present); returns the status written.
 
     The child's log (stages, bounds, any traceback) goes to stderr, to ``log_file`` when given,
     or nowhere when ``quiet``. ``pidfile`` holds the child's process id while it runs, so that
@@ -50,7 +51,7 @@ def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: 
     results.unlink(missing_ok=True)
     end = time.time() + timeout
     cmd = [sys.executable, "-m", "certkit.vnncomp.worker", str(onnx), str(vnnlib), str(results),
-           f"{end - SOLVE_MARGIN!r}", category, str(threads or 0)]
+           f"{end - SOLVE_MARGIN!r}", category, str(threads or 0), device]
     with open(log_file, "w") if log_file is not None else contextlib.nullcontext() as log:
         stderr = log if log is not None else subprocess.DEVNULL if quiet else None
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)

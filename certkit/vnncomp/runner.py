@@ -219,9 +219,10 @@ def write_h5(path: Path, outcomes: list[Outcome], summary: list[FamilySummary]) 
 
 
 def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h5: Path | None = None,
-                  timeout_scale: float = 1.0, on_done: Callable[[Instance, Outcome, bool], None] | None = None
-                  ) -> list[Outcome]:
-    """Run every instance not yet in ``out_csv``; returns the outcomes of all instances run so far."""
+                  timeout_scale: float = 1.0, on_done: Callable[[Instance, Outcome, bool], None] | None = None,
+                  device: str = "cpu") -> list[Outcome]:
+    """Run every instance not yet in ``out_csv`` (bounds on ``device``: cpu, cuda or auto); returns
+    the outcomes of all instances run so far."""
     if timeout_scale <= 0:
         raise InvalidInput(f"--timeout-scale must be positive; got {timeout_scale}")
     outcomes = read_outcomes(out_csv)
@@ -238,7 +239,7 @@ def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h
         result_file.parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         status = run_instance(base / inst.onnx, base / inst.vnnlib, inst.timeout * timeout_scale, result_file,
-                              category=inst.family, log_file=result_file.with_suffix(".log"))
+                              category=inst.family, log_file=result_file.with_suffix(".log"), device=device)
         outcome = Outcome(inst.family, inst.index, inst.onnx, inst.vnnlib, inst.timeout * timeout_scale, status,
                           round(time.monotonic() - start, 3), inst.ground_truth,
                           verdict(status, inst.ground_truth), str(result_file))

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from certkit.bounds import BoundedModel, milp
+from certkit.bounds.engine import no_tf32
 from certkit.errors import InvalidInput
 from certkit.vnncomp.bab import BabOutcome, Confirm, crown_corners, input_split, margins, relu_split
 from certkit.vnncomp.oracle import Oracle
@@ -86,17 +87,20 @@ class SolverConfig:
 
 
 class Solver:
-    """One ONNX network, ready to answer properties about it."""
+    """One ONNX network, ready to answer properties about it, its bounds computed on ``device``
+    (a CUDA device with TF32 off; the MILP refinement and onnxruntime's checks run on the CPU
+    whatever it is)."""
 
-    def __init__(self, onnx_path: str | Path, config: SolverConfig | None = None):
+    def __init__(self, onnx_path: str | Path, config: SolverConfig | None = None, device: str | torch.device = "cpu"):
         self.config = config or SolverConfig()
+        self.device = torch.device(device)
         self.bm = BoundedModel(onnx_path)
-        self.bm.to(torch.float64)
+        self.bm.to(torch.float64).to(self.device)
         self.input_shape = self.bm.graph.input_shape
         self.oracle = Oracle(onnx_path, self.input_shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.bm.forward(x.to(torch.float64)).reshape(x.shape[0], -1)
+        return self.bm.forward(x.to(self.device, torch.float64)).reshape(x.shape[0], -1)
 
     def check_shapes(self, prop: Property) -> None:
         D = math.prod(self.input_shape)
@@ -110,8 +114,8 @@ class Solver:
     # ---------------------------------------------------------------- stages
 
     def _box(self, case: Case) -> tuple[Tensor, Tensor]:
-        lo = torch.as_tensor(case.lower, dtype=torch.float64).reshape(1, *self.input_shape)
-        up = torch.as_tensor(case.upper, dtype=torch.float64).reshape(1, *self.input_shape)
+        lo = torch.as_tensor(case.lower, dtype=torch.float64, device=self.device).reshape(1, *self.input_shape)
+        up = torch.as_tensor(case.upper, dtype=torch.float64, device=self.device).reshape(1, *self.input_shape)
         return lo, up
 
     def _confirm(self, case: Case, spec: Spec) -> Confirm:
@@ -128,7 +132,7 @@ class Solver:
             close = order[v[order] < 1e-6 * (1 + v[order].abs())][:32]
             if close.numel() == 0:
                 return None
-            return self.oracle.confirm(case, points[close].reshape(close.numel(), -1).double().numpy())
+            return self.oracle.confirm(case, points[close].reshape(close.numel(), -1).double().cpu().numpy())
 
         return confirm
 
@@ -163,7 +167,8 @@ class Solver:
         R, steps = self.config.attack_restarts, self.config.attack_steps
         first = True
         while first or (time.monotonic() < stop and not deadline.expired()):
-            x = lo + (up - lo) * torch.rand((R, *self.input_shape), generator=gen, dtype=torch.float64)
+            # drawn on the CPU: the same starting points on every device
+            x = lo + (up - lo) * torch.rand((R, *self.input_shape), generator=gen, dtype=torch.float64).to(lo.device)
             if first:
                 x[0] = ((lo + up) / 2)[0]
             first = False
@@ -271,6 +276,10 @@ class Solver:
     # ---------------------------------------------------------------- driver
 
     def solve(self, prop: Property, timeout: float, log: Callable[[str], None] | None = None) -> SolveResult:
+        with no_tf32():
+            return self._solve(prop, timeout, log)
+
+    def _solve(self, prop: Property, timeout: float, log: Callable[[str], None] | None) -> SolveResult:
         deadline = Deadline(timeout)
         torch.manual_seed(self.config.seed)
         self.check_shapes(prop)
@@ -281,7 +290,7 @@ class Solver:
             if log is not None:
                 log(msg)
 
-        specs = [Spec.from_case(c) for c in prop.cases]
+        specs = [Spec.from_case(c, device=self.device) for c in prop.cases]
         cfg = self.config
         attack_budget = min(cfg.attack_time_max, cfg.attack_time * timeout) / max(1, len(prop.cases))
         for i, (case, spec) in enumerate(zip(prop.cases, specs)):

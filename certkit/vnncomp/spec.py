@@ -26,10 +26,11 @@ class Spec:
     num_groups: int
 
     @classmethod
-    def from_case(cls, case: Case, dtype: torch.dtype = torch.float64) -> Spec:
-        C = torch.as_tensor(np.concatenate([A for A, _ in case.polytopes]), dtype=dtype)
-        b = torch.as_tensor(np.concatenate([b for _, b in case.polytopes]), dtype=dtype)
-        group = torch.cat([torch.full((len(bb),), g, dtype=torch.long) for g, (_, bb) in enumerate(case.polytopes)])
+    def from_case(cls, case: Case, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> Spec:
+        C = torch.as_tensor(np.concatenate([A for A, _ in case.polytopes]), dtype=dtype, device=device)
+        b = torch.as_tensor(np.concatenate([b for _, b in case.polytopes]), dtype=dtype, device=device)
+        group = torch.cat([torch.full((len(bb),), g, dtype=torch.long, device=device)
+                           for g, (_, bb) in enumerate(case.polytopes)])
         return cls(C, b, group, len(case.polytopes))
 
     @property
@@ -47,7 +48,9 @@ class Spec:
         rows = [(self.group == g).nonzero().squeeze(1) for g in range(self.num_groups)]
         R = max(r.numel() for r in rows)
         table = torch.stack([torch.cat([r, r[:1].expand(R - r.numel())]) for r in rows])
-        real = torch.arange(R).unsqueeze(0) < torch.tensor([r.numel() for r in rows]).unsqueeze(1)
+        device = self.group.device
+        real = (torch.arange(R, device=device).unsqueeze(0)
+                < torch.tensor([r.numel() for r in rows], device=device).unsqueeze(1))
         return table, real
 
     def values(self, y: Tensor) -> Tensor:

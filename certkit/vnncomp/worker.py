@@ -1,7 +1,8 @@
 """The child process of ``run-instance``: solve, write the result file, exit.
 
-Usage (internal): ``python -m certkit.vnncomp.worker ONNX VNNLIB RESULTS END_TIME CATEGORY THREADS``
-where END_TIME is a ``time.time()`` value by which the solver stops on its own.
+Usage (internal): ``python -m certkit.vnncomp.worker ONNX VNNLIB RESULTS END_TIME CATEGORY THREADS DEVICE``
+where END_TIME is a ``time.time()`` value by which the solver stops on its own and DEVICE is
+cpu, cuda or auto.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import traceback
 
 
 def main(argv: list[str]) -> int:
-    onnx, vnnlib, results, end, category, threads = argv
+    onnx, vnnlib, results, end, category, threads, device = argv
     end = float(end)
     from certkit.errors import CertkitError
     from certkit.vnncomp.instance import write_result
@@ -24,11 +25,12 @@ def main(argv: list[str]) -> int:
     try:
         import torch
 
+        from certkit.train.loop import resolve_device
         from certkit.vnncomp.solver import Solver
         from certkit.vnnlib import read_vnnlib
 
         prop = read_vnnlib(vnnlib)
-        solver = Solver(onnx)
+        solver = Solver(onnx, device=resolve_device(device))
         # 0 keeps PyTorch's default (every core): on this 2-core CPU ReLU splitting bounds 1.7× the
         # domains per second on mnist_fc 256x4 (#56), oval21 #8 takes 37 s instead of 51 s, and
         # ACAS Xu #13 and reach_prob robot_0 take the same time as on one thread
