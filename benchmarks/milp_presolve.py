@@ -56,7 +56,7 @@ def third_layer_program(onnx: Path, vnnlib: Path):
 def widths(solver, layers, bounds, box, neurons: int, seconds: float, presolve: str) -> tuple[float, float, float]:
     """(width before, width after, solver seconds) summed over the chosen third-layer neurons."""
     k = 2
-    intervals = {L.pre: tuple(t.detach().reshape(-1).double().numpy() for t in bounds[L.pre]) for L in layers[:k + 1]}
+    intervals = milp.layer_intervals(bounds, layers[:k + 1])
     lo, up = intervals[layers[k].pre]
     unstable = np.nonzero((lo < 0) & (up > 0))[0]
     chosen = unstable[np.argsort(-np.minimum(-lo[unstable], up[unstable]), kind="stable")][:neurons]

@@ -63,8 +63,8 @@ def main() -> None:
             print(f"{item}: not a ReLU network; no program")
             continue
         lo, up = (t.reshape(-1).double().numpy() for t in solver._box(case))
-        intervals = {L.pre: tuple(t.detach().reshape(-1).double().numpy() for t in bounds[L.pre]) for L in layers}
-        program = milp._Program(layers, len(layers), solver.bm.graph.input.name, lo, up, intervals)
+        program = milp._Program(layers, len(layers), solver.bm.graph.input.name, lo, up,
+                                milp.layer_intervals(bounds, layers))
         rows = milp.affine_layer(solver.bm, bounds, solver.bm.graph.output, spec.C)
         single = np.bincount(spec.group.numpy(), minlength=spec.num_groups) == 1
         print(f"{'row':>4} " + " ".join(f"{f'α-CROWN ({s})':>14}" for s in args.alpha_steps)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from certkit.bounds import BoundedModel
-from certkit.bounds.milp import _Program, affine_layer, refine, relu_layers
+from certkit.bounds.milp import _Program, affine_layer, layer_intervals, refine, relu_layers
 from tests.test_vnncomp import _mlp as _vnncomp_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,9 +93,8 @@ def test_the_whole_network_program_bounds_property_rows_exactly():
         rows = affine_layer(bm, crown, bm.graph.output, C)
         crown_lb, _ = bm.spec_bounds(crown, C.unsqueeze(0), "crown", bound_upper=False)
         y = model(torch.cartesian_prod(axis, axis)) @ C.T
-    intervals = {L.pre: tuple(t.reshape(-1).double().numpy() for t in crown[L.pre]) for L in layers}
     program = _Program(layers, len(layers), bm.graph.input.name, lo.reshape(-1).numpy(), up.reshape(-1).numpy(),
-                       intervals)
+                       layer_intervals(crown, layers))
     proven = torch.tensor([program.bound(rows, i, 1.0, 10.0) for i in range(C.shape[0])], dtype=torch.float64)
     ymin, ymax = y.min(0).values, y.max(0).values
     assert bool((proven <= ymin + 1e-6).all()), (proven, ymin)

@@ -105,6 +105,12 @@ def affine_layer(bm: BoundedModel, bounds: dict[str, Interval], node: str, C: Te
     return ReluLayer(node, relu, sources, bias.double().cpu().numpy())
 
 
+def layer_intervals(bounds: dict[str, Interval], layers: list[ReluLayer]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The intervals of the layers' pre-activations on the first box, flattened float64 arrays
+    (the form :class:`_Program` and :func:`refine_layer` take)."""
+    return {L.pre: tuple(t[:1].detach().reshape(-1).double().cpu().numpy() for t in bounds[L.pre]) for L in layers}
+
+
 _banner_shown = False
 
 
@@ -331,8 +337,7 @@ def refine(bm: BoundedModel, lower: Tensor, upper: Tensor, bounds: dict[str, Int
     for k in todo:
         if expired():
             break
-        intervals = {L.pre: tuple(t.detach().reshape(-1).double().cpu().numpy() for t in bounds[L.pre])
-                     for L in layers[:k + 1]}
+        intervals = layer_intervals(bounds, layers[:k + 1])
         branched = None
         if k == 1 and branch_expired is not None:
             start = time.monotonic()
