@@ -1,7 +1,13 @@
-"""ONNX in: check operators up front, upgrade old opsets, convert with onnx2torch.
+"""ONNX in: fold constant and shape subgraphs, check operators up front, upgrade old
+opsets, convert with onnx2torch.
 
-Many published ONNX files use opsets that onnx2torch cannot read directly
-(Flatten-1, Dropout-7, ...); those are upgraded with onnx's version converter first.
+Exporters leave shape arithmetic in the graph (Shape → Gather → Concat → Reshape, ...).
+A file with operators outside the registry is first folded by onnxsim (constant folding
+and shape inference only, with the batch dimension fixed to 1, no fusions), which turns
+every subgraph that depends only on initializers, constants and static shapes into
+constants; files whose operators are all supported are used as they are. Many published
+ONNX files use opsets that onnx2torch cannot read directly (Flatten-1, Dropout-7, ...);
+those are upgraded with onnx's version converter first.
 """
 
 from __future__ import annotations
@@ -14,15 +20,12 @@ import numpy as np
 import onnx
 import torch
 
+from certkit.bounds.ops import supported_onnx
 from certkit.errors import InvalidInput, InvalidModel, UnsupportedOperator
 
-# ONNX operators the bound engine has sound rules for (Mul/Div need a constant operand,
-# MatMul a constant matrix; the graph builder checks those details).
-SUPPORTED_OPS = frozenset({
-    "Gemm", "MatMul", "Conv", "BatchNormalization", "Relu", "Add", "Sub", "Mul", "Div",
-    "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat", "AveragePool",
-    "Identity", "Dropout", "Constant", "Sigmoid", "Tanh", "MaxPool", "Pad",
-})
+# ONNX operators the bound engine has sound rules for: the registry's table (the graph
+# builder checks each node's details, e.g. which operands are constant).
+SUPPORTED_OPS = supported_onnx()
 UPGRADE_OPSET = 11
 
 
@@ -98,9 +101,63 @@ def _convert(proto: onnx.ModelProto) -> torch.nn.Module:
                                f"opset {UPGRADE_OPSET}): {e}") from None
 
 
+def _fix_batch(proto: onnx.ModelProto) -> None:
+    """Set a symbolic (or zero) leading dimension of the graph's input to 1, in place: certkit
+    bounds one sample at a time, and the folding needs static shapes."""
+    inits = {i.name for i in proto.graph.initializer}
+    for inp in proto.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name not in inits and len(dims) and not dims[0].dim_value:
+            dims[0].Clear()
+            dims[0].dim_value = 1
+
+
+def _drop_allowzero(proto: onnx.ModelProto) -> None:
+    """Reshape's allowzero=1 (dynamo exports) means nothing for a constant shape without zeros;
+    onnx2torch refuses the attribute, so it is removed there, in place."""
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
+    for n in proto.graph.node:
+        if n.op_type != "Reshape" or len(n.input) < 2 or n.input[1] not in consts:
+            continue
+        if not (consts[n.input[1]] == 0).any():
+            keep = [a for a in n.attribute if a.name != "allowzero"]
+            del n.attribute[:]
+            n.attribute.extend(keep)
+
+
+def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every constant and static-shape subgraph folded (onnxsim: constant
+    folding and shape inference only), batch fixed to 1. Returned unchanged when onnxsim
+    cannot process it (the operator check then names what is left)."""
+    from onnxsim import simplify
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    _fix_batch(fixed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            folded, _ = simplify(fixed, perform_optimization=False, certify=False)
+    except Exception:
+        return fixed
+    _drop_allowzero(folded)
+    return folded
+
+
+def prepare_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as certkit bounds it: folded when it has operators outside the registry
+    (shape arithmetic, constants computed at run time), unchanged otherwise."""
+    if not unsupported_nodes(proto):
+        return proto
+    return fold_constants(proto)
+
+
 def load_onnx(path: str | Path) -> LoadedOnnx:
-    """Load an ONNX network for bounding: operators checked before anything is computed."""
-    proto = read_proto(path)
+    """Load an ONNX network for bounding: folded, and operators checked before anything is computed."""
+    proto = prepare_proto(read_proto(path))
     check_supported(proto)
     name, shape = graph_input(proto)
     module = _convert(proto).eval()
@@ -151,11 +208,14 @@ class OnnxSummary:
     nodes: list[tuple[str, str, str]]  # (name, op type, output shape)
     num_params: int
     unsupported: list[tuple[str, str]]
+    folded_from: int | None = None  # the node count before constant folding, when it was folded
 
 
 def summarize_onnx(path: str | Path) -> OnnxSummary:
-    """Nodes, op types, inferred shapes and parameter count of an ONNX file."""
-    proto = read_proto(path)
+    """Nodes, op types, inferred shapes and parameter count of an ONNX file, as certkit bounds
+    it (after folding, where folding applies)."""
+    original = read_proto(path)
+    proto = prepare_proto(original)
     name, shape = graph_input(proto)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
@@ -168,4 +228,5 @@ def summarize_onnx(path: str | Path) -> OnnxSummary:
     nodes = [(n.name or f"#{i}", n.op_type, shapes.get(n.output[0], "?") if n.output else "")
              for i, n in enumerate(proto.graph.node)]
     n_params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
-    return OnnxSummary(Path(path), opset_of(proto), name, shape, nodes, n_params, unsupported_nodes(proto))
+    return OnnxSummary(Path(path), opset_of(proto), name, shape, nodes, n_params, unsupported_nodes(proto),
+                       len(original.graph.node) if proto is not original else None)

@@ -345,7 +345,7 @@ class BoundedModel:
         CROWN's choice."""
         if iterations <= 0:  # the common case, on the hot path of every CROWN refinement
             return best
-        acts = [n for n in self._ancestors_of(start) if isinstance(n.op, Activation)]
+        acts = [n for n in self._ancestors_of(start) if isinstance(n.op, Activation) and n.op.tunable]
         if not acts:
             return best
         bounds = {k: (lo.detach(), up.detach()) for k, (lo, up) in bounds.items()}

@@ -1,0 +1,154 @@
+"""The base of every operator rule, and the tensor helpers the rules share.
+
+Every operator knows three things about itself:
+
+- ``forward(*xs)``: the concrete computation (batched, first dimension is the batch);
+- ``interval(*bounds)``: the IBP rule, mapping input intervals ``(l, u)`` to an output
+  interval that contains every output reachable from inputs inside the boxes;
+- ``backward(A, in_bounds, ...)``: the CROWN rule. Given a linear function ``A · out``
+  (``A`` of shape ``(B, S, *out_shape)``, S the number of specifications), return the
+  coefficient tensors on each bounded input and a bias ``(B, S)`` such that
+  ``A · out >= sum_i A_i · in_i + bias`` for every input inside its box (a sound *lower*
+  bound; upper bounds are lower bounds of ``-A``).
+
+Affine operators (``affine = True``) satisfy the backward inequality with equality.
+``mixing`` marks affine operators that combine several input coordinates into one
+output (Linear, Conv, AvgPool); chains with at most one of them are bounded exactly by
+IBP, which lets full CROWN skip them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Interval = tuple[Tensor, Tensor]
+
+def center_radius(b: Interval) -> tuple[Tensor, Tensor]:
+    lo, up = b
+    return torch.lerp(lo, up, 0.5), (up - lo) * 0.5
+
+
+def sum_to(A: Tensor, shape: Sequence[int]) -> Tensor:
+    """Sum ``A`` (B, S, *broadcast_shape) down to (B, S, *shape) (undo broadcasting)."""
+    target = (A.shape[0], A.shape[1], *shape)
+    if tuple(A.shape) == target:
+        return A
+    return A.sum_to_size(target)
+
+
+def batched_dot(A: Tensor, v: Tensor) -> Tensor:
+    """Σ over one sample's elements of A (B, S, *shape) times v (B or 1, 1 or S, *shape): (B, S)
+    (v has S rows when α-CROWN gives each row its own relaxation)."""
+    B, S = A.shape[:2]
+    if v.shape[1] != 1:
+        return (A * v).flatten(2).sum(-1)
+    v = v.expand(B, 1, *v.shape[2:]).reshape(B, -1, 1)
+    return torch.bmm(A.reshape(B, S, -1), v).squeeze(-1)
+
+
+def bias_sum(A: Tensor, t: Tensor) -> Tensor:
+    """sum over all non-(B, S) dims of ``A * t`` with t broadcast to one sample."""
+    return (A * t).flatten(2).sum(-1)
+
+
+class Op:
+    """Base class of the node kinds."""
+
+    kind = "op"
+    affine = False
+    mixing = False
+
+    def forward(self, *xs: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def interval(self, *bounds: Interval) -> Interval:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, A: Tensor, in_bounds: Sequence[Interval], **kw) -> tuple[list[Tensor], Tensor | None]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def describe(self) -> str:
+        return ""
+
+    def num_params(self) -> int:
+        return 0
+
+
+def dims(shape: Sequence[int]) -> str:
+    return "×".join(map(str, shape))
+
+
+def short(t: Tensor) -> str:
+    return f"{t.item():.4g}" if t.numel() == 1 else f"tensor{tuple(t.shape)}"
+
+
+class Monotone(Op):
+    """An operator that is monotone in its input: its IBP rule applies it to both ends."""
+
+    def interval(self, b_in):
+        return self.forward(b_in[0]), self.forward(b_in[1])
+
+
+# ----------------------------------------------------------------------- nonlinear
+
+
+def clamp01(alpha: Tensor) -> Tensor:
+    """α clamped to [0, 1] (sound) with the gradient passed straight through (clamp's is 0 at
+    0 and 1, where an optimiser would stick)."""
+    return alpha + (alpha.clamp(0, 1) - alpha).detach()
+
+
+class Activation(Monotone):
+    """An element-wise nonlinearity bounded by two lines per neuron.
+
+    Subclasses give ``fn`` and ``relax(l, u, alpha) -> (a_l, b_l, a_u, b_u)`` with
+    ``a_l h + b_l <= fn(h) <= a_u h + b_u`` for all h in [l, u] (``b_l`` may be None for 0).
+    The IBP rule applies ``fn`` to both ends, which assumes ``fn`` is non-decreasing:
+    others override ``interval``. With ``tunable`` set, ``alpha`` (any values: they are
+    clamped to [0, 1]) chooses among sound lines, per neuron and specification row; α-CROWN
+    optimises it, starting from ``default_alpha(l, u)``, CROWN's choice (shaped like l, or
+    with one trailing axis of any size for several parameters per neuron).
+    """
+
+    tunable = True
+
+    def fn(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x):
+        return self.fn(x)
+
+    def default_alpha(self, lo: Tensor, up: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def relax(self, lo: Tensor, up: Tensor, alpha: Tensor | None = None):
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
+        lo, up = in_bounds[0]
+        a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), alpha)
+        positive = A >= 0  # positive coefficients take the lower line, negative the upper line
+        A_in = A * torch.where(positive, a_l, a_u)
+        bias = batched_dot(A.clamp(max=0), b_u)
+        if b_l is not None:
+            bias = bias + batched_dot(A.clamp(min=0), b_l)
+        return [A_in], bias
+
+
+def relax_elementwise(fn, lo: Tensor, up: Tensor, alpha: Tensor | None = None):
+    """Apply ``fn(lo64, up64, alpha64) -> (a_l, b_l, a_u, b_u)`` in float64 and loosen the
+    intercepts by a few units of rounding of the caller's dtype, so the lines stay sound
+    after the cast back and when evaluated in that dtype."""
+    dtype = lo.dtype
+    lo64, up64 = lo.double(), up.double()
+    a_l, b_l, a_u, b_u = fn(lo64, up64, None if alpha is None else alpha.double())
+    scale = 8 * torch.finfo(dtype).eps
+    reach = torch.maximum(lo64.abs(), up64.abs())
+    b_u = b_u + scale * (1 + b_u.abs() + a_u.abs() * reach)
+    b_l = b_l - scale * (1 + b_l.abs() + a_l.abs() * reach)
+    return a_l.to(dtype), b_l.to(dtype), a_u.to(dtype), b_u.to(dtype)
+
+

@@ -1,0 +1,312 @@
+"""Affine operators with weights: Linear (Gemm, MatMul by a constant), Conv, BatchNorm, and
+element-wise affine maps by constants (Add/Sub/Mul/Div with one constant operand)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from certkit.bounds.ops.base import Op, bias_sum, center_radius, short, sum_to
+from certkit.bounds.ops.registry import Ctx, register
+
+class _Weighted(Op):
+    """Shared by Linear and Conv2d: an affine map with weights read live from a module, and
+    optionally a BatchNorm folded in (``bn``), so bounding costs no extra pass for BN."""
+
+    affine = True
+    mixing = True
+
+    def __init__(self, params: Callable[[], tuple[Tensor, Tensor | None]], module: torch.nn.Module | None = None):
+        self.raw = params  # live: reads the module's current weights
+        self.module = module
+        self.bn: BatchNorm | None = None
+        self._abs_cache: tuple[tuple, Tensor] | None = None
+
+    def _apply(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _abs(self, w: Tensor) -> Tensor:
+        """|W|, cached while the weights are unchanged and no gradient is needed (verification)."""
+        if torch.is_grad_enabled():
+            return w.abs()
+        key = (w.data_ptr(), w._version, w.shape, w.device)
+        if self._abs_cache is None or self._abs_cache[0] != key:
+            self._abs_cache = (key, w.abs())
+        return self._abs_cache[1]
+
+    def forward(self, x):
+        y = self._apply(x, *self.raw())
+        return y if self.bn is None else self.bn.forward(y)  # records train-mode BN statistics
+
+    def num_params(self):
+        w, b = self.raw()
+        extra = 0 if self.bn is None else self.bn.num_params()
+        return w.numel() + (0 if b is None else b.numel()) + extra
+
+
+class Linear(_Weighted):
+    """y = x W^T + b on the last dimension (nn.Linear, Gemm, MatMul by a constant).
+
+    A folded batch norm (scale s, shift t) is applied on the output side, y·s + t: for a
+    Linear the outputs are far smaller than the weight matrix.
+    """
+
+    kind = "linear"
+
+    def _apply(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def _output_affine(self) -> tuple[Tensor | None, Tensor | None]:
+        """(scale, bias) applied after x W^T: the folded BN's s and b·s + t, or (None, b)."""
+        _, b = self.raw()
+        if self.bn is None:
+            return None, b
+        s, t = self.bn.channel_scale_shift()
+        return s, (t if b is None else torch.addcmul(t, b, s))
+
+    def interval(self, b_in):
+        w, _ = self.raw()
+        s, bias = self._output_affine()
+        c, r = center_radius(b_in)
+        c2, r2 = F.linear(c, w), F.linear(r, self._abs(w))
+        if s is not None:
+            c2, r2 = c2 * s, r2 * s.abs()
+        if bias is not None:
+            c2 = c2 + bias
+        return c2 - r2, c2 + r2
+
+    def backward(self, A, in_bounds, **kw):
+        w, _ = self.raw()
+        s, bias = self._output_affine()
+        bias_term = None if bias is None else A.matmul(bias).reshape(A.shape[0], A.shape[1], -1).sum(-1)
+        return [(A if s is None else A * s).matmul(w)], bias_term
+
+    def describe(self):
+        w, _ = self.raw()
+        return f"{w.shape[1]}→{w.shape[0]}" + (" +BN" if self.bn is not None else "")
+
+
+class Conv2d(_Weighted):
+    """2-D convolution with zero padding (any stride, dilation, groups). A folded batch norm
+    is folded into the (small) kernel: W·s and b·s + t per output channel."""
+
+    kind = "conv"
+
+    def __init__(self, params: Callable[[], tuple[Tensor, Tensor | None]], stride, padding, dilation, groups,
+                 in_shape: Sequence[int], module: torch.nn.Module | None = None):
+        super().__init__(params, module)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.in_shape = tuple(in_shape)
+
+    def _apply(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _params(self) -> tuple[Tensor, Tensor | None]:
+        w, b = self.raw()
+        if self.bn is None:
+            return w, b
+        s, t = self.bn.channel_scale_shift()
+        return w * s.reshape(-1, 1, 1, 1), (t if b is None else torch.addcmul(t, b, s))
+
+    def interval(self, b_in):
+        w, b = self._params()
+        c, r = center_radius(b_in)
+        c2 = self._apply(c, w, b)
+        r2 = self._apply(r, self._abs(w) if self.bn is None else w.abs(), None)
+        return c2 - r2, c2 + r2
+
+    def backward(self, A, in_bounds, **kw):
+        w, b = self._params()
+        B, S = A.shape[:2]
+        out = A.reshape(B * S, *A.shape[2:])
+        h_out, w_out = out.shape[-2:]
+        # output_padding recovers the input rows/cols that the stride skipped
+        pad = tuple(
+            self.in_shape[1 + d] - ((size - 1) * self.stride[d] - 2 * self.padding[d]
+                                    + self.dilation[d] * (w.shape[2 + d] - 1) + 1)
+            for d, size in enumerate((h_out, w_out)))
+        A_in = F.conv_transpose2d(out, w, None, self.stride, self.padding, pad, self.groups, self.dilation)
+        A_in = A_in.reshape(B, S, *A_in.shape[1:])
+        bias = None if b is None else A.sum((-2, -1)).matmul(b)
+        return [A_in], bias
+
+    def describe(self):
+        w, _ = self.raw()
+        pair = lambda t: f"{t[0]}" if t[0] == t[1] else f"{t[0]}x{t[1]}"  # noqa: E731
+        return (f"{w.shape[1] * self.groups}→{w.shape[0]} k{pair(w.shape[-2:])} s{pair(self.stride)} "
+                f"p{pair(self.padding)}" + (f" g{self.groups}" if self.groups > 1 else "")
+                + (" +BN" if self.bn is not None else ""))
+
+
+class ElementwiseAffine(Op):
+    """y = x * s + t with constant s, t broadcast over one sample (Add/Sub/Mul/Div by constants)."""
+
+    kind = "affine"
+    affine = True
+
+    def __init__(self, scale: Tensor | None, shift: Tensor | None, in_shape: Sequence[int]):
+        self.scale, self.shift = scale, shift
+        self.in_shape = tuple(in_shape)
+
+    def forward(self, x):
+        y = x if self.scale is None else x * self.scale
+        return y if self.shift is None else y + self.shift
+
+    def interval(self, b_in):
+        if self.scale is None:
+            return self.forward(b_in[0]), self.forward(b_in[1])
+        c, r = center_radius(b_in)
+        c2 = self.forward(c)
+        r2 = r * self.scale.abs()
+        return c2 - r2, c2 + r2
+
+    def backward(self, A, in_bounds, **kw):
+        A_in = A if self.scale is None else A * self.scale
+        bias = None if self.shift is None else bias_sum(A, self.shift)
+        return [sum_to(A_in, self.in_shape)], bias
+
+    def describe(self):
+        parts = []
+        if self.scale is not None:
+            parts.append(f"* {short(self.scale)}")
+        if self.shift is not None:
+            parts.append(f"+ {short(self.shift)}")
+        return " ".join(parts)
+
+
+
+
+class BatchNorm(Op):
+    """Batch norm as a per-channel affine map (channel dimension 1).
+
+    Eval mode uses running statistics. Train mode uses the mean and biased variance of
+    the clean batch recorded by the last ``forward`` (not detached: gradients flow
+    through them), as the reference implementation of the fast-training paper does.
+    """
+
+    kind = "batchnorm"
+    affine = True
+
+    def __init__(self, module: torch.nn.modules.batchnorm._BatchNorm):
+        self.module = module
+        self.stats: tuple[Tensor, Tensor] | None = None
+
+    def _shape(self, ndim: int) -> list[int]:
+        return [-1] + [1] * (ndim - 2)
+
+    def forward(self, x):
+        m = self.module
+        if m.training:
+            dims = [0] + list(range(2, x.dim()))
+            self.stats = (x.mean(dims), x.var(dims, unbiased=False))
+        return m(x)
+
+    def channel_scale_shift(self) -> tuple[Tensor, Tensor]:
+        """Per-channel (scale, shift) of the affine map this batch norm currently applies."""
+        m = self.module
+        if m.training:
+            if self.stats is None:
+                raise RuntimeError("batch norm in train mode: run a clean forward pass before bounding")
+            mean, var = self.stats
+        else:
+            mean, var = m.running_mean, m.running_var
+        w = m.weight if m.affine else torch.ones_like(mean)
+        b = m.bias if m.affine else torch.zeros_like(mean)
+        scale = w / torch.sqrt(var + m.eps)
+        return scale, b - mean * scale
+
+    def scale_shift(self, ndim: int) -> tuple[Tensor, Tensor]:
+        scale, shift = self.channel_scale_shift()
+        return scale.reshape(self._shape(ndim)), shift.reshape(self._shape(ndim))
+
+    def interval(self, b_in):
+        s, t = self.scale_shift(b_in[0].dim())
+        c, r = center_radius(b_in)
+        c2 = c * s + t
+        r2 = r * s.abs()
+        return c2 - r2, c2 + r2
+
+    def backward(self, A, in_bounds, **kw):
+        s, t = self.scale_shift(A.dim() - 1)
+        return [A * s], bias_sum(A, t)
+
+    def describe(self):
+        return f"{self.module.num_features} ch" + (" (train stats)" if self.module.training else "")
+
+    def num_params(self):
+        return sum(p.numel() for p in self.module.parameters())
+
+
+
+def batchnorm_of(op: Op | None) -> BatchNorm | None:
+    """The batch norm an operator applies (its own, or one folded into a Linear/Conv)."""
+    if isinstance(op, BatchNorm):
+        return op
+    return getattr(op, "bn", None)
+
+
+# ------------------------------------------------------------------ rules
+
+
+@register(onnx=["Gemm"], fx=["Linear"])
+def _linear_module(ctx: Ctx):
+    mod = ctx.target
+    return Linear(lambda m=mod: (m.weight, m.bias), module=mod), ctx.dyn
+
+
+@register(fx=["linear"])
+def _linear_function(ctx: Ctx):
+    args = list(ctx.args) + [ctx.kwargs.get("bias")]
+    if len(ctx.args) < 2 or ctx.dynamic(ctx.node.args[1:]) or ctx.dynamic(ctx.node.kwargs):
+        ctx.unsupported("weights must be constant")
+    w, b = args[1], args[2]
+    return Linear(lambda w=w, b=b: (w, b)), ctx.dyn[:1]
+
+
+def matmul_by_constant(ctx: Ctx):
+    """x @ W with a constant matrix W: a Linear on the last axis."""
+    w = ctx.args[1]
+    if w.dim() != 2:
+        ctx.unsupported(f"constant operand of shape {tuple(w.shape)}")
+    wt = w.t().contiguous()
+    return Linear(lambda wt=wt: (wt, None)), [ctx.node.args[0]]
+
+
+@register(onnx=["Conv"], fx=["Conv2d"])
+def _conv(ctx: Ctx):
+    mod = ctx.target
+    if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+        ctx.unsupported(f"padding {mod.padding!r} mode {mod.padding_mode!r}")
+    return Conv2d(lambda m=mod: (m.weight, m.bias), mod.stride, mod.padding, mod.dilation, mod.groups,
+                  ctx.shape(ctx.x), module=mod), ctx.dyn
+
+
+@register(onnx=["BatchNormalization"], fx=["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+def _batchnorm(ctx: Ctx):
+    if not isinstance(ctx.target, nn.modules.batchnorm._BatchNorm):
+        ctx.unsupported("not a torch batch norm")
+    if ctx.target.running_mean is None:
+        ctx.unsupported("batch norm without running statistics")
+    return BatchNorm(ctx.target), ctx.dyn
+
+
+def affine_by_constant(ctx: Ctx, kind: str, x_first: bool):
+    """x + c, x - c, c - x, x * c, x / c with a constant c (``x_first``: x is the first operand)."""
+    x = ctx.node.args[0] if x_first else ctx.node.args[1]
+    c = ctx.constant(ctx.args[1] if x_first else ctx.args[0])
+    in_shape = ctx.shape(x)
+    if kind == "add":
+        return ElementwiseAffine(None, c, in_shape), [x]
+    if kind == "sub" and x_first:
+        return ElementwiseAffine(None, -c, in_shape), [x]
+    if kind in ("sub", "rsub"):  # c - x (torch.rsub(x, c) is c - x too)
+        return ElementwiseAffine(-torch.ones_like(c), c, in_shape), [x]
+    if kind == "mul":
+        return ElementwiseAffine(c, None, in_shape), [x]
+    if kind == "div" and x_first:
+        return ElementwiseAffine(1.0 / c, None, in_shape), [x]
+    return None  # c / x: not affine
