@@ -10,6 +10,8 @@ from certkit.bounds.ops.pooling import AvgPool2d, MaxPool2d
 from certkit.bounds.ops.registry import RULES, Alias, Ctx, Tuple, rule_for, supported_onnx
 from certkit.bounds.ops.shape import Concat, Pad, Permute, Reshape
 
-__all__ = ["RULES", "Activation", "Alias", "Ctx", "Tuple", "rule_for", "Add", "AvgPool2d", "BatchNorm", "Concat", "Conv2d", "ElementwiseAffine",
-           "Interval", "Linear", "MaxPool2d", "Monotone", "Op", "Pad", "Permute", "ReLU", "Reshape", "SShaped",
-           "Sigmoid", "Sub", "Tanh", "batchnorm_of", "supported_onnx"]
+__all__ = [
+    "RULES", "Activation", "Add", "Alias", "AvgPool2d", "BatchNorm", "Concat", "Conv2d", "Ctx", "ElementwiseAffine",
+    "Interval", "Linear", "MaxPool2d", "Monotone", "Op", "Pad", "Permute", "ReLU", "Reshape", "SShaped", "Sigmoid",
+    "Sub", "Tanh", "Tuple", "batchnorm_of", "rule_for", "supported_onnx",
+]

@@ -8,6 +8,7 @@ from torch import Tensor
 from certkit.bounds.ops.base import Activation, clamp01
 from certkit.bounds.ops.registry import Ctx, register
 
+
 class ReLU(Activation):
     """ReLU with CROWN's triangle relaxation.
 

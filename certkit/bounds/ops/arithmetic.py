@@ -10,7 +10,6 @@ from certkit.bounds.ops.base import Op, sum_to
 from certkit.bounds.ops.registry import Ctx, register
 
 
-
 def left_pad(shape: Sequence[int], rank: int) -> tuple[int, ...]:
     """``shape`` with leading 1s up to ``rank`` axes (how it broadcasts against a larger rank)."""
     return (1,) * (rank - len(shape)) + tuple(shape)

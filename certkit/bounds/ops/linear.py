@@ -13,6 +13,7 @@ from torch import Tensor
 from certkit.bounds.ops.base import Op, bias_sum, center_radius, short, sum_to
 from certkit.bounds.ops.registry import Ctx, register
 
+
 class _Weighted(Op):
     """Shared by Linear and Conv2d: an affine map with weights read live from a module, and
     optionally a BatchNorm folded in (``bn``), so bounding costs no extra pass for BN."""

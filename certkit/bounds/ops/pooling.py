@@ -14,6 +14,7 @@ from torch import Tensor
 from certkit.bounds.ops.base import Monotone
 from certkit.bounds.ops.registry import Ctx, register
 
+
 class AvgPool2d(Monotone):
     """Average pooling: a linear map with non-negative weights (monotone)."""
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from certkit.bounds.ops.base import Monotone, Op, bias_sum, dims
 from certkit.bounds.ops.registry import Alias, Ctx, register
 
+
 class Reshape(Monotone):
     """Flatten / Reshape / Squeeze / Unsqueeze: a reshape of each sample to a fixed shape."""
 
