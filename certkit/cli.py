@@ -50,6 +50,36 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--markdown", is_flag=True, help="Print the list as the README's markdown table.")
+def operators(markdown: bool) -> None:
+    """List the ONNX operators certkit bounds, by operator family (the registry's table).
+
+    Every operator has an IBP and a CROWN rule; element-wise nonlinearities with a choice
+    of relaxation lines also have α-CROWN's. Constant and shape subgraphs (Shape, Gather of
+    shapes, ConstantOfShape, Range, ...) are folded to constants before the check, so they
+    need no rule.
+    """
+    from certkit.bounds.ops.registry import families
+
+    rows = families()
+    if markdown:
+        click.echo("| family | what | ONNX operators |\n|---|---|---|")
+        for family, summary, onnx_ops in rows:
+            click.echo(f"| {family} | {summary} | {', '.join(onnx_ops)} |")
+        return
+    from rich.table import Table
+
+    from certkit.report import console
+
+    t = Table(title=f"{sum(len(o) for _, _, o in rows)} ONNX operators", title_justify="left")
+    for col in ("family", "what", "ONNX operators"):
+        t.add_column(col)
+    for family, summary, onnx_ops in rows:
+        t.add_row(family, summary, ", ".join(onnx_ops))
+    console.print(t)
+
+
+@main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @friendly_errors
 def inspect(model: str) -> None:
@@ -64,6 +94,9 @@ def inspect(model: str) -> None:
     summary = summarize_onnx(model)
     console.print(f"[bold]{summary.path.name}[/]  opset {summary.opset}  input [cyan]{summary.input_name}[/] "
                   f"per-sample shape {summary.input_shape}  {summary.num_params:,} parameters", highlight=False)
+    if summary.folded_from is not None:
+        console.print(f"constant and shape subgraphs folded: {summary.folded_from} → {len(summary.nodes)} ONNX nodes",
+                      highlight=False)
     if summary.unsupported:
         console.print(onnx_table(summary))
         ops = sorted({op for _, op in summary.unsupported})
@@ -352,6 +385,9 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
     cfg.stages()  # validates the method before any work
     x, y, indices = load_verify_data(dataset, data_dir, start, count, shape)
     bm = BoundedModel(model)  # converted once, for emission and verification
+    if bm.logits_model() is not None:
+        console.print(f"{Path(model).name} ends in a softmax: margins are bounded on the logits before it "
+                      "(the same argmax)")
     if vnnlib_dir:
         csv = emit_vnnlib(model, vnnlib_dir, x, y, indices, cfg, int(np.prod(bm.graph.output_shape)))
         console.print(f"wrote {len(x)} VNN-LIB properties and {csv}")

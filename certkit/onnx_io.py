@@ -69,7 +69,7 @@ def graph_input(proto: onnx.ModelProto) -> tuple[str, tuple[int, ...]]:
 
 
 def unsupported_nodes(proto: onnx.ModelProto) -> list[tuple[str, str]]:
-    """(node name, op type) of every node without a bound rule."""
+    """(node name, op type) of every node without a bound rule (Gelu: see :func:`_expand_gelu`)."""
     return [(n.name or f"#{i}", n.op_type) for i, n in enumerate(proto.graph.node) if n.op_type not in SUPPORTED_OPS]
 
 
@@ -83,6 +83,18 @@ def check_supported(proto: onnx.ModelProto) -> None:
         raise UnsupportedOperator(name, op, detail)
 
 
+def check_faithful(proto: onnx.ModelProto) -> None:
+    """Refuse nodes whose onnx2torch conversion computes another function than ONNX defines
+    (Resize coordinate and rounding modes, ConvTranspose's output_shape): bounds would hold
+    for the wrong network."""
+    from certkit.bounds.ops.resampling import unfaithful_nodes
+
+    bad = unfaithful_nodes(proto)
+    if bad:
+        name, op, why = bad[0]
+        raise UnsupportedOperator(name, op, f"onnx2torch would compute a different function: {why}")
+
+
 def _convert(proto: onnx.ModelProto) -> torch.nn.Module:
     from onnx2torch import convert
 
@@ -91,6 +103,11 @@ def _convert(proto: onnx.ModelProto) -> torch.nn.Module:
         try:
             return convert(proto)
         except Exception as first:
+            if opset_of(proto) > 17:  # onnx2torch lacks opset-18 converters (Reduce* with an axes input, ...)
+                try:
+                    return convert(onnx.version_converter.convert_version(proto, 17))
+                except Exception:
+                    pass
             if opset_of(proto) >= UPGRADE_OPSET:
                 raise InvalidModel(f"onnx2torch cannot convert this model: {first}") from None
         try:
@@ -128,6 +145,56 @@ def _drop_allowzero(proto: onnx.ModelProto) -> None:
             n.attribute.extend(keep)
 
 
+def _expand_gelu(proto: onnx.ModelProto) -> None:
+    """Replace each Gelu node (opset 20) by its definition in ONNX primitives, in place, since
+    onnx2torch has no converter for it: ``x · ½ · (1 + erf(x / √2))``, or with
+    ``approximate="tanh"`` ``x · ½ · (1 + tanh(√(2/π) · (x + 0.044715 x³)))``. Each primitive
+    then has its own rule."""
+    nodes = list(proto.graph.node)
+    if not any(n.op_type == "Gelu" for n in nodes):
+        return
+    consts = {"certkit_gelu_half": 0.5, "certkit_gelu_one": 1.0, "certkit_gelu_sqrt2": float(np.sqrt(2.0)),
+              "certkit_gelu_k": float(np.sqrt(2.0 / np.pi)), "certkit_gelu_c": 0.044715, "certkit_gelu_three": 3.0}
+    have = {i.name for i in proto.graph.initializer}
+    for name, value in consts.items():
+        if name not in have:
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.float32), name))
+    out = []
+    for k, n in enumerate(nodes):
+        if n.op_type != "Gelu":
+            out.append(n)
+            continue
+        x, y, p = n.input[0], n.output[0], f"{n.name or 'gelu'}_{k}"
+        approx = next((a.s.decode() for a in n.attribute if a.name == "approximate"), "none")
+        mk = onnx.helper.make_node
+        if approx == "tanh":
+            inner = [mk("Pow", [x, "certkit_gelu_three"], [f"{p}_cube"]),
+                     mk("Mul", [f"{p}_cube", "certkit_gelu_c"], [f"{p}_cube_c"]),
+                     mk("Add", [x, f"{p}_cube_c"], [f"{p}_poly"]),
+                     mk("Mul", [f"{p}_poly", "certkit_gelu_k"], [f"{p}_arg"]),
+                     mk("Tanh", [f"{p}_arg"], [f"{p}_s"])]
+        else:
+            inner = [mk("Div", [x, "certkit_gelu_sqrt2"], [f"{p}_arg"]), mk("Erf", [f"{p}_arg"], [f"{p}_s"])]
+        out += inner + [mk("Add", [f"{p}_s", "certkit_gelu_one"], [f"{p}_1ps"]),
+                        mk("Mul", [x, f"{p}_1ps"], [f"{p}_x1ps"]),
+                        mk("Mul", [f"{p}_x1ps", "certkit_gelu_half"], [y], name=n.name)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(out)
+
+
+def _fill_clip_bounds(proto: onnx.ModelProto) -> None:
+    """Give a Clip (opset 11+) without a min input (``clamp(x, max=c)`` exports an empty
+    name there) an explicit −inf initializer, in place: onnx2torch cannot convert the gap."""
+    names = {i.name for i in proto.graph.initializer}
+    for n in proto.graph.node:
+        if n.op_type == "Clip" and len(n.input) >= 3 and n.input[1] == "":
+            name = "certkit_clip_no_min"
+            if name not in names:
+                proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(-np.inf, np.float32), name))
+                names.add(name)
+            n.input[1] = name
+
+
 def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every constant and static-shape subgraph folded (onnxsim: constant
     folding and shape inference only), batch fixed to 1. Returned unchanged when onnxsim
@@ -143,22 +210,43 @@ def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
             folded, _ = simplify(fixed, perform_optimization=False, certify=False)
     except Exception:
         return fixed
-    _drop_allowzero(folded)
     return folded
 
 
+def _constant_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Nodes other than Constant whose inputs are all initializers or outputs of such nodes
+    (exporters emit Identity copies of shared weights, Shape → Gather chains, ...)."""
+    const = {i.name for i in proto.graph.initializer} | {""}
+    found = []
+    for n in proto.graph.node:
+        if all(i in const for i in n.input):
+            const.update(n.output)
+            if n.op_type != "Constant":
+                found.append(n)
+    return found
+
+
 def prepare_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The model as certkit bounds it: folded when it has operators outside the registry
-    (shape arithmetic, constants computed at run time), unchanged otherwise."""
-    if not unsupported_nodes(proto):
-        return proto
-    return fold_constants(proto)
+    """The model as certkit bounds it: folded when it has operators outside the registry or
+    subgraphs that compute constants (shape arithmetic, copies of weights), unchanged
+    otherwise; Reshape's allowzero dropped where it means nothing (see :func:`_drop_allowzero`)."""
+    if unsupported_nodes(proto) or _constant_nodes(proto):
+        proto = fold_constants(proto)
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        proto = copy
+    _drop_allowzero(proto)
+    _fill_clip_bounds(proto)
+    _expand_gelu(proto)
+    return proto
 
 
 def load_onnx(path: str | Path) -> LoadedOnnx:
     """Load an ONNX network for bounding: folded, and operators checked before anything is computed."""
     proto = prepare_proto(read_proto(path))
     check_supported(proto)
+    check_faithful(proto)
     name, shape = graph_input(proto)
     module = _convert(proto).eval()
     return LoadedOnnx(module, proto, name, shape, opset_of(proto))
@@ -228,5 +316,5 @@ def summarize_onnx(path: str | Path) -> OnnxSummary:
     nodes = [(n.name or f"#{i}", n.op_type, shapes.get(n.output[0], "?") if n.output else "")
              for i, n in enumerate(proto.graph.node)]
     n_params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
-    return OnnxSummary(Path(path), opset_of(proto), name, shape, nodes, n_params, unsupported_nodes(proto),
-                       len(original.graph.node) if proto is not original else None)
+    folded = len(original.graph.node) if len(original.graph.node) != len(proto.graph.node) else None
+    return OnnxSummary(Path(path), opset_of(proto), name, shape, nodes, n_params, unsupported_nodes(proto), folded)

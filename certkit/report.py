@@ -108,6 +108,8 @@ def summary_table(s: dict) -> Table:
     if s["samples"] == 0:
         t.add_row("samples", "0")
         return t
+    if s.get("bounded_output", "outputs") != "outputs":
+        t.add_row("margins bounded on", s["bounded_output"])
     t.add_row("clean accuracy", f"{s['clean_accuracy']:.2f}%")
     for stage, acc in s["verified_by_stage"].items():
         t.add_row(f"verified accuracy after {stage}", f"{acc:.2f}%", style="green")

@@ -101,7 +101,8 @@ def summarize(attrs: dict[str, Any], data: dict[str, np.ndarray]) -> dict[str, A
     stages = attrs["stages"]
     status = data["status"]
     out: dict[str, Any] = {"samples": n, "requested": int(attrs.get("n", n)), "complete": bool(attrs["complete"]),
-                           "eps": attrs["eps"], "method": attrs["method"]}
+                           "eps": attrs["eps"], "method": attrs["method"],
+                           "bounded_output": attrs.get("bounded_output", "outputs")}
     if n == 0:
         return out
     pct = lambda k: 100.0 * float(k) / n  # noqa: E731

@@ -6,6 +6,9 @@ each on the samples still undecided; a sample is ``verified`` when every margin 
 bound is finite and > 0. Then PGD with random restarts on the rest: a candidate becomes
 ``falsified`` only after onnxruntime, running the original file, confirms that another
 class scores strictly higher at a point inside the box. Everything else is ``unknown``.
+A classifier ending in Softmax or LogSoftmax is bounded on the logits before it (the same
+argmax, far better conditioned margins); the results file records this in
+``bounded_output``.
 """
 
 from __future__ import annotations
@@ -151,6 +154,10 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     stages = cfg.stages()
     device = resolve_device(cfg.device)
     bm = BoundedModel(onnx_path) if model is None else model
+    bounded = "outputs"
+    logits = bm.logits_model()
+    if logits is not None:  # same argmax; margins of logits are far better conditioned than of probabilities
+        bm, bounded = logits, f"logits before the output softmax (node {bm.graph.output!r})"
     if tuple(x.shape[1:]) != bm.graph.input_shape:
         raise InvalidInput(f"the data has samples of shape {tuple(x.shape[1:])} but the model expects "
                            f"{bm.graph.input_shape}")
@@ -161,7 +168,7 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     attrs = {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
              "model_path": str(onnx_path), "model_sha256": sha256(onnx_path), "eps": float(cfg.eps),
              "method": cfg.method, "dataset": dataset, "start": int(start), "n": int(len(x)),
-             "options": json.dumps(asdict(cfg)),
+             "options": json.dumps(asdict(cfg)), "bounded_output": bounded,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     writer = None
     done = 0

@@ -59,21 +59,33 @@ def assert_matches_onnxruntime(path: Path):
     return bm, x
 
 
-@pytest.fixture(scope="session")
-def softmax_onnx(tmp_path_factory) -> Path:
-    """An MNIST-shaped classifier ending in Softmax (node 'Softmax_2'): an operator with no bound rule."""
+def _mnist_classifier_ending_in(op_type: str, folder: Path, seed: int = 0) -> Path:
+    """An MNIST-shaped linear classifier whose output passes through ``op_type`` (node
+    '<op_type>_2', over the class axis), with seeded random weights."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    w = numpy_helper.from_array(np.zeros((784, 10), np.float32), "w")
+    w = numpy_helper.from_array(np.random.default_rng(seed).normal(0, 0.05, (784, 10)).astype(np.float32), "w")
     nodes = [helper.make_node("Flatten", ["input"], ["flat"], name="Flatten_0"),
              helper.make_node("MatMul", ["flat", "w"], ["logits"], name="MatMul_1"),
-             helper.make_node("Softmax", ["logits"], ["output"], name="Softmax_2", axis=1)]
-    graph = helper.make_graph(nodes, "softmax", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                                [1, 1, 28, 28])],
+             helper.make_node(op_type, ["logits"], ["output"], name=f"{op_type}_2", axis=1)]
+    graph = helper.make_graph(nodes, op_type.lower(), [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                      [1, 1, 28, 28])],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    path = tmp_path_factory.mktemp("softmax") / "softmax.onnx"
+    path = folder / f"{op_type.lower()}.onnx"
     onnx.save(model, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def unsupported_onnx(tmp_path_factory) -> Path:
+    """An MNIST-shaped classifier ending in Hardmax (node 'Hardmax_2'): an operator with no bound rule."""
+    return _mnist_classifier_ending_in("Hardmax", tmp_path_factory.mktemp("hardmax"))
+
+
+@pytest.fixture(scope="session")
+def softmax_onnx(tmp_path_factory) -> Path:
+    """An MNIST-shaped classifier ending in Softmax (node 'Softmax_2')."""
+    return _mnist_classifier_ending_in("Softmax", tmp_path_factory.mktemp("softmax"))

@@ -41,9 +41,9 @@ def test_inspect_prints_the_graph():
         assert word in r.output
 
 
-def test_inspect_names_unsupported_operator(softmax_onnx):
-    r = run("inspect", softmax_onnx)
-    assert_clean_error(r, "Softmax", "Softmax_2")
+def test_inspect_names_unsupported_operator(unsupported_onnx):
+    r = run("inspect", unsupported_onnx)
+    assert_clean_error(r, "Hardmax", "Hardmax_2")
 
 
 def test_bounds_center_eps_with_label_writes_npz(demo_x, tmp_path):
@@ -108,14 +108,29 @@ def test_box_options_are_checked(demo_x, tmp_path):
                        "lower bound above upper")
 
 
-def test_unsupported_operator_from_bounds_command(softmax_onnx, tmp_path):
+def test_unsupported_operator_from_bounds_command(unsupported_onnx, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 28, 28), np.float32))
     out = tmp_path / "b.npz"
-    r = run("bounds", softmax_onnx, "--center", tmp_path / "x.npy", "--eps", "0.1", "--out", out)
-    assert_clean_error(r, "Softmax", "Softmax_2")
+    r = run("bounds", unsupported_onnx, "--center", tmp_path / "x.npy", "--eps", "0.1", "--out", out)
+    assert_clean_error(r, "Hardmax", "Hardmax_2")
     assert not out.exists()
 
 
 def test_help_teaches():
     r = run("bounds", "--help")
     assert r.exit_code == 0 and "--eps" in r.output and "crown-ibp" in r.output
+
+
+def test_operators_command_and_readme_list_match_the_registry():
+    """`certkit operators` lists every registered ONNX operator, and the README's table is its output."""
+    from certkit.onnx_io import SUPPORTED_OPS
+
+    r = run("operators", "--markdown")
+    assert r.exit_code == 0, r.output
+    listed = {op.strip() for line in r.output.splitlines()[2:] for op in line.split("|")[3].split(",")}
+    assert listed == set(SUPPORTED_OPS)
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- operators:begin -->\n")[1].split("<!-- operators:end -->")[0]
+    assert block.strip() == r.output.strip(), "README's operator table is stale: paste `certkit operators --markdown`"
+    plain = run("operators")
+    assert plain.exit_code == 0 and "LayerNormalization" in plain.output

@@ -156,14 +156,14 @@ def test_bad_input_gives_one_line_and_no_results(args, words, tmp_path, data_dir
     assert not out.exists()
 
 
-def test_not_onnx_and_unsupported_operator(tmp_path, softmax_onnx):
+def test_not_onnx_and_unsupported_operator(tmp_path, unsupported_onnx):
     bad = tmp_path / "bad.onnx"
     bad.write_text("not a model")
     out = tmp_path / "r.h5"
     _clean_error(CliRunner().invoke(main, ["verify", str(bad), "--eps", "0.1", "--out", str(out)]),
                  "not a readable ONNX model")
-    _clean_error(CliRunner().invoke(main, ["verify", str(softmax_onnx), "--eps", "0.1", "--dataset", "mnist", "-n",
-                                           "2", "--out", str(out)]), "Softmax")
+    _clean_error(CliRunner().invoke(main, ["verify", str(unsupported_onnx), "--eps", "0.1", "--dataset", "mnist", "-n",
+                                           "2", "--out", str(out)]), "Hardmax")
     assert not out.exists()
 
 

@@ -62,6 +62,7 @@ class BoundedModel:
 
     def __init__(self, model: nn.Module | str | Path, input_shape: tuple[int, ...] | None = None):
         self.onnx_path = None
+        self.strip_softmax = False
         if isinstance(model, (str, Path)):
             from certkit.onnx_io import load_onnx
 
@@ -77,6 +78,8 @@ class BoundedModel:
 
     def _build(self, input_shape: tuple[int, ...]) -> None:
         self._graph = build_graph(self.module, input_shape)
+        if self.strip_softmax:
+            self._graph = self._graph.before_output_softmax() or self._graph
         param = reference_tensor(self.module)
         self._built_on = param.device if param is not None else torch.device("cpu")  # where its constants live
         self._ancestors: dict[str, list] = {}
@@ -86,6 +89,17 @@ class BoundedModel:
         # other nonlinearities (Sigmoid, MaxPool, ...) gain from tightening every neuron
         feeds_other = {i for n in self._graph.nodes[1:] if not n.op.affine and n.op.kind != "relu" for i in n.inputs}
         self._relu_only = self.pre_activation - feeds_other
+
+    def logits_model(self) -> BoundedModel | None:
+        """The same network up to the logits before an output Softmax/LogSoftmax over the
+        classes (:meth:`Graph.before_output_softmax`), or None when it has none. Shares the
+        module with this one."""
+        if self.graph.before_output_softmax() is None:
+            return None
+        view = BoundedModel(self.module)
+        view.onnx_path, view.strip_softmax = self.onnx_path, True
+        view._build(self.graph.input_shape)
+        return view
 
     def to(self, *args, **kwargs) -> BoundedModel:
         """Move or cast the network (``torch.nn.Module.to`` arguments); the graph is rebuilt
@@ -352,7 +366,7 @@ class BoundedModel:
         B, S = A.shape[:2]
         slopes = {}
         for n in acts:
-            init = n.op.default_alpha(*bounds[n.inputs[0]])
+            init = n.op.default_alpha(*(t for i in n.inputs for t in bounds[i]))  # every input's (lo, up)
             slopes[n.name] = init.unsqueeze(1).expand(B, S, *init.shape[1:]).clone().requires_grad_(True)
         opt = torch.optim.Adam(slopes.values(), lr=lr)
         best = best.detach().clone()

@@ -67,6 +67,27 @@ class Graph:
         regularisers)."""
         return [n for n in self.nodes[1:] if n.op.kind == "relu"]
 
+    def before_output_softmax(self) -> Graph | None:
+        """The graph up to the logits, when the output is a Softmax or LogSoftmax over the
+        classes (the only axis of the output longer than 1): the class order, and so the
+        argmax, is the same, and margins of logits are far better conditioned. None otherwise.
+
+        A softmax rule marks its last node's operator with ``softmax_axis`` (an engine axis)
+        and builds it from nodes named after it (``name/0``, ``name/1``, ...); the logits are
+        the one input of that group from outside it."""
+        out = self.by_name[self.output]
+        axis = getattr(out.op, "softmax_axis", None)
+        long_axes = [k + 1 for k, size in enumerate(out.shape) if size > 1]
+        if axis is None or long_axes != [axis]:
+            return None
+        group = {out.name} | {n.name for n in self.nodes if n.name.startswith(out.name + "/")}
+        outside = {i for n in self.nodes if n.name in group for i in n.inputs} - group
+        if len(outside) != 1:
+            return None
+        logits = outside.pop()
+        keep = {n.name for n in self.ancestors(logits)}
+        return Graph([n for n in self.nodes if n.name in keep], logits)
+
     def ancestors(self, name: str) -> list[Node]:
         """The node and everything it depends on, in reverse topological order."""
         need = {name}
@@ -79,11 +100,12 @@ class Graph:
 
     def ibp_exact(self) -> dict[str, bool]:
         """Nodes whose IBP interval is exact: an affine function of the input with at most
-        one coordinate-mixing operator on any path (so full CROWN can skip them)."""
+        one coordinate-mixing operator on any path, and no operator reading two values (so
+        full CROWN can skip them)."""
         mixes: dict[str, float] = {self.input.name: 0}
         for n in self.nodes[1:]:
             op = n.op
-            if not op.affine or isinstance(op, ops.Add):
+            if not op.affine or len(n.inputs) > 1:  # several inputs may share a source: not exact
                 mixes[n.name] = float("inf")
             else:
                 m = max(mixes[i] for i in n.inputs)

@@ -1,7 +1,20 @@
 """Per-operator bound rules, one module per operator family, all registered in one table
 (:mod:`certkit.bounds.ops.registry`). Importing this package registers every rule."""
 
-from certkit.bounds.ops import activation, arithmetic, bilinear, linear, pooling, shape, smooth  # noqa: F401
+from certkit.bounds.ops import (  # noqa: F401  (importing a family registers its rules)
+    activation,
+    arithmetic,
+    bilinear,
+    indexing,
+    linear,
+    normalization,
+    piecewise,
+    pooling,
+    reduction,
+    resampling,
+    shape,
+    smooth,
+)
 from certkit.bounds.ops.activation import ReLU, Sigmoid, SShaped, Tanh
 from certkit.bounds.ops.arithmetic import Add, Sub
 from certkit.bounds.ops.base import Activation, Interval, Monotone, Op

@@ -1,4 +1,4 @@
-"""ReLU and the S-shaped activations (Sigmoid, Tanh), with their α-CROWN relaxations."""
+"""ReLU, Sigmoid and Tanh, with their α-CROWN relaxations (and SiLU built on Sigmoid)."""
 
 from __future__ import annotations
 
@@ -164,3 +164,14 @@ def _sigmoid(ctx: Ctx):
 @register(onnx=["Tanh"], fx=["Tanh", "tanh"])
 def _tanh(ctx: Ctx):
     return Tanh(), ctx.dyn
+
+
+@register(fx=["SiLU", "silu"])
+def _silu(ctx: Ctx):
+    """SiLU / swish, x · σ(x): a Sigmoid node, then the product of x with it (ONNX exports
+    already spell it Sigmoid and Mul)."""
+    from certkit.bounds.ops.bilinear import Product
+
+    x = ctx.node.args[0]
+    shape = ctx.shape(x)
+    return Product(shape, shape), [x, ctx.emit(Sigmoid(), [x], shape)]

@@ -1,6 +1,7 @@
-"""Sums and differences of bounded tensors, and the dispatch of Add/Sub/Mul/Div/MatMul by
-what their operands are: one constant operand makes them affine (:mod:`.linear`), two
-bounded operands make Mul/Div/MatMul bilinear (:mod:`.bilinear`)."""
+"""Add and Sub of bounded tensors; Add, Sub, Mul, Div and MatMul dispatched by operand kind.
+
+One constant operand makes them affine (:mod:`.linear`), two bounded operands make
+Mul/Div/MatMul bilinear (:mod:`.bilinear`)."""
 
 from __future__ import annotations
 

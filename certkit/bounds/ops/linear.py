@@ -1,5 +1,6 @@
-"""Affine operators with weights: Linear (Gemm, MatMul by a constant), Conv, BatchNorm, and
-element-wise affine maps by constants (Add/Sub/Mul/Div with one constant operand)."""
+"""Linear (Gemm, MatMul by a constant), Conv, BatchNorm, and element-wise affine maps.
+
+The element-wise affine maps are Add/Sub/Mul/Div with one constant operand."""
 
 from __future__ import annotations
 

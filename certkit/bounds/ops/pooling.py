@@ -1,4 +1,4 @@
-"""Pooling: AveragePool and MaxPool over (C, H, W) samples."""
+"""AveragePool and MaxPool over (C, H, W) samples."""
 
 from __future__ import annotations
 

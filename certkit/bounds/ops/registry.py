@@ -86,6 +86,23 @@ def supported_onnx() -> frozenset[str]:
     return frozenset(op for r in RULES for op in r.onnx)
 
 
+def families() -> list[tuple[str, str, list[str]]]:
+    """(family module, the first sentence of its docstring, its ONNX operators sorted) for every
+    family that covers some ONNX operator, in name order."""
+    import importlib
+
+    by_family: dict[str, set[str]] = {}
+    for r in RULES:
+        by_family.setdefault(r.family, set()).update(r.onnx)
+    rows = []
+    for family in sorted(by_family):
+        if by_family[family]:
+            doc = importlib.import_module(f"certkit.bounds.ops.{family}").__doc__ or ""
+            first = " ".join(doc.strip().split("\n\n")[0].split()).split(". ")[0].rstrip(".")
+            rows.append((family, first, sorted(by_family[family])))
+    return rows
+
+
 def per_sample(full: tuple[int, ...]) -> tuple[int, ...]:
     """The per-sample shape of a value of full (one-sample) shape ``full`` (see the module doc)."""
     return full[1:] if full and full[0] == 1 else full

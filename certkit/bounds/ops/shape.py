@@ -1,5 +1,7 @@
-"""Operators that move values without changing them: aliases, Reshape (Flatten, Squeeze,
-Unsqueeze), Transpose, Concat and constant Pad."""
+"""Aliases, Reshape (Flatten, Squeeze, Unsqueeze), Transpose, Concat and constant Pad.
+
+These move values without changing them (constant Pad and Concat with constants add
+constants), so their CROWN rules are exact."""
 
 from __future__ import annotations
 
