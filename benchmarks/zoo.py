@@ -55,7 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--names", default=",".join(ZOO))
-    ap.add_argument("--crown-ibp-only", default="resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0")
+    ap.add_argument("--crown-ibp-only",
+                    default="resnet18,mobilenet_v2,mobilenet_v3_small,squeezenet1_1,efficientnet_b0")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     cheap = set(filter(None, args.crown_ibp_only.split(",")))
