@@ -16,25 +16,39 @@ from certkit.errors import InvalidInput
 _NUMBER = r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?"
 
 
+def _shown(text: object, limit: int = 40) -> str:
+    """``text`` for an error message: repr'd and cut short (a pasted 10,000-digit string stays one short line)."""
+    r = repr(text)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
 def parse_eps(text: str | float) -> float:
-    """Parse a perturbation radius: ``8/255``, ``0.031``, ``2e-3``. Must be finite and >= 0."""
+    """Parse a perturbation radius: ``8/255``, ``0.031``, ``2e-3``. Must be finite and >= 0.
+
+    Only ASCII numbers are read (no ``nan``, ``inf``, ``1_0`` or other scripts' digits), and a
+    positive value that underflows to 0 (``1e-400``) is refused rather than silently certified at 0."""
     if isinstance(text, (int, float)):
         value = float(text)
+        nonzero = value != 0
     else:
         s = str(text).strip()
-        m = re.fullmatch(rf"({_NUMBER})\s*/\s*({_NUMBER})", s)
+        m = re.fullmatch(rf"({_NUMBER})\s*/\s*({_NUMBER})", s, re.ASCII)
         if m:
             num, den = float(m.group(1)), float(m.group(5))
             if den == 0:
-                raise InvalidInput(f"bad epsilon {text!r}: division by zero")
+                raise InvalidInput(f"bad epsilon {_shown(text)}: division by zero")
             value = num / den
-        elif re.fullmatch(_NUMBER, s):
+            nonzero = bool(re.search("[1-9]", m.group(1).split("e")[0].split("E")[0]))
+        elif re.fullmatch(_NUMBER, s, re.ASCII):
             value = float(s)
+            nonzero = bool(re.search("[1-9]", s.split("e")[0].split("E")[0]))
         else:
-            raise InvalidInput(f"bad epsilon {text!r}: expected a number like 0.03, 2e-3 or 8/255")
+            raise InvalidInput(f"bad epsilon {_shown(text)}: expected a number like 0.03, 2e-3 or 8/255")
     if not math.isfinite(value) or value < 0:
-        raise InvalidInput(f"bad epsilon {text!r}: must be a finite number >= 0")
-    return value
+        raise InvalidInput(f"bad epsilon {_shown(text)}: must be a finite number >= 0")
+    if value == 0 and nonzero:
+        raise InvalidInput(f"bad epsilon {_shown(text)}: too small to represent (it rounds to 0)")
+    return value + 0.0  # -0.0 → 0.0
 
 
 def load_array(path: str | Path) -> np.ndarray:
@@ -49,7 +63,10 @@ def load_array(path: str | Path) -> np.ndarray:
     if isinstance(arr, np.lib.npyio.NpzFile):
         if len(arr.files) != 1:
             raise InvalidInput(f"{path}: expected one array, found {', '.join(arr.files)}")
-        arr = arr[arr.files[0]]
+        try:
+            arr = arr[arr.files[0]]
+        except ValueError as e:  # an object array: reading it would need pickle
+            raise InvalidInput(f"{path}: not a numpy array file ({e})") from None
     if not np.issubdtype(arr.dtype, np.number):
         raise InvalidInput(f"{path}: array of {arr.dtype} is not numeric")
     return arr

@@ -22,6 +22,13 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _os_error(e: OSError) -> str:
+    """An OSError as one short line: the path (cut to 80 characters) and the system's reason."""
+    name = "" if e.filename is None else str(e.filename)
+    name = name if len(name) <= 80 else name[:77] + "..."
+    return f"{name}: {e.strerror}" if name and e.strerror else str(e)[:300]
+
+
 def friendly_errors(fn):
     """Turn certkit's input errors into one line on stderr and exit code 2."""
 
@@ -31,6 +38,8 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except CertkitError as e:
             _fail(str(e).replace("[", r"\["))
+        except OSError as e:  # the file system's verdict on a path the user gave: too long, no permission, disk full
+            _fail(_os_error(e).replace("[", r"\["))
         except KeyboardInterrupt:
             _fail("interrupted")
 
@@ -94,6 +103,7 @@ def inspect(model: str) -> None:
     summary = summarize_onnx(model)
     console.print(f"[bold]{summary.path.name}[/]  opset {summary.opset}  input [cyan]{summary.input_name}[/] "
                   f"per-sample shape {summary.input_shape}  {summary.num_params:,} parameters", highlight=False)
+    _warn_nonfinite(model)
     if summary.folded_from is not None:
         console.print(f"constant and shape subgraphs folded: {summary.folded_from} → {len(summary.nodes)} ONNX nodes",
                       highlight=False)
@@ -108,6 +118,34 @@ def inspect(model: str) -> None:
     console.print(f"output shape {bm.graph.output_shape}; all operators supported", style="green")
 
 
+def _warn_nonfinite(model: str) -> None:
+    """One yellow line on stderr when MODEL's weights hold NaN/Inf (verify and run-instance then answer unknown)."""
+    from rich.markup import escape
+
+    from certkit.onnx_io import nonfinite_initializers, read_proto
+    from certkit.report import err_console
+
+    bad = nonfinite_initializers(read_proto(model))
+    if bad:
+        total = sum(count for _, count in bad)
+        names = ", ".join(f"{escape(name)} ({count})" for name, count in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        err_console.print(f"[bold yellow]warning:[/] [yellow]{total} NaN/Inf weight value(s) in {len(bad)} "
+                          f"initializer(s): {names}{more}; verify and run-instance answer unknown for this model[/]",
+                          highlight=False, soft_wrap=True, markup=True)
+
+
+MAX_MEMORY_HELP = ("Memory for the largest linear-coefficient tensor of a bound pass, e.g. 2G or 512M; passes are "
+                   "split into chunks that fit (same bounds), and a stage whose smallest chunk does not fit is "
+                   "skipped (default: half the memory free now, or the GPU's free memory).")
+
+
+def _max_memory(text: str | None) -> int | None:
+    from certkit.memory import parse_size
+
+    return None if text is None else parse_size(text)
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--lower", type=click.Path(dir_okay=False), help="Lower corner of the input box (.npy).")
@@ -120,8 +158,9 @@ def inspect(model: str) -> None:
 @click.option("--label", type=int, help="Bound the margins f_label − f_j instead of the raw outputs.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write lb, ub to this .npz file.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--max-memory", help=MAX_MEMORY_HELP)
 @friendly_errors
-def bounds(model, lower, upper, center, eps, clip, method, label, out, device) -> None:
+def bounds(model, lower, upper, center, eps, clip, method, label, out, device, max_memory) -> None:
     """Bound MODEL's outputs over an input box.
 
     The box is either --lower/--upper or --center with --eps. Arrays may be one sample,
@@ -137,7 +176,9 @@ def bounds(model, lower, upper, center, eps, clip, method, label, out, device) -
 
     if (lower is None) != (upper is None) or (center is None) != (eps is None) or (lower is None) == (center is None):
         raise InvalidInput("give either --lower and --upper, or --center and --eps")
+    budget = _max_memory(max_memory)
     bm = BoundedModel(model)
+    bm.max_memory = budget
     shape = bm.graph.input_shape
     if lower is not None:
         lo = as_batch(load_array(lower), shape, "--lower")
@@ -227,10 +268,13 @@ def _names(text: str) -> tuple[str, ...]:
 @click.option("--out", "run_dir", type=click.Path(file_okay=False), help="Run folder (default runs/NAME).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
               help="Continue the run in this folder bit-for-bit from its last checkpoint.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="With --resume: read a last.pt that only Python's full unpickler reads (an older certkit's); "
+                   "this runs any code the file holds, so only for files you trust (docs/security.md).")
 @friendly_errors
 def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size, lr, schedule, milestones, lam,
           ibp_init, regularizers, seed, device, compile_step, limit, val_size, eval_limit, data_dir, run_dir,
-          resume_dir) -> None:
+          resume_dir, trust_checkpoint) -> None:
     """Certified robust training (IBP / CROWN-IBP) with the fast short-warmup method.
 
     \b
@@ -253,8 +297,8 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
 
     if resume_dir is not None:
         cfg_path = Path(resume_dir) / "config.json"
-        if not cfg_path.is_file() or not (Path(resume_dir) / "last.pt").is_file():
-            raise InvalidInput(f"{resume_dir}: no run to resume (needs config.json and last.pt)")
+        if not cfg_path.is_file():  # without last.pt (killed before its first epoch ended) it starts afresh
+            raise InvalidInput(f"{resume_dir}: no run to resume (needs config.json)")
         cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
         if epochs is not None:
             cfg = dataclasses.replace(cfg, epochs=epochs)
@@ -281,7 +325,8 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
     console.print(f"[bold]certkit train[/] → {run_dir}: {cfg.method} {cfg.model} on {cfg.dataset}, "
                   f"ε {cfg.eps:.4g} (eval {cfg.eps_test:.4g}), {cfg.epochs} epochs, batch {cfg.batch_size}, "
                   f"ramp from epoch {cfg.schedule_start} for {cfg.schedule_length}", highlight=False)
-    last = run_training(cfg, run_dir, resume=resume_dir is not None, progress=TrainProgress(), log=console.print)
+    last = run_training(cfg, run_dir, resume=resume_dir is not None, progress=TrainProgress(), log=console.print,
+                        trust_checkpoint=trust_checkpoint)
     if last:
         console.print(f"[green]done[/]: test clean error {last['test_clean_err']:.2f}%, IBP verified error "
                       f"{last['test_verified_err']:.2f}% at ε={cfg.eps_test:.4g}; checkpoints in {run_dir}")
@@ -304,8 +349,11 @@ def plot(run_dir) -> None:
               metavar="CKPT OUT.onnx", help="Checkpoint to export and the ONNX file to write.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Real test inputs for the checks.")
 @click.option("--check-samples", type=int, default=64, show_default=True)
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Read a checkpoint that only Python's full unpickler reads (an older certkit's); this runs "
+                   "any code the file holds, so only for files you trust (docs/security.md).")
 @friendly_errors
-def export(onnx_out, data_dir, check_samples) -> None:
+def export(onnx_out, data_dir, check_samples, trust_checkpoint) -> None:
     """Export a checkpoint to ONNX with batch norm folded and normalisation inside.
 
     The file records dataset, input shape, pixel range, ε, class names, training method and
@@ -316,7 +364,8 @@ def export(onnx_out, data_dir, check_samples) -> None:
     from certkit.report import console
 
     ckpt, out = onnx_out
-    report = export_checkpoint(ckpt, out, data_dir=data_dir, check_samples=check_samples)
+    report = export_checkpoint(ckpt, out, data_dir=data_dir, check_samples=check_samples,
+                               trust_checkpoint=trust_checkpoint)
     console.print(f"wrote {out}: onnxruntime vs PyTorch max abs diff {report['max_abs_diff']:.2e}, "
                   f"IBP bounds relative gap {report['ibp_rel_gap']:.2e}", highlight=False)
 
@@ -342,9 +391,10 @@ def export(onnx_out, data_dir, check_samples) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out file.")
 @click.option("--timeout-per-sample", type=float, help="Seconds per sample; stages past the budget are skipped.")
 @click.option("--pixel-range", help="MIN,MAX of the input pixels for models without certkit metadata.")
+@click.option("--max-memory", help=MAX_MEMORY_HELP + " Skipped stages leave the reason in the results' `reason`.")
 @friendly_errors
 def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_size, device, out, vnnlib_dir,
-           resume, timeout_per_sample, pixel_range) -> None:
+           resume, timeout_per_sample, pixel_range, max_memory) -> None:
     """Verify ℓ∞ robustness of an ONNX classifier on dataset samples.
 
     \b
@@ -381,10 +431,11 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
         raise InvalidInput("--resume needs --out")
     _, shape = graph_input(proto)
     cfg = VerifyConfig(eps=eps_value, method=method, attack=attack, batch_size=batch_size, device=device,
-                       timeout_per_sample=timeout_per_sample, pixel_range=rng)
+                       timeout_per_sample=timeout_per_sample, pixel_range=rng, max_memory=_max_memory(max_memory))
     cfg.stages()  # validates the method before any work
     x, y, indices = load_verify_data(dataset, data_dir, start, count, shape)
     bm = BoundedModel(model)  # converted once, for emission and verification
+    _warn_nonfinite(model)
     if bm.logits_model() is not None:
         console.print(f"{Path(model).name} ends in a softmax: margins are bounded on the logits before it "
                       "(the same argmax)")
@@ -451,8 +502,9 @@ DEVICE_HELP = ("Where bounds and branch and bound run: cpu, cuda (TF32 off; the 
                    "to stop a solver left over from an interrupted run, and no other).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help=DEVICE_HELP)
+@click.option("--max-memory", help=MAX_MEMORY_HELP + " A stage over it answers unknown.")
 @friendly_errors
-def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, device) -> None:
+def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, device, max_memory) -> None:
     """Solve one VNN-COMP instance: is some input in the property's box mapped into its unsafe set?
 
     \b
@@ -483,7 +535,7 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, 
         if not Path(path).is_file():
             raise CertkitError(f"{path}: no such file")
     status = run_instance(model, prop, timeout, results, category=category, threads=threads, pidfile=pidfile,
-                          device=device)
+                          device=device, max_memory=_max_memory(max_memory))
     click.echo(status)
     if status == "error":
         sys.exit(1)
@@ -502,8 +554,10 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, 
 @click.option("--families", help="Comma-separated families to run (BENCH_DIR holding several).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help=DEVICE_HELP)
+@click.option("--max-memory", help=MAX_MEMORY_HELP + " Per instance; a stage over it answers unknown.")
 @friendly_errors
-def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, families, device) -> None:
+def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, families, device,
+                max_memory) -> None:
     """Run a VNN-COMP benchmark and score it against the ground truth.
 
     \b
@@ -526,6 +580,7 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
     from certkit.vnncomp.runner import discover, run_benchmark, summarize
 
     resolve_device(device)
+    budget = _max_memory(max_memory)
     fams = [f.strip() for f in families.split(",") if f.strip()] if families else None
     insts = discover(bench_dir, instances, ground_truth, fams)
     out_csv = Path(out_csv)
@@ -540,7 +595,7 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
                             last=f"#{inst.index} {outcome.status}{mark} ({outcome.seconds:.1f}s)")
 
         outcomes = run_benchmark(insts, out_csv, out_csv.parent, Path(h5) if h5 else None, timeout_scale, on_done,
-                                 device=device)
+                                 device=device, max_memory=budget)
     summary = summarize(insts, outcomes)
     console.print(vnncomp_table(summary))
     console.print(f"results: {out_csv}" + (f", {h5}" if h5 else ""))

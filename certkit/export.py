@@ -126,13 +126,15 @@ CLASS_NAMES = {
 }
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | None = None, check_samples: int = 64) -> dict:
-    """``certkit export --onnx``: a training checkpoint to a checked, BN-fused ONNX file."""
+def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | None = None, check_samples: int = 64,
+                      trust_checkpoint: bool = False) -> dict:
+    """``certkit export --onnx``: a training checkpoint to a checked, BN-fused ONNX file
+    (``trust_checkpoint``: ``--trust-checkpoint``, read a checkpoint that needs the unsafe unpickler)."""
     from certkit.train.data import load_dataset, to_float
     from certkit.train.loop import load_checkpoint
     from certkit.train.models import DATASETS
 
-    model, cfg, _ = load_checkpoint(ckpt)
+    model, cfg, _ = load_checkpoint(ckpt, trust=trust_checkpoint)
     info = DATASETS[cfg.dataset]
     x, _ = load_dataset(cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, "test")
     meta = {"dataset": cfg.dataset, "eps": cfg.eps_test, "eps_train": cfg.eps, "training_method": cfg.method,

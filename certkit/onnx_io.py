@@ -13,6 +13,7 @@ those are upgraded with onnx's version converter first.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +21,14 @@ import numpy as np
 import onnx
 import torch
 
+from certkit.bounds.graph import check_input_shape
 from certkit.bounds.ops import supported_onnx
 from certkit.errors import InvalidInput, InvalidModel, UnsupportedOperator
 
 # ONNX operators the bound engine has sound rules for: the registry's table (the graph
 # builder checks each node's details, e.g. which operands are constant).
 SUPPORTED_OPS = supported_onnx()
+FLOAT_INPUTS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64}  # input types certkit feeds
 UPGRADE_OPSET = 11
 
 
@@ -40,15 +43,68 @@ class LoadedOnnx:
     opset: int
 
 
-def read_proto(path: str | Path) -> onnx.ModelProto:
-    """Read an ONNX file, with a one-line error for a missing or malformed file."""
+def read_proto(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file, with a one-line error for a missing or malformed file.
+
+    External data is read only after :func:`check_external_data` found every location inside
+    the model's folder (``load_external_data=False``: checked, not read).
+    """
     path = Path(path)
     if not path.is_file():
         raise InvalidModel(f"{path}: no such file")
     try:
-        return onnx.load(str(path))
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
         raise InvalidModel(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    check_external_data(proto, path)
+    if load_external_data:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        try:
+            load_external_data_for_model(proto, str(path.parent))
+        except Exception as e:
+            raise InvalidModel(f"{path}: cannot read its external data ({type(e).__name__}: {e})") from None
+    return proto
+
+
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a model holds: dense and sparse initializers and attribute tensors, in
+    subgraphs and functions too (walked with a stack, so deep nesting costs no recursion)."""
+    stack: list[onnx.GraphProto | onnx.FunctionProto] = [proto.graph, *proto.functions]
+    while stack:
+        graph = stack.pop()
+        sparse: list[onnx.SparseTensorProto] = []
+        if isinstance(graph, onnx.GraphProto):
+            yield from graph.initializer
+            sparse.extend(graph.sparse_initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    sparse.append(attr.sparse_tensor)
+                sparse.extend(attr.sparse_tensors)
+                if attr.HasField("g"):
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+        for sp in sparse:
+            yield sp.values
+            yield sp.indices
+
+
+def check_external_data(proto: onnx.ModelProto, path: str | Path) -> None:
+    """Refuse (InvalidModel) external-data locations that are absolute or lead outside the
+    model's folder (``..``, symlinks): a model file must not make certkit read other files."""
+    folder = Path(path).parent.resolve()
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or not target.is_relative_to(folder) or target == folder:
+            raise InvalidModel(f"{path}: refused: tensor {tensor.name!r} keeps its data at {location!r}, not a "
+                               "file inside the model's folder (external data must lie beside the model)")
 
 
 def opset_of(proto: onnx.ModelProto) -> int:
@@ -65,7 +121,12 @@ def graph_input(proto: onnx.ModelProto) -> tuple[str, tuple[int, ...]]:
     shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
     if len(shape) < 2:
         raise InvalidModel(f"input {inputs[0].name!r} has shape {shape}; expected (batch, ...)")
-    return inputs[0].name, shape[1:]
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem not in FLOAT_INPUTS:
+        kind = onnx.TensorProto.DataType.Name(elem) if elem in onnx.TensorProto.DataType.values() else str(elem)
+        raise InvalidModel(f"input {inputs[0].name!r} has element type {kind}; certkit bounds networks whose input "
+                           "is float32 or float64 (a float16 or integer input cannot hold the box's points exactly)")
+    return inputs[0].name, check_input_shape(shape[1:], f"input {inputs[0].name!r}")
 
 
 def unsupported_nodes(proto: onnx.ModelProto) -> list[tuple[str, str]]:
@@ -236,7 +297,10 @@ def prepare_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
         proto = copy
-    _drop_allowzero(proto)
+    try:
+        _drop_allowzero(proto)
+    except ValueError as e:  # numpy_helper.to_array: data that does not fill the declared dims or type
+        raise InvalidModel(f"an initializer or constant does not match its declared shape or type ({e})") from None
     _fill_clip_bounds(proto)
     _expand_gelu(proto)
     return proto
@@ -261,6 +325,7 @@ class OrtSession:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
+        read_proto(path, load_external_data=False)  # refuses external data outside the model's folder
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
@@ -268,10 +333,11 @@ class OrtSession:
         inp = self.session.get_inputs()[0]
         self.name = inp.name
         self.full_shape = [d if isinstance(d, int) else None for d in inp.shape]
+        self.dtype = np.float64 if inp.type == "tensor(double)" else np.float32  # float32 → float64 is exact
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """The output on ``x`` (batch first), one sample at a time when the file fixes the batch size to 1."""
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=np.float32).astype(self.dtype)
         if len(self.full_shape) != x.ndim:
             raise InvalidInput(f"onnxruntime input {self.name!r} has rank {len(self.full_shape)}, got array of "
                                f"shape {x.shape}")
@@ -318,3 +384,47 @@ def summarize_onnx(path: str | Path) -> OnnxSummary:
     n_params = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
     folded = len(original.graph.node) if len(original.graph.node) != len(proto.graph.node) else None
     return OnnxSummary(Path(path), opset_of(proto), name, shape, nodes, n_params, unsupported_nodes(proto), folded)
+
+
+def nonfinite_initializers(proto: onnx.ModelProto) -> list[tuple[str, int]]:
+    """(name, count) of every weight holding NaN or ±Inf values: the graph's float initializers and
+    the tensors of its Constant nodes, subgraphs included. Bounds through such weights are NaN
+    or meaningless, so ``inspect`` warns and ``verify`` / ``run-instance`` answer unknown."""
+    from onnx import numpy_helper
+
+    found = []
+
+    def check(name: str, tensor: onnx.TensorProto) -> None:
+        if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                                    onnx.TensorProto.BFLOAT16) or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return
+        try:
+            values = numpy_helper.to_array(tensor)
+        except Exception:  # a malformed tensor: the loader reports it
+            return
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            found.append((name, bad))
+
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for init in graph.initializer:
+            check(init.name, init)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    check(node.output[0] if node.output else node.name, attr.t)
+                graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+    return found
+
+
+def nonfinite_weights_reason(onnx_path: str | Path) -> str:
+    """'' for a model whose weights are all finite; else the reason its samples end unknown,
+    naming the first few initializers that hold NaN/Inf and their counts."""
+    bad = nonfinite_initializers(read_proto(onnx_path))
+    if not bad:
+        return ""
+    names = ", ".join(f"{name} ({count})" for name, count in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return f"the model's weights contain NaN or Inf: {names}{more}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from certkit import __version__
 from certkit.attack import pgd_attack
 from certkit.bounds import BoundedModel, margin_matrix
 from certkit.errors import InvalidInput
+from certkit.memory import MemoryBudgetExceeded
 from certkit.results import STATUS, ResultsFile
 
 CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -47,6 +49,7 @@ class VerifyConfig:
     pgd_restarts: int = 5
     pixel_range: tuple[float, float] = (0.0, 1.0)
     seed: int = 0
+    max_memory: int | None = None  # bytes for the largest coefficient tensor (None: a share of the free memory)
 
     def stages(self) -> list[str]:
         if self.method == "auto":
@@ -78,8 +81,13 @@ def _confirm(onnx_path: Path, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def verify_batch(bm: BoundedModel, onnx_path: Path, x: Tensor, y: Tensor, cfg: VerifyConfig, stages: list[str],
-                 generator: torch.Generator) -> dict[str, np.ndarray]:
-    """Run the cascade on one batch; returns the rows of the results file."""
+                 generator: torch.Generator, nonfinite_weights: str = "") -> dict[str, np.ndarray]:
+    """Run the cascade on one batch; returns the rows of the results file.
+
+    Samples whose input holds NaN/Inf, and every sample when ``nonfinite_weights`` names the
+    model's non-finite weights, end ``unknown`` with that ``reason`` and no stage runs on them.
+    A stage whose smallest chunk exceeds the memory budget is skipped (the reason is recorded),
+    as is a stage whose bounds come out NaN/Inf for a sample: neither ever verifies."""
     B = x.shape[0]
     K = int(np.prod(bm.graph.output_shape))
     S = len(stages)
@@ -92,12 +100,19 @@ def verify_batch(bm: BoundedModel, onnx_path: Path, x: Tensor, y: Tensor, cfg: V
     with torch.no_grad():
         pred = bm(x).reshape(B, -1).argmax(1)
     status[(pred != y).cpu().numpy()] = MISCLASSIFIED
+    reasons = np.full(B, "", dtype=object)
+    blocked = ~torch.isfinite(x.reshape(B, -1)).all(1).cpu().numpy()
+    reasons[blocked] = "the input contains NaN or Inf"
+    if nonfinite_weights:
+        blocked[:] = True
+        reasons[:] = nonfinite_weights
+    status[blocked] = UNKNOWN
     lo = (x - cfg.eps).clamp(*cfg.pixel_range)
     up = (x + cfg.eps).clamp(*cfg.pixel_range)
     C = margin_matrix(y, K).to(x.device)
-    crown_cache = None
+    crown_cache: dict[str, Any] = {}
     for s, stage in enumerate(stages):
-        todo = np.flatnonzero(status == UNKNOWN)
+        todo = np.flatnonzero((status == UNKNOWN) & ~blocked)
         if len(todo) == 0 or (deadline is not None and time.monotonic() > deadline):
             break
         idx = torch.as_tensor(todo, device=x.device)
@@ -112,30 +127,60 @@ def verify_batch(bm: BoundedModel, onnx_path: Path, x: Tensor, y: Tensor, cfg: V
                 status[hit] = FALSIFIED
                 stage_of[hit] = s
                 cex[hit] = pts[confirmed].reshape(len(hit), -1)
-        elif stage in ("crown", "alpha-crown"):
-            # full-CROWN intermediate bounds are computed once and reused (row-selected) by α-CROWN
-            if crown_cache is None:
-                with torch.no_grad():
-                    crown_cache = (todo, bm.intervals(lo[idx], up[idx], "crown"))
-            rows = torch.as_tensor(np.searchsorted(crown_cache[0], todo), device=x.device)
-            bounds = {k: (lo_[rows], up_[rows]) for k, (lo_, up_) in crown_cache[1].items()}
-            if stage == "crown":
-                with torch.no_grad():
-                    lb, _ = bm.spec_bounds(bounds, C[idx], "crown", bound_upper=False)
-            else:
-                lb, _ = bm.alpha_crown(bounds, C[idx], bound_upper=False)
         else:
-            with torch.no_grad():
-                lb, _ = bm.compute_bounds(lo[idx], up[idx], method=stage, C=C[idx], bound_upper=False)
-        if stage != "attack":
-            lb = lb.detach().cpu().numpy()
-            margins[todo, s] = lb
-            ok = np.isfinite(lb).all(1) & (lb > 0).all(1)  # NaN/Inf is never verified
-            status[todo[ok]] = VERIFIED
-            stage_of[todo[ok]] = s
+            try:
+                lb = _bound_stage(bm, stage, lo, up, C, todo, crown_cache)
+            except MemoryBudgetExceeded as e:
+                _note(reasons, todo, f"{stage} skipped: {e}")
+                logging.getLogger("certkit.verify").warning("%s skipped on %d sample(s): %s", stage, len(todo), e)
+                lb = None
+            if lb is not None:
+                lb = lb.detach().cpu().numpy()
+                margins[todo, s] = lb
+                finite = np.isfinite(lb).all(1)
+                ok = finite & (lb > 0).all(1)  # NaN/Inf is never verified
+                status[todo[ok]] = VERIFIED
+                stage_of[todo[ok]] = s
+                _note(reasons, todo[~finite], f"{stage}: bounds are NaN or Inf")
         times[todo, s] = (time.perf_counter() - t0) / len(todo)
+    reasons[status != UNKNOWN] = ""  # a reason explains an unknown; decided samples need none
     return {"label": y.cpu().numpy(), "prediction": pred.cpu().numpy(), "status": status, "stage": stage_of,
-            "margins": margins, "times": times, "counterexample": cex}
+            "margins": margins, "times": times, "counterexample": cex, "reason": reasons}
+
+
+def _bound_stage(bm: BoundedModel, stage: str, lo: Tensor, up: Tensor, C: Tensor, todo: np.ndarray,
+                 cache: dict[str, Any]) -> Tensor:
+    """Margin lower bounds of the samples ``todo`` by one bound stage.
+
+    Full-CROWN intermediate bounds are computed once and kept in ``cache`` for α-CROWN, which
+    reuses them row-selected; a memory-budget failure computing them is kept there too, and
+    raised again for α-CROWN."""
+    idx = torch.as_tensor(todo, device=lo.device)
+    if stage not in ("crown", "alpha-crown"):
+        with torch.no_grad():
+            return bm.compute_bounds(lo[idx], up[idx], method=stage, C=C[idx], bound_upper=False)[0]
+    if "error" in cache:
+        raise cache["error"]
+    if "crown" not in cache:
+        try:
+            with torch.no_grad():
+                cache["crown"] = (todo, bm.intervals(lo[idx], up[idx], "crown"))
+        except MemoryBudgetExceeded as e:
+            cache["error"] = e
+            raise
+    done, intervals = cache["crown"]
+    rows = torch.as_tensor(np.searchsorted(done, todo), device=lo.device)
+    bounds = {k: (lo_[rows], up_[rows]) for k, (lo_, up_) in intervals.items()}
+    if stage == "crown":
+        with torch.no_grad():
+            return bm.spec_bounds(bounds, C[idx], "crown", bound_upper=False)[0]
+    return bm.alpha_crown(bounds, C[idx], bound_upper=False)[0]
+
+
+def _note(reasons: np.ndarray, samples: np.ndarray, text: str) -> None:
+    """Add ``text`` to the reasons of ``samples`` (joined with '; ')."""
+    for i in samples:
+        reasons[i] = f"{reasons[i]}; {text}" if reasons[i] else text
 
 
 def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray, cfg: VerifyConfig,
@@ -165,6 +210,13 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     if len(y) and (int(y.max()) >= K or int(y.min()) < 0):
         raise InvalidInput(f"labels range over [{int(y.min())}, {int(y.max())}] but the model has {K} outputs")
     bm.to(device)
+    if cfg.max_memory is not None:
+        bm.max_memory = cfg.max_memory
+    from certkit.onnx_io import nonfinite_weights_reason
+
+    nonfinite = nonfinite_weights_reason(onnx_path)
+    if nonfinite:
+        logging.getLogger("certkit.verify").warning("every sample ends unknown: %s", nonfinite)
     attrs = {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
              "model_path": str(onnx_path), "model_sha256": sha256(onnx_path), "eps": float(cfg.eps),
              "method": cfg.method, "dataset": dataset, "start": int(start), "n": int(len(x)),
@@ -187,7 +239,7 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
         yb = y[b:b + cfg.batch_size].to(device)
         # the attack's randomness depends only on the seed and the batch, so a resumed run matches
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(indices[b]))
-        rows = verify_batch(bm, onnx_path, xb, yb, cfg, stages, generator)
+        rows = verify_batch(bm, onnx_path, xb, yb, cfg, stages, generator, nonfinite_weights=nonfinite)
         rows["index"] = indices[b:b + cfg.batch_size]
         for i, name in enumerate(STATUS):
             counts[name] += int((rows["status"] == i).sum())
@@ -200,6 +252,55 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     return counts
 
 
+def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Arrays ``x`` and ``y`` of an .npz archive, read without pickle."""
+    try:
+        found = path.is_file()
+    except OSError as e:  # a name too long for the file system, ...
+        raise InvalidInput(f"{str(path)[:80]}: {e.strerror}") from None
+    if not found:
+        raise InvalidInput(f"{path}: no such file")
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise InvalidInput(f"{path}: a single array, not an .npz archive with arrays 'x' and 'y'")
+        with f:
+            return f["x"], f["y"]
+    except KeyError:
+        raise InvalidInput(f"{path}: needs arrays 'x' and 'y'") from None
+    except InvalidInput:
+        raise
+    except Exception as e:
+        raise InvalidInput(f"{path}: not a readable .npz file ({e})") from None
+
+
+def read_npz_dataset(path: Path) -> tuple[Tensor, Tensor]:
+    """Samples (float; uint8 scaled to [0, 1]) and int64 labels of an ``npz:FILE`` dataset, checked
+    so that a hostile file gets a one-line error: x real-valued with a sample axis, y whole numbers
+    (no NaN, no fractions silently truncated into another class), one label per sample."""
+    x_all, y_all = _npz_arrays(path)
+    if x_all.ndim < 1 or not (np.issubdtype(x_all.dtype, np.integer) or np.issubdtype(x_all.dtype, np.floating)
+                              or x_all.dtype == np.bool_):
+        raise InvalidInput(f"{path}: x must be a real-valued array of samples; got {x_all.dtype} of shape "
+                           f"{x_all.shape}")
+    y_all = y_all.reshape(-1)
+    if not (np.issubdtype(y_all.dtype, np.integer) or np.issubdtype(y_all.dtype, np.floating)):
+        raise InvalidInput(f"{path}: y must hold integer class labels; got {y_all.dtype}")
+    big = np.iinfo(np.int64).max
+    if np.issubdtype(y_all.dtype, np.floating) and not (np.isfinite(y_all) & (y_all == np.round(y_all))).all():
+        raise InvalidInput(f"{path}: y must hold integer class labels; it has NaN, infinite or fractional values")
+    if len(y_all) and (y_all.min() < 0 or y_all.max() > big):
+        raise InvalidInput(f"{path}: class labels must be whole numbers >= 0 and < 2**63; y ranges over "
+                           f"[{y_all.min()}, {y_all.max()}]")
+    if len(x_all) != len(y_all):
+        raise InvalidInput(f"{path}: {len(x_all)} samples in x but {len(y_all)} labels in y")
+    from certkit.train.data import to_float
+
+    x = torch.as_tensor(x_all)
+    x = to_float(x) if x.dtype == torch.uint8 else x.float()
+    return x, torch.as_tensor(y_all.astype(np.int64))
+
+
 def load_verify_data(dataset: str, data_dir: str | None, start: int, n: int | None, input_shape: tuple[int, ...]
                      ) -> tuple[Tensor, Tensor, np.ndarray]:
     """Samples [start, start+n) of a dataset's test split, as float pixels, labels and indices.
@@ -210,21 +311,7 @@ def load_verify_data(dataset: str, data_dir: str | None, start: int, n: int | No
     from certkit.train.data import load_dataset, to_float
 
     if dataset.startswith("npz:"):
-        path = Path(dataset[4:])
-        if not path.is_file():
-            raise InvalidInput(f"{path}: no such file")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                x_all, y_all = f["x"], f["y"]
-        except KeyError:
-            raise InvalidInput(f"{path}: needs arrays 'x' and 'y'") from None
-        except Exception as e:
-            raise InvalidInput(f"{path}: not a readable .npz file ({e})") from None
-        x_all = torch.as_tensor(x_all)
-        x_all = to_float(x_all) if x_all.dtype == torch.uint8 else x_all.float()
-        y_all = torch.as_tensor(y_all).long().reshape(-1)
-        if len(x_all) != len(y_all):
-            raise InvalidInput(f"{path}: {len(x_all)} samples in x but {len(y_all)} labels in y")
+        x_all, y_all = read_npz_dataset(Path(dataset[4:]))
     else:
         x_all, y_all = load_dataset(dataset, data_dir, "test")
         x_all = to_float(x_all)

@@ -12,8 +12,8 @@ tens of MB and deep nesting are fine; errors name the line and the token.
 
 from __future__ import annotations
 
-import gzip
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from certkit.errors import CertkitError
-from certkit.files import write_atomically
+from certkit.files import GZ_LIMIT, read_gz_capped, write_atomically
 
 _TOKEN = re.compile(r";[^\n]*|\(|\)|[^\s();]+")
-_VAR = re.compile(r"([XY])_(\d+)$")
+_VAR = re.compile(r"([XY])_([0-9]{1,12})$")  # ASCII digits only; a bounded index converts to int safely
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")  # no nan, inf, 1_0 or unicode digits
 MAX_DISJUNCTS = 1_000_000
 
 
@@ -93,10 +94,33 @@ def _parse_sexprs(text: str):
                 yield node
         else:
             if not stack:
-                raise VnnlibError(f"line {_line(text, m.start())}: token {tok!r} outside parentheses")
+                raise VnnlibError(f"line {_line(text, m.start())}: token {_show(tok)} outside parentheses")
             stack[-1].append(tok)
     if stack:
         raise VnnlibError(f"line {_line(text, stack[-1].offset)}: '(' is never closed")
+
+
+def _show(tok: str, limit: int = 40) -> str:
+    """A token for an error message: repr'd, and cut short (a hostile file may hold a 1 MB token)."""
+    return repr(tok) if len(tok) <= limit else repr(tok[:limit]) + "..."
+
+
+def _bottom_up(root: _Node, children, leaf, combine):
+    """The value of the tree ``root`` with children evaluated before parents, using an explicit
+    stack (100,000 nested parentheses must not reach Python's recursion limit).
+
+    ``children(node)`` checks a list node and returns the items to evaluate, ``leaf(token, node)``
+    gives a string item's value, ``combine(node, values)`` a list node's from its items' values."""
+    order, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        stack.extend(c for c in children(node) if not isinstance(c, str))
+    values: dict[int, object] = {}
+    for node in reversed(order):  # pre-order reversed: every node after all of its descendants
+        items = [leaf(c, node) if isinstance(c, str) else values.pop(id(c)) for c in children(node)]
+        values[id(node)] = combine(node, items)
+    return values[id(root)]
 
 
 class _Reader:
@@ -111,31 +135,44 @@ class _Reader:
     def linear(self, e, ctx) -> dict:
         """A linear term as {variable or '': coefficient} ('' is the constant)."""
         if isinstance(e, str):
-            m = _VAR.match(e)
-            if m:
-                self.check_var(m, e, ctx)
-                return {e: 1.0}
-            try:
-                return {"": float(e)}
-            except ValueError:
-                self.fail(ctx, f"unknown token {e!r}")
+            return self._linear_leaf(e, ctx)
+        return _bottom_up(e, self._term_items, self._linear_leaf, self._linear_node)
+
+    def _term_items(self, e) -> list:
         if not e or not isinstance(e[0], str):
             self.fail(e, "empty or malformed term")
-        op, args = e[0], [self.linear(a, e) for a in e[1:]]
+        if e[0] not in ("+", "-", "*"):
+            self.fail(e, f"unsupported operator {_show(e[0])} in a term")
+        return e[1:]
+
+    def _linear_leaf(self, tok: str, ctx) -> dict:
+        m = _VAR.match(tok)
+        if m:
+            self.check_var(m, tok, ctx)
+            return {tok: 1.0}
+        if not _NUMBER.match(tok):
+            self.fail(ctx, f"unknown token {_show(tok)}")
+        value = float(tok)
+        if not math.isfinite(value):
+            self.fail(ctx, f"number {_show(tok)} is out of range")
+        return {"": value}
+
+    def _linear_node(self, e, args: list[dict]) -> dict:
+        op = e[0]
         if op == "+":
             return _add(*args)
         if op == "-":
+            if not args:
+                self.fail(e, "'-' needs at least one argument")
             if len(args) == 1:
                 return _scale(args[0], -1.0)
             return _add(args[0], *(_scale(a, -1.0) for a in args[1:]))
-        if op == "*":
-            consts = [a for a in args if set(a) <= {""}]
-            others = [a for a in args if not set(a) <= {""}]
-            if len(others) > 1:
-                self.fail(e, "product of two variables is not linear")
-            factor = float(np.prod([a.get("", 0.0) for a in consts]))
-            return _scale(others[0], factor) if others else {"": factor}
-        self.fail(e, f"unsupported operator {op!r} in a term")
+        consts = [a for a in args if set(a) <= {""}]
+        others = [a for a in args if not set(a) <= {""}]
+        if len(others) > 1:
+            self.fail(e, "product of two variables is not linear")
+        factor = math.prod(a.get("", 0.0) for a in consts)
+        return _scale(others[0], factor) if others else {"": factor}
 
     def check_var(self, m, tok, ctx):
         n = self.nx if m.group(1) == "X" else self.ny
@@ -145,20 +182,36 @@ class _Reader:
     def formula(self, e):
         """DNF of a formula: a list of conjunctions, each a list of (coefficients, node) with
         Σ coefficients·vars + const ≤ 0."""
-        if isinstance(e, str) or not e:
+        if isinstance(e, str):
+            self.fail(e, "expected a formula")
+        return _bottom_up(e, self._formula_items, lambda tok, node: self.fail(node, "expected a formula"),
+                          self._formula_node)
+
+    def _formula_items(self, e) -> list:
+        if not e or not isinstance(e[0], str):
             self.fail(e, "expected a formula")
         op = e[0]
         if op in ("<=", "<", ">=", ">"):
             if len(e) != 3:
                 self.fail(e, f"{op} takes two arguments")
-            lhs, rhs = self.linear(e[1], e), self.linear(e[2], e)
-            diff = _add(lhs, _scale(rhs, -1.0)) if op in ("<=", "<") else _add(rhs, _scale(lhs, -1.0))
-            return [[(diff, e)]]
+            return []  # an atom: its terms are read by _formula_node
+        if op in ("and", "or"):
+            return e[1:]
+        self.fail(e, f"unsupported operator {_show(op)}")
+
+    def _formula_node(self, e, parts: list):
+        op = e[0]
         if op == "and":
-            return _conjoin([self.formula(part) for part in e[1:]], lambda: self.fail(e, "too many disjuncts"))
+            return _conjoin(parts, lambda: self.fail(e, "too many disjuncts"))
         if op == "or":
-            return [c for part in e[1:] for c in self.formula(part)]
-        self.fail(e, f"unsupported operator {op!r}")
+            if sum(len(p) for p in parts) > MAX_DISJUNCTS:
+                self.fail(e, "too many disjuncts")
+            return [c for part in parts for c in part]
+        lhs, rhs = self.linear(e[1], e), self.linear(e[2], e)
+        diff = _add(lhs, _scale(rhs, -1.0)) if op in ("<=", "<") else _add(rhs, _scale(lhs, -1.0))
+        if not all(math.isfinite(v) for v in diff.values()):
+            self.fail(e, "a coefficient or constant overflows to infinity")
+        return [[(diff, e)]]
 
 
 def _split_conjunction(parts: list[list[list]], too_many) -> tuple[list, list[list]]:
@@ -169,9 +222,9 @@ def _split_conjunction(parts: list[list[list]], too_many) -> tuple[list, list[li
     extra: list[list] = [[]]
     for f in parts:
         if len(f) != 1:
-            extra = [a + b for a, b in itertools.product(extra, f)]
-            if len(extra) > MAX_DISJUNCTS:
+            if len(extra) * len(f) > MAX_DISJUNCTS:  # checked before the product is built
                 too_many()
+            extra = [a + b for a, b in itertools.product(extra, f)]
     return common, extra
 
 
@@ -204,7 +257,7 @@ def parse_vnnlib(text: str) -> Property:
                 r.fail(e, "malformed declare-const")
             m = _VAR.match(e[1])
             if not m:
-                r.fail(e, f"unsupported variable name {e[1]!r} (expected X_i or Y_j)")
+                r.fail(e, f"unsupported variable name {_show(e[1])} (expected X_i or Y_j)")
             idx = int(m.group(2))
             if m.group(1) == "X":
                 if idx != r.nx:
@@ -219,7 +272,7 @@ def parse_vnnlib(text: str) -> Property:
                 r.fail(e, "assert takes one formula")
             asserts.append(e[1])
         else:
-            r.fail(e, f"unsupported command {e[0]!r}")
+            r.fail(e, f"unsupported command {_show(e[0])}")
     if r.nx == 0 or r.ny == 0:
         raise VnnlibError("the property declares no X_ or no Y_ variables")
     def too_many():
@@ -257,10 +310,13 @@ class _Conjunct:
                 if len(xs) > 1:
                     r.fail(node, "only bounds on single inputs are supported (X_i <= c, X_i >= c)")
                 a, i = coeffs[xs[0]], int(xs[0][2:])
+                bound = -c / a
+                if not math.isfinite(bound):
+                    r.fail(node, f"the bound on {xs[0]} overflows to infinity")
                 if a > 0:
-                    self.up[i] = min(self.up[i], -c / a)
+                    self.up[i] = min(self.up[i], bound)
                 else:
-                    self.lo[i] = max(self.lo[i], -c / a)
+                    self.lo[i] = max(self.lo[i], bound)
             elif ys:
                 row = np.zeros(r.ny)
                 for k in ys:
@@ -278,7 +334,7 @@ def _cases(r: _Reader, common: list, extra: list[list]) -> list[Case]:
     index: dict[tuple, Case] = {}
     for atoms in extra:
         conj = base.copy().add(atoms)
-        if conj.empty:
+        if conj.empty or (conj.lo > conj.up).any():  # no input satisfies it: that part of the unsafe set is empty
             continue
         missing = np.flatnonzero(~np.isfinite(conj.lo) | ~np.isfinite(conj.up))
         if len(missing):
@@ -292,16 +348,18 @@ def _cases(r: _Reader, common: list, extra: list[list]) -> list[Case]:
     return cases
 
 
-def read_vnnlib(path: str | Path) -> Property:
-    """Read a .vnnlib or .vnnlib.gz file."""
+def read_vnnlib(path: str | Path, gz_limit: int = GZ_LIMIT) -> Property:
+    """Read a .vnnlib or .vnnlib.gz file (a .gz that decompresses past ``gz_limit`` bytes is refused)."""
     path = Path(path)
     if not path.is_file():
         raise VnnlibError(f"{path}: no such file")
     try:
-        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-        text = raw.decode("utf-8")
+        raw = read_gz_capped(path, gz_limit) if path.suffix == ".gz" else path.read_bytes()
+        text = raw.decode("utf-8-sig")  # a BOM (Windows editors) is no part of the text
     except (OSError, UnicodeDecodeError) as e:
         raise VnnlibError(f"{path}: cannot read ({e})") from None
+    except CertkitError as e:
+        raise VnnlibError(str(e)) from None
     try:
         return parse_vnnlib(text)
     except VnnlibError as e:

@@ -40,6 +40,16 @@ def test_schedule_mnist_recipe_starts_at_once():
     assert values == sorted(values)
 
 
+def test_schedule_of_a_few_steps_is_linear():
+    """Two batches per epoch and a one-epoch ramp: no room for the polynomial start (it divided by 0)."""
+    s = SmoothedEps(0.3, start=1, length=1, batches_per_epoch=2)
+    assert [s(i) for i in range(4)] == [0.0, pytest.approx(0.15), pytest.approx(0.3), 0.3]
+    for steps in range(1, 9):  # every short ramp rises monotonically to eps_max
+        s = SmoothedEps(0.3, start=2, length=1, batches_per_epoch=steps)
+        values = [s(i) for i in range(4 * steps)]
+        assert values == sorted(values) and values[-1] == 0.3
+
+
 def test_ibp_sigma_values():
     assert ibp_sigma(27) == pytest.approx(math.sqrt(2 * math.pi) / 27)
     assert ibp_sigma(576) == pytest.approx(0.0043519, rel=1e-4)  # 2.50663 / 576

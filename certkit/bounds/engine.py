@@ -27,6 +27,7 @@ from torch import Tensor
 from certkit.bounds.graph import Graph, build_graph, reference_tensor
 from certkit.bounds.ops import Activation, batchnorm_of
 from certkit.errors import InvalidInput
+from certkit.memory import default_budget, rows_that_fit
 
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 Interval = tuple[Tensor, Tensor]
@@ -63,6 +64,7 @@ class BoundedModel:
     def __init__(self, model: nn.Module | str | Path, input_shape: tuple[int, ...] | None = None):
         self.onnx_path = None
         self.strip_softmax = False
+        self.max_memory: int | None = None  # bytes for the largest coefficient tensor (None: memory.default_budget)
         if isinstance(model, (str, Path)):
             from certkit.onnx_io import load_onnx
 
@@ -98,6 +100,7 @@ class BoundedModel:
             return None
         view = BoundedModel(self.module)
         view.onnx_path, view.strip_softmax = self.onnx_path, True
+        view.max_memory = self.max_memory
         view._build(self.graph.input_shape)
         return view
 
@@ -218,20 +221,57 @@ class BoundedModel:
         widest = max(math.prod(self.graph.by_name[a.name].shape) for a in self._ancestors_of(name))
         return 2 * widest * (5 if alpha_iterations > 0 else 1)
 
+    def memory_budget(self, device: torch.device) -> int:
+        """Bytes the largest coefficient tensor of one pass may take on ``device``: ``max_memory``,
+        or a safe share of the memory free there now (:func:`certkit.memory.default_budget`)."""
+        return self.max_memory if self.max_memory is not None else default_budget(device)
+
+    def min_memory(self, alpha_iterations: int = 0, dtype: torch.dtype | None = None) -> int:
+        """The smallest budget (bytes) in which every pass of CROWN (α-CROWN with ``alpha_iterations``)
+        fits one chunk: the largest single row of coefficients, with the intervals a (domain, neuron)
+        pair gathers, over every node CROWN refines and the final pass. Below it a stage is skipped."""
+        size = (dtype or self.dtype).itemsize
+        rows = [self._row_cost(self.graph.output, alpha_iterations)]
+        for name in self.pre_activation:
+            gathered = 2 * sum(math.prod(a.shape) for a in self._ancestors_of(name) if a.name != name)
+            rows.append(self._row_cost(name, alpha_iterations) + gathered)
+        return max(rows) * size
+
+    def _chunk_rows(self, cost: int, like: Tensor, what: str, cap: bool = True) -> int:
+        """Rows of ``cost`` elements (of ``like``'s dtype) one pass may hold within the memory budget
+        (and, with ``cap``, within ``_BACKWARD_BUDGET`` elements, where speed stops growing); raises
+        :class:`~certkit.memory.MemoryBudgetExceeded` naming ``what`` when not even one row fits."""
+        fit = rows_that_fit(cost * like.element_size(), self.memory_budget(like.device), what)
+        return min(fit, max(1, _BACKWARD_BUDGET // cost)) if cap else fit
+
     def _refine_neurons(self, neurons: Tensor, name: str, shape, lf: Tensor, uf: Tensor,
                         bounds: dict[str, Interval], alpha_iterations: int) -> Interval:
-        """CROWN bounds of the given neurons in every domain, tightening lf, uf (B, n) in place."""
+        """CROWN bounds of the given neurons in every domain, tightening lf, uf (B, n) in place.
+
+        Chunks of neurons (and, when one neuron in every domain is over the memory budget, of
+        domains) fit the budget; each (domain, neuron) row's bound is the same in any chunk."""
         B, n_flat = lf.shape
-        for part in neurons.split(max(1, _BACKWARD_BUDGET // (B * self._row_cost(name, alpha_iterations)))):
-            k = part.numel()
-            eye = torch.zeros(k, n_flat, dtype=lf.dtype, device=lf.device)
-            eye[torch.arange(k, device=lf.device), part] = 1
-            A = torch.cat([eye, -eye]).expand(B, 2 * k, n_flat).reshape(B, 2 * k, *shape)
-            lb = self._backward(name, A, bounds, stop_at_nonlinear=False)
-            lb = self._optimise_alphas(name, A, bounds, lb, alpha_iterations)
-            lf[:, part] = torch.maximum(lf[:, part], lb[:, :k])
-            uf[:, part] = torch.minimum(uf[:, part], -lb[:, k:])
+        rows = self._chunk_rows(self._row_cost(name, alpha_iterations), lf, f"the CROWN refinement of node {name!r}")
+        group = min(B, rows)  # domains per chunk
+        for d0 in range(0, B, group):
+            dom = slice(d0, min(B, d0 + group))
+            g = dom.stop - d0
+            sub = bounds if g == B else self._domains(bounds, name, dom)
+            for part in neurons.split(max(1, rows // g)):
+                k = part.numel()
+                eye = torch.zeros(k, n_flat, dtype=lf.dtype, device=lf.device)
+                eye[torch.arange(k, device=lf.device), part] = 1
+                A = torch.cat([eye, -eye]).expand(g, 2 * k, n_flat).reshape(g, 2 * k, *shape)
+                lb = self._backward(name, A, sub, stop_at_nonlinear=False)
+                lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
+                lf[dom, part] = torch.maximum(lf[dom, part], lb[:, :k])
+                uf[dom, part] = torch.minimum(uf[dom, part], -lb[:, k:])
         return lf, uf
+
+    def _domains(self, bounds: dict[str, Interval], name: str, dom: slice) -> dict[str, Interval]:
+        """The intervals of ``name``'s ancestors in the domains ``dom`` only."""
+        names = [a.name for a in self._ancestors_of(name) if a.name in bounds]
+        return {a: (bounds[a][0][dom], bounds[a][1][dom]) for a in names}
 
     def _refine_pairs(self, pairs: Tensor, name: str, shape, lf: Tensor, uf: Tensor,
                       bounds: dict[str, Interval], alpha_iterations: int) -> Interval:
@@ -240,7 +280,9 @@ class BoundedModel:
         n_flat = lf.shape[1]
         names = [a.name for a in self._ancestors_of(name) if a.name in bounds]
         gathered = 2 * sum(bounds[a][0][0].numel() for a in names)
-        for part in pairs.split(max(1, _BACKWARD_BUDGET // (self._row_cost(name, alpha_iterations) + gathered))):
+        rows = self._chunk_rows(self._row_cost(name, alpha_iterations) + gathered, lf,
+                                f"the CROWN refinement of node {name!r}")
+        for part in pairs.split(rows):
             dom, neuron = part[:, 0], part[:, 1]
             rows = torch.arange(part.shape[0], device=lf.device)
             A = torch.zeros(part.shape[0], 2, n_flat, dtype=lf.dtype, device=lf.device)
@@ -346,7 +388,9 @@ class BoundedModel:
         C = C.to(lower)
         A = (torch.cat([C, -C], 1) if bound_upper else C).reshape(B, -1, *out_shape)
         best = torch.cat([best_lb, -best_ub], 1) if bound_upper else best_lb
-        best = self._optimise_alphas(self.graph.output, A, bounds, best, iterations, lr)
+        best = self._in_chunks(
+            A, bounds, self._row_cost(self.graph.output, iterations), "the alpha-CROWN pass",
+            lambda A_c, sub, d, s: self._optimise_alphas(self.graph.output, A_c, sub, best[d, s], iterations, lr))
         k = best_lb.shape[1]
         return best[:, :k], (-best[:, k:] if bound_upper else None)
 
@@ -410,13 +454,72 @@ class BoundedModel:
         S = C.shape[1]
         A = (torch.cat([C, -C], 1) if bound_upper else C).reshape(B, -1, *out_shape)
         lb = None
+        cost = self._row_cost(self.graph.output, 0)
         if method == "ibp" or intersect:
-            lb = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=True)
+            lb = self._in_chunks(A, bounds, cost, "the final IBP pass",
+                                 lambda A_c, sub, d, s: self._backward(self.graph.output, A_c, sub, True))
         if method != "ibp":
-            crown = self._backward(self.graph.output, A, bounds, stop_at_nonlinear=False, alphas=alphas,
-                                   record=record, extra=extra)
+            records: list[tuple[int, dict[str, Tensor]]] = []
+
+            def crown_pass(A_c: Tensor, sub: dict[str, Interval], d: slice, s: slice) -> Tensor:
+                rec = None if record is None else {}
+                out = self._backward(self.graph.output, A_c, sub, stop_at_nonlinear=False,
+                                     alphas=_cut_rows(alphas, A.shape[:2], d, s), record=rec,
+                                     extra=_cut_rows(extra, A.shape[:2], d, s))
+                if rec is not None:
+                    records.append((d.start or 0, rec))
+                return out
+
+            crown = self._in_chunks(A, bounds, cost, f"the final {method} pass", crown_pass)
+            if record is not None:
+                record.update(_merge_records(records))
             lb = crown if lb is None else torch.maximum(lb, crown)
         return lb[:, :S], (-lb[:, S:] if bound_upper else None)
+
+    def _in_chunks(self, A: Tensor, bounds: dict[str, Interval], cost: int, what: str,
+                   fn: Callable[[Tensor, dict[str, Interval], slice, slice], Tensor]) -> Tensor:
+        """``fn(A[d, s], bounds of the domains d, d, s)`` → (domains, rows) over chunks of domains d and
+        rows s of A (B, S, ...) whose coefficient tensors (``cost`` elements per row) fit the memory
+        budget, concatenated back to (B, S). Rows are bounded independently, so chunks change nothing
+        but memory; one call with everything when it fits."""
+        B, S = A.shape[:2]
+        fit = self._chunk_rows(cost, A, what, cap=False)
+        if B * S <= fit:
+            return fn(A, bounds, slice(0, B), slice(0, S))
+        group = min(B, max(1, fit // S))  # whole domains per chunk where a domain fits, else one
+        step = min(S, max(1, fit // group))
+        out = []
+        for d0 in range(0, B, group):
+            d = slice(d0, min(B, d0 + group))
+            sub = {k: (lo[d], up[d]) if lo.shape[0] == B else (lo, up) for k, (lo, up) in bounds.items()}
+            out.append(torch.cat([fn(A[d, s0:s0 + step], sub, d, slice(s0, min(S, s0 + step)))
+                                  for s0 in range(0, S, step)], 1))
+        return torch.cat(out, 0)
+
+
+def _cut_rows(tensors: dict[str, Tensor] | None, shape: tuple[int, int], d: slice, s: slice
+              ) -> dict[str, Tensor] | None:
+    """Per-row tensors (B, S, ...) cut to domains d and rows s (dimensions of size 1 broadcast)."""
+    if tensors is None:
+        return None
+    B, S = shape
+    out = {}
+    for k, t in tensors.items():
+        t = t[d] if t.shape[0] == B else t
+        out[k] = t[:, s] if t.dim() > 1 and t.shape[1] == S else t
+    return out
+
+
+def _merge_records(records: list[tuple[int, dict[str, Tensor]]]) -> dict[str, Tensor]:
+    """The coefficient records of chunks (domain offset, record) in chunk order, glued back: rows
+    within a group of domains, then the groups."""
+    if len(records) == 1:
+        return records[0][1]
+    groups: dict[int, list[dict[str, Tensor]]] = {}
+    for start, rec in records:
+        groups.setdefault(start, []).append(rec)
+    glued = [{k: torch.cat([r[k] for r in recs], 1) for k in recs[0]} for recs in groups.values()]
+    return {k: torch.cat([g[k] for g in glued], 0) for k in glued[0]}
 
 
 def compute_bounds(model: nn.Module | str | Path | BoundedModel, lower: Tensor, upper: Tensor,

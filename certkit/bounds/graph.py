@@ -230,8 +230,28 @@ class _Builder:
         return name
 
 
+MAX_INPUT_ELEMENTS = 2**27  # per sample (512 MiB as float32): far past any network certkit can bound
+
+
+def check_input_shape(shape: Sequence[int], what: str = "the network's input") -> tuple[int, ...]:
+    """``shape`` (per sample) as a tuple of ints, or InvalidModel when a dimension is not positive
+    or the sample is too large to allocate: a hostile file declaring a dimension of 10^12 gets
+    this one-line error before anything tries to allocate it."""
+    shape = tuple(int(d) for d in shape)
+    if any(d <= 0 for d in shape):
+        raise InvalidModel(f"{what} has per-sample shape {shape}: every dimension must be positive")
+    size = 1
+    for d in shape:
+        size *= d
+    if size > MAX_INPUT_ELEMENTS:
+        raise InvalidModel(f"{what} has per-sample shape {shape} ({size:,} values), more than certkit's limit of "
+                           f"{MAX_INPUT_ELEMENTS:,}")
+    return shape
+
+
 def build_graph(module: nn.Module, input_shape: Sequence[int]) -> Graph:
     """Normalise ``module`` into a :class:`Graph` for inputs of per-sample ``input_shape``."""
+    input_shape = check_input_shape(input_shape)
     gm = _trace(module)
     param = reference_tensor(module)
     dtype = param.dtype if param is not None else torch.float32

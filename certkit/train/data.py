@@ -7,7 +7,7 @@ pixels to [0, 1]. Missing files give an error that lists what is expected where.
 
 from __future__ import annotations
 
-import gzip
+import codecs
 import os
 import pickle
 from pathlib import Path
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from certkit.errors import InvalidInput
+from certkit.files import read_gz_capped
 
 _MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -36,9 +37,7 @@ def default_data_dir() -> Path:
 def _open_maybe_gz(path: Path) -> bytes:
     for p in (path, path.with_name(path.name + ".gz")):
         if p.is_file():
-            opener = gzip.open if p.suffix == ".gz" else open
-            with opener(p, "rb") as f:
-                return f.read()
+            return read_gz_capped(p) if p.suffix == ".gz" else p.read_bytes()
     raise FileNotFoundError(path)
 
 
@@ -78,11 +77,57 @@ def load_cifar10(data_dir: str | Path, split: str) -> tuple[Tensor, Tensor]:
                            "(the standard python batches); set --data-dir")
     xs, ys = [], []
     for f in files:
-        with open(f, "rb") as fh:
-            d = pickle.load(fh, encoding="latin1")
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d["labels"], dtype=np.int64))
+        x, y = _read_cifar_batch(f)
+        xs.append(x)
+        ys.append(y)
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+
+# The only globals the official CIFAR-10 python batches reference: numpy's array reconstruction
+# (its module is numpy.core before numpy 2, numpy._core after), ndarray and dtype; plus
+# _codecs.encode, with which Python 3 writes bytes at the batches' protocol 2 (a batch
+# re-saved by Python 3). None of them runs code.
+_RECONSTRUCT = np.empty(0).__reduce__()[0]
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A CIFAR-10 batch that references a global outside :data:`_CIFAR_GLOBALS`."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only :data:`_CIFAR_GLOBALS`: a tampered batch whose pickle
+    calls ``os.system`` (or anything else) is refused before the call, where ``pickle.load``
+    would run it."""
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise _ForbiddenGlobal(f"it references {module}.{name}, which a CIFAR-10 batch never "
+                                   "contains (only numpy arrays); a tampered or foreign file") from None
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels of one python batch, read without running code."""
+    try:
+        with open(path, "rb") as fh:
+            d = _CifarUnpickler(fh, encoding="latin1").load()
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d["labels"], dtype=np.int64).reshape(-1)
+    except _ForbiddenGlobal as e:
+        raise InvalidInput(f"{path}: refused as a CIFAR-10 batch: {e}") from None
+    except Exception as e:
+        raise InvalidInput(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    if len(x) != len(y):
+        raise InvalidInput(f"{path}: not a CIFAR-10 python batch ({len(x)} images but {len(y)} labels)")
+    return x, y
 
 
 def load_tinyimagenet(data_dir: str | Path, split: str) -> tuple[Tensor, Tensor]:

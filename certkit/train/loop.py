@@ -26,8 +26,9 @@ from torch import Tensor
 from certkit import __version__
 from certkit.bounds import BoundedModel, margin_matrix
 from certkit.bounds.ops import ElementwiseAffine
+from certkit.checkpoints import load_checkpoint_state, save_checkpoint
 from certkit.errors import InvalidInput
-from certkit.files import write_atomically
+from certkit.files import remove_stale_temporaries, write_atomically
 from certkit.train.data import augment, load_dataset, to_float
 from certkit.train.init import ibp_init
 from certkit.train.metrics import MetricsFile
@@ -351,19 +352,27 @@ def _layer_means(rows: list[dict[str, Any]], key: str) -> list[float]:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: Any = None,
-          log: Any = print) -> dict[str, Any]:
+          log: Any = print, trust_checkpoint: bool = False) -> dict[str, Any]:
     """Train (or continue) a run in ``run_dir``; returns the last epoch's metrics.
+
+    ``resume`` continues from ``last.pt`` (written atomically after every epoch, after the
+    epoch's metrics), so a run killed at any moment continues bit-for-bit; without ``last.pt``
+    (killed before the first epoch ended) it starts afresh, which gives the same run.
 
     ``progress`` is an optional object with ``start_epoch(epoch, total)``, ``advance(stats)``
     and ``end_epoch()`` (the CLI passes a rich progress bar); ``log`` prints one line per epoch.
+    ``trust_checkpoint`` lets ``resume`` read a ``last.pt`` that needs the unsafe unpickler
+    (see :mod:`certkit.checkpoints`).
     """
     run_dir = Path(run_dir)
     splits = load_splits(cfg)  # fails on missing data before anything is written
     trainer = Trainer(cfg, splits)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
+    for name in ("config.json", "last.pt", "best.pt"):  # what a killed run left half-written
+        remove_stale_temporaries(run_dir / name)
+    if resume and (run_dir / "last.pt").is_file():  # else killed before its first checkpoint: start afresh
         # on the CPU: RNG states must stay CPU tensors; the model and optimiser copy theirs to the device
-        trainer.load_state(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False))
+        trainer.load_state(load_checkpoint_state(run_dir / "last.pt", "cpu", trust=trust_checkpoint))
     else:
         write_atomically(run_dir / "config.json",
                          lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2)))
@@ -423,19 +432,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
 
 
 def _save(state: dict[str, Any], path: Path) -> None:
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    save_checkpoint(state, path)
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, TrainConfig, dict[str, Any]]:
-    """The model (eval mode), its config and the raw checkpoint."""
+def load_checkpoint(path: str | Path, device: str = "cpu",
+                    trust: bool = False) -> tuple[torch.nn.Module, TrainConfig, dict[str, Any]]:
+    """The model (eval mode), its config and the raw checkpoint, read without running code from
+    the file unless ``trust`` (``--trust-checkpoint``)."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInput(f"{path}: no such checkpoint")
+    st = load_checkpoint_state(path, device, trust=trust)
     try:
-        st = torch.load(path, map_location=device, weights_only=False)
         cfg = TrainConfig.from_dict(st["config"])
+        model = build_model(cfg.model, cfg.dataset, cfg.bn)
+        model.load_state_dict(st["model"])
     except Exception as e:
         raise InvalidInput(f"{path}: not a certkit checkpoint ({type(e).__name__}: {e})") from None
-    model = build_model(cfg.model, cfg.dataset, cfg.bn)
-    model.load_state_dict(st["model"])
     return model.eval(), cfg, st

@@ -12,7 +12,8 @@ class SmoothedEps:
 
     Zero through epoch ``start - 1``, then a polynomial start (degree ``beta``) for the first
     ``mid`` fraction of the ramp, then linear up to ``eps_max`` at the end of epoch
-    ``start + length - 1``; ``eps_max`` after that.
+    ``start + length - 1``; ``eps_max`` after that. A ramp too short for the polynomial part
+    (fewer than 1/``mid`` steps) is linear.
     """
 
     eps_max: float
@@ -37,6 +38,8 @@ class SmoothedEps:
         if final <= init:
             return self.eps_max
         midstep = init + math.floor((final - init) * self.mid)
+        if midstep == init:  # a ramp of a few steps has no room for the polynomial start: linear
+            return min(self.eps_max * (step - init) / (final - init), self.eps_max)
         t = (midstep - init) ** (self.beta - 1)
         a = self.eps_max / ((final - midstep) * self.beta * t + (midstep - init) * t)
         if step < midstep:

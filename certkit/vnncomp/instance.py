@@ -39,9 +39,12 @@ def read_status(path: str | Path) -> str:
 
 def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: str | Path,
                  category: str = "", quiet: bool = False, threads: int | None = None,
-                 log_file: str | Path | None = None, pidfile: str | Path | None = None, device: str = "cpu") -> str:
+                 log_file: str | Path | None = None, pidfile: str | Path | None = None, device: str = "cpu",
+                 max_memory: int | None = None) -> str:
     """Solve one instance within ``timeout`` wall-clock seconds, its bounds on ``device`` (cpu,
-    cuda, or auto: cuda where present); returns the status written.
+    cuda, or auto: cuda where present); returns the status written. ``max_memory`` (bytes) is
+    the bound computations' memory budget (see :mod:`certkit.memory`); over it the answer is
+    ``unknown``.
 
     The child's log (stages, bounds, any traceback) goes to stderr, to ``log_file`` when given,
     or nowhere when ``quiet``. ``pidfile`` holds the child's process id while it runs, so that
@@ -51,10 +54,12 @@ def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: 
     results.unlink(missing_ok=True)
     end = time.time() + timeout
     cmd = [sys.executable, "-m", "certkit.vnncomp.worker", str(onnx), str(vnnlib), str(results),
-           f"{end - SOLVE_MARGIN!r}", category, str(threads or 0), device]
+           f"{end - SOLVE_MARGIN!r}", category, str(threads or 0), device] + ([str(max_memory)] if max_memory else [])
     with open(log_file, "w") if log_file is not None else contextlib.nullcontext() as log:
         stderr = log if log is not None else subprocess.DEVNULL if quiet else None
-        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        # the worker dies with this process (see worker.die_with_parent), even when it is killed with -9
+        env = {**os.environ, "CERTKIT_WORKER_PARENT": str(os.getpid())}
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
         if pidfile is not None:
             write_atomically(pidfile, lambda tmp: Path(tmp).write_text(f"{proc.pid}\n"))
         try:

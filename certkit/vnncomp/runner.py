@@ -4,7 +4,11 @@ instance with its published timeouts, and score the answers against a ground tru
 Each instance runs through :func:`run_instance` (a child process with a hard deadline),
 writes its competition result file, and appends one row to the results CSV at once, so
 an interrupted run resumes where it stopped (rows already in the CSV are skipped). The
-HDF5 summary is rewritten after every instance.
+HDF5 summary is rewritten (atomically) after every instance and at the end.
+
+A run killed at any moment (``kill -9``) leaves at most a torn last line in the CSV: a row
+counts only once its line ends, so a torn line is ignored when the CSV is read and cut
+off before the next row is appended, and its instance runs again.
 
 Scoring as in VNN-COMP since 2022: +10 per correct ``sat``/``unsat``, −150 per wrong one
 (an answer that contradicts a ``sat``/``unsat`` ground truth), 0 otherwise.
@@ -13,6 +17,8 @@ Scoring as in VNN-COMP since 2022: +10 per correct ``sat``/``unsat``, −150 per
 from __future__ import annotations
 
 import csv
+import io
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -20,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from certkit.errors import InvalidInput
-from certkit.files import write_atomically
+from certkit.files import remove_stale_temporaries, write_atomically
 from certkit.vnncomp.instance import run_instance
 
 CORRECT_POINTS, WRONG_POINTS = 10, -150
@@ -131,30 +137,51 @@ def discover(bench_dir: str | Path, instances: str | Path | None = None, ground_
     return [inst for d in dirs for inst in load_family(d)]
 
 
-def read_outcomes(path: Path) -> list[Outcome]:
+def _committed(path: Path) -> bytes:
+    """The CSV's bytes up to the end of its last complete line (a killed append leaves a torn one)."""
     if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        return b""
+    data = path.read_bytes()
+    keep = data[:data.rfind(b"\n") + 1]
+    header = ",".join(f.name for f in fields(Outcome)).encode()
+    if data and not keep and not header.startswith(data):  # not the torn header of a killed first append
+        raise InvalidInput(f"{path}: not a certkit vnncomp results file (remove it or pick another --out)")
+    return keep
+
+
+def read_outcomes(path: Path) -> list[Outcome]:
+    """The rows of a results CSV, without a torn last line."""
+    try:
+        rows = list(csv.DictReader(io.StringIO(_committed(path).decode(), newline="")))
+    except (UnicodeDecodeError, csv.Error):
+        rows = [{}]
     out = []
     for r in rows:
         try:
             out.append(Outcome(r["family"], int(r["index"]), r["onnx"], r["vnnlib"], float(r["timeout"]), r["status"],
                                float(r["seconds"]), r["ground_truth"], r["verdict"], r["result_file"]))
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, TypeError):
             raise InvalidInput(f"{path}: not a certkit vnncomp results file (remove it or pick another --out)") \
                 from None
     return out
 
 
 def _append(path: Path, outcome: Outcome) -> None:
-    new = not path.is_file() or path.stat().st_size == 0
+    """Add one row (the header first in a new file) after the last complete line, in one write,
+    flushed to disk."""
+    keep = len(_committed(path))
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    if keep == 0:
+        w.writerow([f.name for f in fields(Outcome)])
+    w.writerow(list(asdict(outcome).values()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow([f.name for f in fields(Outcome)])
-        w.writerow(list(asdict(outcome).values()))
+    with open(path, "r+b" if path.is_file() else "wb") as f:
+        f.truncate(keep)  # a torn line of a killed run
+        f.seek(keep)
+        f.write(buf.getvalue().encode())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass
@@ -220,12 +247,15 @@ def write_h5(path: Path, outcomes: list[Outcome], summary: list[FamilySummary]) 
 
 def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h5: Path | None = None,
                   timeout_scale: float = 1.0, on_done: Callable[[Instance, Outcome, bool], None] | None = None,
-                  device: str = "cpu") -> list[Outcome]:
-    """Run every instance not yet in ``out_csv`` (bounds on ``device``: cpu, cuda or auto); returns
-    the outcomes of all instances run so far."""
+                  device: str = "cpu", max_memory: int | None = None) -> list[Outcome]:
+    """Run every instance not yet in ``out_csv`` (bounds on ``device``: cpu, cuda or auto, within
+    ``max_memory`` bytes per bound pass, see :mod:`certkit.memory`); returns the outcomes of all
+    instances run so far."""
     if timeout_scale <= 0:
         raise InvalidInput(f"--timeout-scale must be positive; got {timeout_scale}")
     outcomes = read_outcomes(out_csv)
+    if h5 is not None:
+        remove_stale_temporaries(h5)  # what a killed run left half-written
     done = {(o.family, o.index): o for o in outcomes}
     for inst in instances:
         key = (inst.family, inst.index)
@@ -237,9 +267,11 @@ def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h
         name = f"{inst.index:04d}_{Path(inst.onnx).stem}__{Path(inst.vnnlib).stem}.txt"
         result_file = results_dir / inst.family / name
         result_file.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(result_file)
         start = time.monotonic()
         status = run_instance(base / inst.onnx, base / inst.vnnlib, inst.timeout * timeout_scale, result_file,
-                              category=inst.family, log_file=result_file.with_suffix(".log"), device=device)
+                              category=inst.family, log_file=result_file.with_suffix(".log"), device=device,
+                              max_memory=max_memory)
         outcome = Outcome(inst.family, inst.index, inst.onnx, inst.vnnlib, inst.timeout * timeout_scale, status,
                           round(time.monotonic() - start, 3), inst.ground_truth,
                           verdict(status, inst.ground_truth), str(result_file))
@@ -249,4 +281,6 @@ def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h
             write_h5(h5, outcomes, summarize(instances, outcomes))
         if on_done:
             on_done(inst, outcome, False)
+    if h5 is not None:  # also when a killed run had appended its last row but not yet rewritten the summary
+        write_h5(h5, outcomes, summarize(instances, outcomes))
     return outcomes

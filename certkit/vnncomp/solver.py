@@ -31,6 +31,7 @@ from torch import Tensor
 from certkit.bounds import BoundedModel, milp
 from certkit.bounds.engine import no_tf32
 from certkit.errors import InvalidInput
+from certkit.onnx_io import nonfinite_weights_reason
 from certkit.vnncomp.bab import BabOutcome, Confirm, crown_corners, input_split, margins, relu_split
 from certkit.vnncomp.oracle import Oracle
 from certkit.vnncomp.spec import Spec
@@ -98,6 +99,7 @@ class Solver:
         self.bm.to(torch.float64).to(self.device)
         self.input_shape = self.bm.graph.input_shape
         self.oracle = Oracle(onnx_path, self.input_shape)
+        self.nonfinite = nonfinite_weights_reason(onnx_path)  # '' when every weight is finite
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bm.forward(x.to(self.device, torch.float64)).reshape(x.shape[0], -1)
@@ -289,6 +291,10 @@ class Solver:
             result.log.append(msg)
             if log is not None:
                 log(msg)
+
+        if self.nonfinite:  # NaN arithmetic proves nothing and finds nothing: never sat or unsat from it
+            note(f"unknown: {self.nonfinite}")
+            return result
 
         specs = [Spec.from_case(c, device=self.device) for c in prop.cases]
         cfg = self.config

@@ -7,15 +7,39 @@ cpu, cuda or auto.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 import traceback
 
 
+def die_with_parent() -> None:
+    """On Linux, have the kernel SIGKILL this worker when the process that started it dies.
+
+    A ``certkit vnncomp`` or ``run-instance`` killed with ``kill -9`` cannot stop its worker
+    (which runs in its own session, for the deadline's process-group kill): without this, the
+    orphan would keep solving, competing for the CPU with a resumed run and possibly writing
+    the result file that run is producing. The parent's id comes in ``CERTKIT_WORKER_PARENT``,
+    so a parent that died before the request took effect is noticed too.
+    """
+    parent = os.environ.get("CERTKIT_WORKER_PARENT")
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != int(parent):
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
-    onnx, vnnlib, results, end, category, threads, device = argv
+    onnx, vnnlib, results, end, category, threads, device = argv[:7]
+    max_memory = int(argv[7]) if len(argv) > 7 else None  # bytes (certkit.memory); absent: the default
     end = float(end)
     from certkit.errors import CertkitError
+    from certkit.memory import MemoryBudgetExceeded
     from certkit.vnncomp.instance import write_result
     from certkit.vnncomp.oracle import format_result
 
@@ -31,12 +55,17 @@ def main(argv: list[str]) -> int:
 
         prop = read_vnnlib(vnnlib)
         solver = Solver(onnx, device=resolve_device(device))
+        solver.bm.max_memory = max_memory
         # 0 keeps PyTorch's default (every core): on this 2-core CPU ReLU splitting bounds 1.7× the
         # domains per second on mnist_fc 256x4 (#56), oval21 #8 takes 37 s instead of 51 s, and
         # ACAS Xu #13 and reach_prob robot_0 take the same time as on one thread
         if int(threads) > 0:
             torch.set_num_threads(int(threads))
         result = solver.solve(prop, end - time.time(), log=log)
+    except MemoryBudgetExceeded as e:  # not the instance's fault: a bound that needs more memory than allowed
+        log(f"unknown: {e}")
+        write_result(results, format_result("unknown"))
+        return 0
     except CertkitError as e:
         log(f"error: {e}")
         write_result(results, format_result("error"))
@@ -54,4 +83,5 @@ if __name__ == "__main__":
     import faulthandler
 
     faulthandler.enable()  # a crash in native code (torch, onnxruntime) leaves its stack in the log
+    die_with_parent()
     sys.exit(main(sys.argv[1:]))
