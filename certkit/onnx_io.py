@@ -287,10 +287,35 @@ def _constant_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     return found
 
 
+MAX_TENSOR_ELEMENTS = 2**28  # one intermediate value (1 GiB as float32), at batch 1
+
+
+def check_tensor_sizes(proto: onnx.ModelProto) -> None:
+    """Refuse a model one of whose values, as ONNX shape inference sees them at batch 1, holds
+    more than ``MAX_TENSOR_ELEMENTS``: a hostile ConstantOfShape, Expand or Tile would otherwise
+    be allocated while folding or converting, and could exhaust memory before any message."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    _fix_batch(fixed)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception:  # inference fails on some valid files; the other guards still apply
+        return
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            size = int(np.prod([d.dim_value for d in dims], dtype=object))
+            if size > MAX_TENSOR_ELEMENTS:
+                raise InvalidModel(f"value {vi.name!r} has shape {[d.dim_value for d in dims]} ({size:,} elements at "
+                                   f"batch 1), more than certkit's limit of {MAX_TENSOR_ELEMENTS:,}")
+
+
 def prepare_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The model as certkit bounds it: folded when it has operators outside the registry or
     subgraphs that compute constants (shape arithmetic, copies of weights), unchanged
-    otherwise; Reshape's allowzero dropped where it means nothing (see :func:`_drop_allowzero`)."""
+    otherwise; Reshape's allowzero dropped where it means nothing (see :func:`_drop_allowzero`).
+    Values too large to allocate are refused first (:func:`check_tensor_sizes`)."""
+    check_tensor_sizes(proto)
     if unsupported_nodes(proto) or _constant_nodes(proto):
         proto = fold_constants(proto)
     else:

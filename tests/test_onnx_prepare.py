@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from certkit.bounds import BoundedModel
 from certkit.cli import main
-from certkit.errors import UnsupportedOperator
+from certkit.errors import InvalidModel, UnsupportedOperator
 from certkit.onnx_io import prepare_proto, read_proto
 from tests.conftest import assert_matches_onnxruntime
 
@@ -99,3 +99,22 @@ def test_onnx_gelu_is_expanded_into_primitives(tmp_path, approximate):
     for method in ("ibp", "crown", "alpha-crown"):
         lb, ub = bm.compute_bounds(*box, method)
         assert (ys >= lb.detach() - 1e-5).all() and (ys <= ub.detach() + 1e-5).all(), method
+
+
+def test_a_hostile_constant_of_shape_is_refused_before_allocation(tmp_path):
+    """ConstantOfShape of 10^11 elements (400 GB) added to the activations: refused by name from
+    shape inference, before folding or conversion could try to allocate it."""
+    from certkit.memory import peak_rss
+
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], name="huge_constant"),
+             helper.make_node("Add", ["x", "big"], ["y"], name="add")]
+    inits = [numpy_helper.from_array(np.array([1, 100_000, 1_000_000], np.int64), "shape")]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "a", "b"])], inits)
+    path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "big.onnx")
+    before = peak_rss()
+    with pytest.raises(InvalidModel, match="limit"):
+        BoundedModel(path)
+    r = CliRunner().invoke(main, ["inspect", path])
+    assert r.exit_code == 2 and "limit" in r.output and "Traceback" not in r.output
+    assert peak_rss() - before < 500 * 2**20
