@@ -89,3 +89,18 @@ def unsupported_onnx(tmp_path_factory) -> Path:
 def softmax_onnx(tmp_path_factory) -> Path:
     """An MNIST-shaped classifier ending in Softmax (node 'Softmax_2')."""
     return _mnist_classifier_ending_in("Softmax", tmp_path_factory.mktemp("softmax"))
+
+
+def onnx_model_file(folder: Path, name: str, nodes: list, inits: list, in_shape, out_shape, opset: int = 17) -> Path:
+    """``folder/name.onnx``: a checked one-input ('x') one-output ('y') float model of ``nodes``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(folder) / f"{name}.onnx"
+    onnx.save(model, str(path))
+    return path

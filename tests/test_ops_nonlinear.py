@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -24,7 +23,7 @@ from onnx import TensorProto, helper
 from certkit.bounds import METHODS, BoundedModel, ops
 from certkit.errors import UnsupportedOperator
 from certkit.onnx_io import run_onnxruntime
-from tests.conftest import VNNCOMP, assert_matches_onnxruntime
+from tests.conftest import VNNCOMP, assert_matches_onnxruntime, onnx_model_file
 from tests.test_soundness import SETTINGS, check_soundness, gen_of, init_params, random_box
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -344,14 +343,7 @@ def test_non_constant_padding_is_refused(mode, value, words):
 
 
 def _onnx_model(tmp_path, name: str, nodes, inits, in_shape, out_shape, opset: int):
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = tmp_path / f"{name}.onnx"
-    onnx.save(model, str(path))
-    return path
+    return onnx_model_file(tmp_path, name, nodes, inits, in_shape, out_shape, opset)
 
 
 def check_against_onnxruntime(path, eps: float, methods=METHODS, n: int = 300) -> None:

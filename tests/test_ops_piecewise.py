@@ -18,14 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from certkit.bounds import BoundedModel
 from certkit.bounds.ops import ReLU
 from certkit.bounds.ops.piecewise import Abs, Clip, HardSigmoid, HardSwish, Kinked, LeakyReLU, PReLU, Sign
 from certkit.errors import UnsupportedOperator
 from certkit.onnx_io import run_onnxruntime
-from tests.conftest import assert_matches_onnxruntime
+from tests.conftest import assert_matches_onnxruntime, onnx_model_file
 from tests.op_soundness import check_op, random_boxes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -269,14 +269,7 @@ def test_clip_and_hardswish_known_lines():
 
 
 def _save(tmp_path, name: str, nodes, inits, in_shape, out_shape, opset: int = 17):
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = tmp_path / f"{name}.onnx"
-    onnx.save(model, str(path))
-    return path
+    return onnx_model_file(tmp_path, name, nodes, inits, in_shape, out_shape, opset)
 
 
 def _t(name: str, arr) -> onnx.TensorProto:

@@ -16,12 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from certkit.bounds import BoundedModel
 from certkit.bounds.ops.reduction import ReduceMax, ReduceMean, ReduceMin, ReduceSum, SumOf
 from certkit.errors import InvalidModel, UnsupportedOperator
-from tests.conftest import assert_matches_onnxruntime
+from tests.conftest import assert_matches_onnxruntime, onnx_model_file
 from tests.op_soundness import check_op, random_boxes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,16 +36,8 @@ KINDS = [ReduceSum, ReduceMean, ReduceMax, ReduceMin]
 def onnx_file(tmp: Path, nodes: list, inits: dict[str, np.ndarray], in_shape, out_shape, opset: int = 13,
               name: str = "m") -> Path:
     """A one-input one-output ONNX model from ``nodes`` (input 'x', output 'y')."""
-    graph = helper.make_graph(
-        nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(out_shape))],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = tmp / f"{name}.onnx"
-    onnx.save(model, str(path))
-    return path
+    return onnx_model_file(tmp, name, nodes, [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+                           in_shape, out_shape, opset)
 
 
 def weights(seed: int, *shape) -> np.ndarray:
