@@ -21,7 +21,8 @@ import argparse
 import torch
 from timing import natural_step, timeit  # benchmarks/timing.py
 
-from certkit.train.loop import Splits, Trainer, config_from, resolve_device
+from certkit.device import resolve_device
+from certkit.train.loop import Splits, Trainer, config_from
 from certkit.train.models import DATASETS
 
 

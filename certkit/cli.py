@@ -192,7 +192,7 @@ def bounds(model, lower, upper, center, eps, clip, method, label, out, device, m
                 raise InvalidInput(f"bad --clip {clip!r}: expected MIN,MAX") from None
             rng = (a, b)
         lo, up = eps_box(as_batch(load_array(center), shape, "--center"), parse_eps(eps), rng)
-    from certkit.train.loop import resolve_device
+    from certkit.device import resolve_device
 
     dev = resolve_device(device)
     lo, up = lo.to(dev), up.to(dev)
@@ -525,7 +525,7 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, 
       certkit run-instance acasxu/onnx/ACASXU_run2a_1_1_batch_2000.onnx \\
           acasxu/vnnlib/prop_1.vnnlib --timeout 116 --results out.txt
     """
-    from certkit.train.loop import resolve_device
+    from certkit.device import resolve_device
     from certkit.vnncomp.instance import run_instance
 
     resolve_device(device)  # --device cuda without one: say so here, before any result file
@@ -575,8 +575,8 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from certkit.device import resolve_device
     from certkit.report import console, vnncomp_table
-    from certkit.train.loop import resolve_device
     from certkit.vnncomp.runner import discover, run_benchmark, summarize
 
     resolve_device(device)

@@ -193,7 +193,7 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     so far and the number of samples done. ``model`` is ``onnx_path`` already loaded, if the
     caller has it.
     """
-    from certkit.train.loop import resolve_device
+    from certkit.device import resolve_device
 
     onnx_path = Path(onnx_path)
     stages = cfg.stages()

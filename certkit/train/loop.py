@@ -27,6 +27,7 @@ from certkit import __version__
 from certkit.bounds import BoundedModel, margin_matrix
 from certkit.bounds.ops import ElementwiseAffine
 from certkit.checkpoints import load_checkpoint_state, save_checkpoint
+from certkit.device import resolve_device
 from certkit.errors import InvalidInput
 from certkit.files import remove_stale_temporaries, write_atomically
 from certkit.train.data import augment, load_dataset, to_float
@@ -133,14 +134,6 @@ def config_from(preset: str | None, **overrides: Any) -> TrainConfig:
     cfg = TrainConfig(**base)
     cfg.validate()
     return cfg
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput("--device cuda: no CUDA device is available")
-    return torch.device(name)
 
 
 # ---------------------------------------------------------------------------- data

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     try:
         import torch
 
-        from certkit.train.loop import resolve_device
+        from certkit.device import resolve_device
         from certkit.vnncomp.solver import Solver
         from certkit.vnnlib import read_vnnlib
 
