@@ -385,7 +385,7 @@ def export(onnx_out, data_dir, check_samples, trust_checkpoint) -> None:
               help="PGD on undecided samples; counterexamples are confirmed with onnxruntime.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), help="Results file (HDF5; docs/results.md).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Results file (HDF5; docs/results-format.md).")
 @click.option("--emit-vnnlib", "vnnlib_dir", type=click.Path(file_okay=False),
               help="Also write one VNN-LIB property per sample and instances.csv to this folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out file.")

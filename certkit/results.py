@@ -1,4 +1,4 @@
-"""Verification results in HDF5, written incrementally (schema: docs/results.md).
+"""Verification results in HDF5, written incrementally (schema: docs/results-format.md).
 
 Rows are appended after every batch, so an interrupted run keeps what it finished;
 ``complete`` is set only when the last sample is written. ``--resume`` reopens the file,
