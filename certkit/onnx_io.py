@@ -67,21 +67,24 @@ def read_proto(path: str | Path, load_external_data: bool = True) -> onnx.ModelP
     return proto
 
 
-def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor a model holds: dense and sparse initializers and attribute tensors, in
-    subgraphs and functions too (walked with a stack, so deep nesting costs no recursion)."""
+def _all_tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(name, tensor) of every tensor a model holds: dense and sparse initializers (their own
+    names) and attribute tensors (the name of their node's first output, which is what the graph
+    calls a Constant's value), in subgraphs and functions too (walked with a stack, so deep
+    nesting costs no recursion)."""
     stack: list[onnx.GraphProto | onnx.FunctionProto] = [proto.graph, *proto.functions]
     while stack:
         graph = stack.pop()
         sparse: list[onnx.SparseTensorProto] = []
         if isinstance(graph, onnx.GraphProto):
-            yield from graph.initializer
+            yield from ((t.name, t) for t in graph.initializer)
             sparse.extend(graph.sparse_initializer)
         for node in graph.node:
+            owner = node.output[0] if node.output else node.name
             for attr in node.attribute:
                 if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
+                    yield owner, attr.t
+                yield from ((owner, t) for t in attr.tensors)
                 if attr.HasField("sparse_tensor"):
                     sparse.append(attr.sparse_tensor)
                 sparse.extend(attr.sparse_tensors)
@@ -89,21 +92,21 @@ def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     stack.append(attr.g)
                 stack.extend(attr.graphs)
         for sp in sparse:
-            yield sp.values
-            yield sp.indices
+            yield sp.values.name, sp.values
+            yield sp.indices.name, sp.indices
 
 
 def check_external_data(proto: onnx.ModelProto, path: str | Path) -> None:
     """Refuse (InvalidModel) external-data locations that are absolute or lead outside the
     model's folder (``..``, symlinks): a model file must not make certkit read other files."""
     folder = Path(path).parent.resolve()
-    for tensor in _all_tensors(proto):
+    for name, tensor in _all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (folder / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(folder) or target == folder:
-            raise InvalidModel(f"{path}: refused: tensor {tensor.name!r} keeps its data at {location!r}, not a "
+            raise InvalidModel(f"{path}: refused: tensor {tensor.name or name!r} keeps its data at {location!r}, not a "
                                "file inside the model's folder (external data must lie beside the model)")
 
 
@@ -179,15 +182,18 @@ def _convert(proto: onnx.ModelProto) -> torch.nn.Module:
                                f"opset {UPGRADE_OPSET}): {e}") from None
 
 
-def _fix_batch(proto: onnx.ModelProto) -> None:
-    """Set a symbolic (or zero) leading dimension of the graph's input to 1, in place: certkit
-    bounds one sample at a time, and the folding needs static shapes."""
-    inits = {i.name for i in proto.graph.initializer}
-    for inp in proto.graph.input:
+def _at_batch_one(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model whose inputs' symbolic (or zero) leading dimension is 1: certkit
+    bounds one sample at a time, and folding and size checks need static shapes."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(proto)
+    inits = {i.name for i in fixed.graph.initializer}
+    for inp in fixed.graph.input:
         dims = inp.type.tensor_type.shape.dim
         if inp.name not in inits and len(dims) and not dims[0].dim_value:
             dims[0].Clear()
             dims[0].dim_value = 1
+    return fixed
 
 
 def _drop_allowzero(proto: onnx.ModelProto) -> None:
@@ -262,9 +268,7 @@ def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     cannot process it (the operator check then names what is left)."""
     from onnxsim import simplify
 
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(proto)
-    _fix_batch(fixed)
+    fixed = _at_batch_one(proto)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -294,11 +298,8 @@ def check_tensor_sizes(proto: onnx.ModelProto) -> None:
     """Refuse a model one of whose values, as ONNX shape inference sees them at batch 1, holds
     more than ``MAX_TENSOR_ELEMENTS``: a hostile ConstantOfShape, Expand or Tile would otherwise
     be allocated while folding or converting, and could exhaust memory before any message."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(proto)
-    _fix_batch(fixed)
     try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_at_batch_one(proto), data_prop=True)
     except Exception:  # inference fails on some valid files; the other guards still apply
         return
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
@@ -412,8 +413,8 @@ def summarize_onnx(path: str | Path) -> OnnxSummary:
 
 
 def nonfinite_initializers(proto: onnx.ModelProto) -> list[tuple[str, int]]:
-    """(name, count) of every weight holding NaN or ±Inf values: the graph's float initializers and
-    the tensors of its Constant nodes, subgraphs included. Bounds through such weights are NaN
+    """(name, count) of every weight holding NaN or ±Inf values: the float tensors of
+    :func:`_all_tensors` (initializers, Constant nodes, subgraphs). Bounds through such weights are NaN
     or meaningless, so ``inspect`` warns and ``verify`` / ``run-instance`` answer unknown."""
     from onnx import numpy_helper
 
@@ -431,16 +432,8 @@ def nonfinite_initializers(proto: onnx.ModelProto) -> list[tuple[str, int]]:
         if bad:
             found.append((name, bad))
 
-    graphs = [proto.graph]
-    while graphs:
-        graph = graphs.pop()
-        for init in graph.initializer:
-            check(init.name, init)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    check(node.output[0] if node.output else node.name, attr.t)
-                graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
+    for name, tensor in _all_tensors(proto):
+        check(name, tensor)
     return found
 
 

@@ -280,9 +280,9 @@ class BoundedModel:
         n_flat = lf.shape[1]
         names = [a.name for a in self._ancestors_of(name) if a.name in bounds]
         gathered = 2 * sum(bounds[a][0][0].numel() for a in names)
-        rows = self._chunk_rows(self._row_cost(name, alpha_iterations) + gathered, lf,
-                                f"the CROWN refinement of node {name!r}")
-        for part in pairs.split(rows):
+        per_chunk = self._chunk_rows(self._row_cost(name, alpha_iterations) + gathered, lf,
+                                     f"the CROWN refinement of node {name!r}")
+        for part in pairs.split(per_chunk):
             dom, neuron = part[:, 0], part[:, 1]
             rows = torch.arange(part.shape[0], device=lf.device)
             A = torch.zeros(part.shape[0], 2, n_flat, dtype=lf.dtype, device=lf.device)

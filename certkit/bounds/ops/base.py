@@ -141,14 +141,16 @@ class Activation(Monotone):
 def relax_elementwise(fn, lo: Tensor, up: Tensor, alpha: Tensor | None = None):
     """Apply ``fn(lo64, up64, alpha64) -> (a_l, b_l, a_u, b_u)`` in float64 and loosen the
     intercepts by a few units of rounding of the caller's dtype, so the lines stay sound
-    after the cast back and when evaluated in that dtype."""
+    after the cast back and when evaluated in that dtype. Safe on infinite intervals (no
+    ``0·inf``); NaN bounds give NaN lines, never finite ones."""
     dtype = lo.dtype
     lo64, up64 = lo.double(), up.double()
     a_l, b_l, a_u, b_u = fn(lo64, up64, None if alpha is None else alpha.double())
     scale = 8 * torch.finfo(dtype).eps
     reach = torch.maximum(lo64.abs(), up64.abs())
+    reach = torch.where(torch.isfinite(reach), reach, torch.zeros_like(reach))  # a·h is unbounded there anyway
     b_u = b_u + scale * (1 + b_u.abs() + a_u.abs() * reach)
     b_l = b_l - scale * (1 + b_l.abs() + a_l.abs() * reach)
-    return a_l.to(dtype), b_l.to(dtype), a_u.to(dtype), b_u.to(dtype)
-
-
+    bad = torch.isnan(lo64) | torch.isnan(up64)
+    nan = torch.full_like(reach, float("nan"))
+    return tuple(torch.where(bad, nan, t).to(dtype) for t in (a_l, b_l, a_u, b_u))

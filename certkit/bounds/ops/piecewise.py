@@ -26,29 +26,11 @@ from torch import Tensor
 
 from certkit.bounds.ops.activation import ReLU
 from certkit.bounds.ops.arithmetic import Add, Sub
-from certkit.bounds.ops.base import Activation, clamp01, short
+from certkit.bounds.ops.base import Activation, clamp01, relax_elementwise, short
 from certkit.bounds.ops.linear import ElementwiseAffine
 from certkit.bounds.ops.registry import Alias, Ctx, register
 
 Lines = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def loosened(fn: Callable[[Tensor, Tensor, Tensor | None], Lines], lo: Tensor, up: Tensor,
-             alpha: Tensor | None = None) -> Lines:
-    """Like :func:`base.relax_elementwise`: ``fn(lo64, up64, alpha64)`` in float64, intercepts
-    loosened by a few units of rounding of the caller's dtype, but safe on infinite intervals
-    (no ``0·inf``) and with NaN bounds giving NaN lines (never finite ones)."""
-    dtype = lo.dtype
-    lo64, up64 = lo.double(), up.double()
-    a_l, b_l, a_u, b_u = fn(lo64, up64, None if alpha is None else alpha.double())
-    scale = 8 * torch.finfo(dtype).eps
-    reach = torch.maximum(lo64.abs(), up64.abs())
-    reach = torch.where(torch.isfinite(reach), reach, torch.zeros_like(reach))  # a·h is unbounded there anyway
-    b_u = b_u + scale * (1 + b_u.abs() + a_u.abs() * reach)
-    b_l = b_l - scale * (1 + b_l.abs() + a_l.abs() * reach)
-    bad = torch.isnan(lo64) | torch.isnan(up64)
-    nan = torch.full_like(reach, float("nan"))
-    return tuple(torch.where(bad, nan, t).to(dtype) for t in (a_l, b_l, a_u, b_u))
 
 
 def nan_kept(v: Tensor, *bounds: Tensor) -> Tensor:
@@ -228,7 +210,7 @@ class Kinked(Activation):
         return a_l, b_l, a_u, b_u
 
     def relax(self, lo, up, alpha=None):
-        return loosened(lambda l64, u64, a64: self._lines(l64, u64, a64, lo.dtype), lo, up, alpha)
+        return relax_elementwise(lambda l64, u64, a64: self._lines(l64, u64, a64, lo.dtype), lo, up, alpha)
 
     def default_alpha(self, lo: Tensor, up: Tensor) -> Tensor:
         """The α giving CROWN's slopes (t_upper, t_lower) on the last axis."""
@@ -484,7 +466,7 @@ class Sign(Activation):
         return a_l, -b_l, a_u, b_u
 
     def relax(self, lo, up, alpha=None):
-        return loosened(self._lines, lo, up, alpha)
+        return relax_elementwise(self._lines, lo, up, alpha)
 
     def default_alpha(self, lo, up):
         t_u = (lo / 2 + up / 2 < 0).to(lo.dtype)
