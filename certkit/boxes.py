@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from certkit.errors import InvalidInput
+from certkit.files import check_array_file_size
 
 _NUMBER = r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?"
 
@@ -56,6 +57,7 @@ def load_array(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"{path}: no such file")
+    check_array_file_size(path)
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:

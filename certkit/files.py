@@ -68,3 +68,25 @@ def read_gz_capped(path: str | Path, limit: int = GZ_LIMIT) -> bytes:
         raise InvalidInput(f"{path}: decompresses to more than {size}, the limit for a .gz input; "
                            "refused (a corrupt file or a decompression bomb)")
     return data
+
+
+def check_array_file_size(path: str | Path, limit: int | None = None) -> None:
+    """Refuse a ``.npy`` / ``.npz`` file whose arrays would take more than ``limit`` bytes
+    (default: half the memory available now) once read: an archive's members are counted at
+    their declared uncompressed sizes, which reading never exceeds, so a small archive that
+    expands past the machine's memory gets a one-line error instead of exhausting it."""
+    import zipfile
+
+    from certkit.errors import InvalidInput
+    from certkit.memory import default_budget, format_size
+
+    limit = default_budget("cpu") if limit is None else limit
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            size = sum(info.file_size for info in z.infolist())
+    else:
+        size = path.stat().st_size
+    if size > limit:
+        raise InvalidInput(f"{path}: its arrays take {format_size(size)} once read, more than the "
+                           f"{format_size(limit)} certkit allows (half the memory available)")

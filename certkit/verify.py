@@ -30,6 +30,7 @@ from certkit import __version__
 from certkit.attack import pgd_attack
 from certkit.bounds import BoundedModel, margin_matrix
 from certkit.errors import InvalidInput
+from certkit.files import check_array_file_size
 from certkit.memory import MemoryBudgetExceeded
 from certkit.results import STATUS, ResultsFile
 
@@ -260,6 +261,7 @@ def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise InvalidInput(f"{str(path)[:80]}: {e.strerror}") from None
     if not found:
         raise InvalidInput(f"{path}: no such file")
+    check_array_file_size(path)
     try:
         f = np.load(path, allow_pickle=False)
         if not isinstance(f, np.lib.npyio.NpzFile):

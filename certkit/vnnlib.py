@@ -349,11 +349,14 @@ def _cases(r: _Reader, common: list, extra: list[list]) -> list[Case]:
 
 
 def read_vnnlib(path: str | Path, gz_limit: int = GZ_LIMIT) -> Property:
-    """Read a .vnnlib or .vnnlib.gz file (a .gz that decompresses past ``gz_limit`` bytes is refused)."""
+    """Read a .vnnlib or .vnnlib.gz file (a file, or a .gz's decompressed text, of more than
+    ``gz_limit`` bytes is refused before it is read whole)."""
     path = Path(path)
     if not path.is_file():
         raise VnnlibError(f"{path}: no such file")
     try:
+        if path.suffix != ".gz" and path.stat().st_size > gz_limit:
+            raise VnnlibError(f"{path}: larger than {gz_limit / 2**20:g} MiB, the limit for a VNN-LIB file; refused")
         raw = read_gz_capped(path, gz_limit) if path.suffix == ".gz" else path.read_bytes()
         text = raw.decode("utf-8-sig")  # a BOM (Windows editors) is no part of the text
     except (OSError, UnicodeDecodeError) as e:

@@ -328,3 +328,24 @@ def test_numpy_object_arrays_are_refused_not_unpickled(tmp_path):
             load_array(tmp_path / name)
     with pytest.raises(InvalidInput, match="allow_pickle=False"):
         _npz_arrays(tmp_path / "xy.npz")
+
+
+def test_inputs_too_large_to_read_are_refused_before_reading(tmp_path):
+    """A plain VNN-LIB file over the limit, and an .npz whose members expand past the memory
+    allowance (declared sizes, which reading never exceeds), get one line and are not read."""
+    from certkit.errors import InvalidInput
+    from certkit.files import check_array_file_size
+    from certkit.vnnlib import VnnlibError, read_vnnlib
+
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(assert (>= X_0 0.0))\n"
+                    "(assert (<= X_0 1.0))\n(assert (<= Y_0 0.0))\n" + " " * 5000)
+    assert len(read_vnnlib(prop).cases) == 1
+    with pytest.raises(VnnlibError, match="limit for a VNN-LIB file"):
+        read_vnnlib(prop, gz_limit=4096)
+    npz = tmp_path / "d.npz"
+    np.savez_compressed(npz, x=np.zeros((64, 1024), np.float32), y=np.zeros(64, np.int64))  # 256 KiB, compressed
+    assert npz.stat().st_size < 20_000
+    check_array_file_size(npz, limit=1 << 20)
+    with pytest.raises(InvalidInput, match="once read"):
+        check_array_file_size(npz, limit=100_000)
