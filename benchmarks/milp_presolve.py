@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from instances import add_instance_arguments, instance_paths  # benchmarks/instances.py
 
-from certkit.bounds import milp
-from certkit.vnncomp.solver import Deadline, Solver
-from certkit.vnncomp.spec import Spec
+from certkit.complete import milp
+from certkit.complete.solver import Deadline, Solver
+from certkit.complete.spec import Spec
 from certkit.vnnlib import read_vnnlib
 
 DEFAULT = ["mnist_fc_2022:69", "eran_2021:1"]

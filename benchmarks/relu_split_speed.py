@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from instances import add_instance_arguments, instance_paths  # benchmarks/instances.py
 
-from certkit.vnncomp.solver import Solver, SolverConfig
+from certkit.complete import Solver, SolverConfig
 from certkit.vnnlib import read_vnnlib
 
 DEFAULT = ["mnist_fc_2022:25", "mnist_fc_2022:38", "oval21_2022:0", "oval21_2022:4"]

@@ -31,9 +31,14 @@ from pathlib import Path
 import torch
 import certkit
 print(json.dumps({"certkit": certkit.__file__}))
-from certkit.vnncomp.bab import relu_split
-from certkit.vnncomp.solver import Deadline, Solver, SolverConfig
-from certkit.vnncomp.spec import Spec
+try:
+    from certkit.complete import Deadline, Solver, SolverConfig
+    from certkit.complete.relu_split import relu_split
+    from certkit.complete.spec import Spec
+except ImportError:  # a tree from before certkit/complete/
+    from certkit.vnncomp.bab import relu_split
+    from certkit.vnncomp.solver import Deadline, Solver, SolverConfig
+    from certkit.vnncomp.spec import Spec
 from certkit.vnnlib import read_vnnlib
 
 root, index, batches = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -51,7 +56,8 @@ def expired():
 
 t = time.perf_counter()
 out = relu_split(solver.bm, spec, lo, up, bounds, solver._confirm(case, spec), expired, fast_dtype=torch.float32)
-print(json.dumps({"domains": out.domains, "seconds": time.perf_counter() - t, "status": out.status}))
+status = getattr(out.status, "vnncomp", out.status)  # a Status, or a string in trees before certkit.status
+print(json.dumps({"domains": out.domains, "seconds": time.perf_counter() - t, "status": status}))
 """
 
 

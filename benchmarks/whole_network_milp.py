@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from instances import add_instance_arguments, instance_paths  # benchmarks/instances.py
 
-from certkit.bounds import milp
-from certkit.vnncomp.solver import Deadline, Solver, SolverConfig
-from certkit.vnncomp.spec import Spec
+from certkit.complete import Deadline, Solver, SolverConfig, milp
+from certkit.complete.spec import Spec
 from certkit.vnnlib import read_vnnlib
 
 DEFAULT = ["oval21_2022:22", "oval21_2022:26"]

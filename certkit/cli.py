@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from inspect import cleandoc
 from pathlib import Path
 
 import click
@@ -44,6 +45,64 @@ def friendly_errors(fn):
             _fail("interrupted")
 
     return wrapper
+
+
+def _setting_text(value) -> str:
+    """A setting's value as a configuration file writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+class SettingsCommand(click.Command):
+    """A command configured by a section of the configuration (:mod:`certkit.settings`): its
+    docstring may quote the section's defaults as ``{name}`` placeholders (with a format spec,
+    ``{milp_max_neurons:,}``), and its help ends with every setting and its default. Both are
+    filled in only when the help is shown, so that the command line starts without importing
+    the solver."""
+
+    def __init__(self, *args, section: str, **kwargs):
+        self.section = section
+        super().__init__(*args, **kwargs)
+
+    def _defaults(self) -> dict:
+        from certkit.settings import Resolved
+
+        return Resolved.defaults(self.section).values
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        template = self.help
+        if template is not None:
+            self.help = cleandoc(template).format(**self._defaults())
+        try:
+            super().format_help_text(ctx, formatter)
+        finally:
+            self.help = template
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        listing = ", ".join(f"{k}={_setting_text(v)}" for k, v in self._defaults().items())
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text(f"Settings (defaults; set them in the {self.section}: section of --config FILE or "
+                                 f"with --set KEY=VALUE; `certkit config show` explains each): {listing}.")
+
+
+def config_options(section: str):
+    """--config FILE and --set KEY=VALUE (repeatable) for a command configured by ``section``."""
+
+    def decorate(fn):
+        fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                          help=f"One {section} setting, e.g. --set seed=1 (repeatable; wins over --config; "
+                               "the settings are listed below).")(fn)
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                            help=f"YAML configuration file: its {section}: section sets the {section} settings "
+                                 "(docs/cli.md; `certkit config show` prints one to start from).")(fn)
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -370,21 +429,48 @@ def export(onnx_out, data_dir, check_samples, trust_checkpoint) -> None:
                   f"IBP bounds relative gap {report['ibp_rel_gap']:.2e}", highlight=False)
 
 
-@main.command()
+def _verify_settings(config_file: str | None, sets: tuple[str, ...], flags: dict, metadata_range):
+    """verify's effective settings: defaults < --config's verify: section < --set < flags given on
+    the command line; the pixel range nobody gave is the model's metadata's (``metadata_range()``).
+
+    ``flags`` are verify's options that are settings (VerifyConfig fields): a flag counts only when
+    given (click's parameter source), so their defaults live in VerifyConfig alone."""
+    from click.core import ParameterSource
+
+    from certkit.errors import InvalidInput
+    from certkit.settings import load_config
+
+    resolved = load_config(config_file, sets, ("verify",))["verify"]
+    ctx = click.get_current_context()
+    for name, value in flags.items():
+        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            resolved.set(name, value, "--" + name.replace("_", "-"))
+    if "eps" not in resolved.values:
+        raise InvalidInput("give --eps (or eps in the verify: section of --config, or --set eps=...)")
+    if resolved.origin["pixel_range"] == "default":
+        resolved.set("pixel_range", metadata_range(), "the model's metadata")
+    lo, hi = resolved.values["pixel_range"]
+    if lo >= hi:
+        raise InvalidInput(f"bad pixel range {(lo, hi)}: MIN must be below MAX")
+    return resolved.build()
+
+
+@main.command(cls=SettingsCommand, section="verify")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--eps", required=True, help="ℓ∞ radius in pixel units of [0,1]: 8/255, 0.031, 2e-3.")
+@click.option("--eps", help="ℓ∞ radius in pixel units of [0,1]: 8/255, 0.031, 2e-3 (required, here or in the "
+              "settings).")
 @click.option("--dataset", help="mnist, cifar10, tinyimagenet or npz:FILE (arrays x, y). Default: the "
               "model's metadata.")
 @click.option("--data-dir", type=click.Path(file_okay=False))
 @click.option("--start", type=int, default=0, show_default=True, help="First test sample.")
 @click.option("-n", "count", type=int, help="Number of samples (default: all from --start).")
-@click.option("--method", type=click.Choice(["auto", "ibp", "crown-ibp", "crown", "alpha-crown"]), default="auto",
-              show_default=True, help="auto runs IBP, CROWN-IBP, CROWN, α-CROWN in order, stopping per sample "
-              "at the first proof.")
-@click.option("--attack/--no-attack", default=True, show_default=True,
-              help="PGD on undecided samples; counterexamples are confirmed with onnxruntime.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--method", type=click.Choice(["auto", "ibp", "crown-ibp", "crown", "alpha-crown"]),
+              help="auto runs IBP, CROWN-IBP, CROWN, α-CROWN in order, stopping per sample at the first proof "
+                   "(default: the settings', auto).")
+@click.option("--attack/--no-attack", default=None,
+              help="PGD on undecided samples; counterexamples are confirmed with onnxruntime (default: on).")
+@click.option("--batch-size", type=int, help="Samples bounded together (default: the settings', 32).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: the settings', auto.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Results file (HDF5; docs/results-format.md).")
 @click.option("--emit-vnnlib", "vnnlib_dir", type=click.Path(file_okay=False),
               help="Also write one VNN-LIB property per sample and instances.csv to this folder.")
@@ -392,9 +478,10 @@ def export(onnx_out, data_dir, check_samples, trust_checkpoint) -> None:
 @click.option("--timeout-per-sample", type=float, help="Seconds per sample; stages past the budget are skipped.")
 @click.option("--pixel-range", help="MIN,MAX of the input pixels for models without certkit metadata.")
 @click.option("--max-memory", help=MAX_MEMORY_HELP + " Skipped stages leave the reason in the results' `reason`.")
+@config_options("verify")
 @friendly_errors
 def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_size, device, out, vnnlib_dir,
-           resume, timeout_per_sample, pixel_range, max_memory) -> None:
+           resume, timeout_per_sample, pixel_range, max_memory, config_file, sets) -> None:
     """Verify ℓ∞ robustness of an ONNX classifier on dataset samples.
 
     \b
@@ -402,11 +489,13 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
       certkit verify models/mnist_cnn_small_eps0.3.onnx --eps 0.3 -n 100
       certkit verify model.onnx --eps 8/255 --dataset cifar10 --method crown --out results.h5
       certkit verify model.onnx --eps 0.1 --dataset npz:mydata.npz --emit-vnnlib props/
+      certkit verify model.onnx --config certkit.yaml --set pgd_restarts=20
 
     Each sample ends verified (all margin lower bounds > 0), falsified (a PGD point that
-    onnxruntime confirms), misclassified, or unknown.
+    onnxruntime confirms), misclassified, or unknown. Settings: defaults < --config's
+    verify: section < --set < the flags given here; the results file records the effective
+    ones (attribute `options`).
     """
-
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from certkit.bounds import BoundedModel
@@ -416,22 +505,21 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
     from certkit.onnx_io import graph_input, read_proto
     from certkit.report import console, summary_table
     from certkit.results import read_results, summarize
-    from certkit.verify import VerifyConfig, emit_vnnlib, load_verify_data, run_verify
+    from certkit.verify import emit_vnnlib, load_verify_data, run_verify
 
-    eps_value = parse_eps(eps)
+    flags = {"eps": eps, "method": method, "attack": attack, "batch_size": batch_size, "device": device,
+             "timeout_per_sample": timeout_per_sample, "pixel_range": pixel_range, "max_memory": max_memory}
+    if eps is not None:
+        parse_eps(eps)  # a bad --eps is reported before the model is read
     proto = read_proto(model)
     meta = read_metadata(proto)
     dataset = dataset or meta.get("dataset")
     if dataset is None:
         raise InvalidInput(f"{model} has no certkit metadata: give --dataset")
-    rng = pixel_range_of(meta) if pixel_range is None else _pair(pixel_range, "--pixel-range", float)
-    if len(rng) != 2 or rng[0] >= rng[1]:
-        raise InvalidInput(f"bad pixel range {rng}")
+    cfg = _verify_settings(config_file, sets, flags, lambda: pixel_range_of(meta))
     if resume and out is None:
         raise InvalidInput("--resume needs --out")
     _, shape = graph_input(proto)
-    cfg = VerifyConfig(eps=eps_value, method=method, attack=attack, batch_size=batch_size, device=device,
-                       timeout_per_sample=timeout_per_sample, pixel_range=rng, max_memory=_max_memory(max_memory))
     cfg.stages()  # validates the method before any work
     x, y, indices = load_verify_data(dataset, data_dir, start, count, shape)
     bm = BoundedModel(model)  # converted once, for emission and verification
@@ -488,7 +576,7 @@ DEVICE_HELP = ("Where bounds and branch and bound run: cpu, cuda (TF32 off; the 
                "onnxruntime's checks stay on the CPU) or auto (cuda where present).")
 
 
-@main.command("run-instance")
+@main.command("run-instance", cls=SettingsCommand, section="solver")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("prop", metavar="PROPERTY", type=click.Path(dir_okay=False))
 @click.option("--timeout", type=float, required=True, help="Hard wall-clock limit in seconds.")
@@ -503,45 +591,53 @@ DEVICE_HELP = ("Where bounds and branch and bound run: cpu, cuda (TF32 off; the 
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help=DEVICE_HELP)
 @click.option("--max-memory", help=MAX_MEMORY_HELP + " A stage over it answers unknown.")
+@config_options("solver")
 @friendly_errors
-def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, device, max_memory) -> None:
+def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, device, max_memory, config_file,
+                     sets) -> None:
     """Solve one VNN-COMP instance: is some input in the property's box mapped into its unsafe set?
 
     \b
     Writes RESULTS: first line sat, unsat, unknown, timeout or error; after sat the
     counterexample ((X_0 v) ... (Y_0 v) ...), with the outputs of onnxruntime, checked
     against the property before it is written. The limit is hard: the solver runs in a
-    child process that is killed at the deadline, and `timeout` is written on time.
+    child process that is killed at the deadline, and `timeout` is written on time. The
+    log (stderr) starts with the solver settings used, in one line.
 
-    \b
-    Strategy: PGD attack, CROWN, alpha-CROWN, then branch and bound until the deadline
-    (input splitting for networks with at most 20 inputs, ReLU splitting otherwise; when
-    ReLU splitting has not finished within a tenth of the time left on a ReLU network of
-    at most 2,048 ReLU neurons, its intermediate bounds are refined by MILP (HiGHS) for a
-    quarter of the time left before that try and splitting starts again from them).
+    Strategy (the default settings' numbers): PGD attack, CROWN, alpha-CROWN, then branch
+    and bound until the deadline (input splitting for networks with at most
+    {input_split_max} inputs, ReLU splitting otherwise; when ReLU splitting has not
+    finished within {milp_after:.0%} of the time left on a ReLU network of at most
+    {milp_max_neurons:,} ReLU neurons, its intermediate bounds are refined by MILP (HiGHS)
+    for {milp_time:.0%} of the time left before that try and splitting starts again from
+    them).
 
     \b
     Example:
       certkit run-instance acasxu/onnx/ACASXU_run2a_1_1_batch_2000.onnx \\
-          acasxu/vnnlib/prop_1.vnnlib --timeout 116 --results out.txt
+          acasxu/vnnlib/prop_1.vnnlib --timeout 116 --results out.txt --set attack_restarts=32
     """
     from certkit.device import resolve_device
+    from certkit.settings import solver_config
     from certkit.vnncomp.instance import run_instance
 
     resolve_device(device)  # --device cuda without one: say so here, before any result file
+    config = solver_config(config_file, sets)  # a bad setting: one line, before any result file
     if timeout <= 0:
         raise CertkitError(f"--timeout must be positive; got {timeout}")
     for path in (model, prop):
         if not Path(path).is_file():
             raise CertkitError(f"{path}: no such file")
     status = run_instance(model, prop, timeout, results, category=category, threads=threads, pidfile=pidfile,
-                          device=device, max_memory=_max_memory(max_memory))
-    click.echo(status)
-    if status == "error":
+                          device=device, max_memory=_max_memory(max_memory), config=config)
+    from certkit.status import Status
+
+    click.echo(status.vnncomp)
+    if status is Status.ERROR:
         sys.exit(1)
 
 
-@main.command("vnncomp")
+@main.command("vnncomp", cls=SettingsCommand, section="solver")
 @click.argument("bench_dir", type=click.Path(file_okay=False))
 @click.option("--instances", type=click.Path(dir_okay=False), help="instances.csv to run (default: BENCH_DIR's).")
 @click.option("--ground-truth", type=click.Path(dir_okay=False),
@@ -555,9 +651,10 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, 
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help=DEVICE_HELP)
 @click.option("--max-memory", help=MAX_MEMORY_HELP + " Per instance; a stage over it answers unknown.")
+@config_options("solver")
 @friendly_errors
 def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, families, device,
-                max_memory) -> None:
+                max_memory, config_file, sets) -> None:
     """Run a VNN-COMP benchmark and score it against the ground truth.
 
     \b
@@ -566,7 +663,9 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
     and a result file next to the CSV (<out dir>/<family>/); rows already in the CSV are
     skipped, so an interrupted run resumes. The table shows per family the answers,
     wrong answers (against the ground truth), the score (+10 correct, -150 wrong),
-    the solved count next to the ground truth's, and times.
+    the solved count next to the ground truth's, and times. The solver settings used are
+    written to config.yaml beside the CSV (and to the --h5 file's `config` attribute);
+    resuming a CSV with other settings is refused, naming the settings that differ.
 
     \b
     Example:
@@ -577,9 +676,12 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
 
     from certkit.device import resolve_device
     from certkit.report import console, vnncomp_table
+    from certkit.settings import solver_config
+    from certkit.vnncomp.runner import config_file as recorded_config
     from certkit.vnncomp.runner import discover, run_benchmark, summarize
 
     resolve_device(device)
+    config = solver_config(config_file, sets)
     budget = _max_memory(max_memory)
     fams = [f.strip() for f in families.split(",") if f.strip()] if families else None
     insts = discover(bench_dir, instances, ground_truth, fams)
@@ -592,15 +694,46 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
         def on_done(inst, outcome, resumed):
             mark = {"wrong": " [bold red]WRONG[/]", "correct": " ✓"}.get(outcome.verdict, "")
             progress.update(task, advance=1, description=inst.family,
-                            last=f"#{inst.index} {outcome.status}{mark} ({outcome.seconds:.1f}s)")
+                            last=f"#{inst.index} {outcome.status.vnncomp}{mark} ({outcome.seconds:.1f}s)")
 
         outcomes = run_benchmark(insts, out_csv, out_csv.parent, Path(h5) if h5 else None, timeout_scale, on_done,
-                                 device=device, max_memory=budget)
+                                 device=device, max_memory=budget, config=config)
     summary = summarize(insts, outcomes)
     console.print(vnncomp_table(summary))
-    console.print(f"results: {out_csv}" + (f", {h5}" if h5 else ""))
+    console.print(f"results: {out_csv}" + (f", {h5}" if h5 else "") + f"; settings: {recorded_config(out_csv)}")
     if any(s.wrong for s in summary):
         sys.exit(1)
+
+
+@main.group("config")
+def config_group() -> None:
+    """The settings of run-instance, vnncomp (solver:) and verify (verify:) in one YAML file."""
+
+
+@config_group.command("show")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="A configuration file to apply to the defaults (every section is checked).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="One setting (repeatable): KEY where one section has it, else SECTION.KEY (solver.seed).")
+@friendly_errors
+def config_show(config_file, sets) -> None:
+    """Print the effective settings as a YAML configuration file, each under its help.
+
+    \b
+    Precedence: defaults < --config FILE < --set (< a command's own flags, for verify).
+    Save the output, edit it and pass it to run-instance, vnncomp or verify with --config:
+
+    \b
+      certkit config show --set attack_restarts=32 > certkit.yaml
+      certkit vnncomp BENCH --config certkit.yaml
+    """
+    from certkit import __version__
+    from certkit.settings import load_config, to_yaml
+
+    resolved = load_config(config_file, sets, ("solver", "verify"))
+    header = (f"certkit {__version__} configuration (certkit config show): every setting under its help.\n"
+              "Pass it with --config FILE to run-instance, vnncomp (solver:) and verify (verify:).")
+    click.echo(to_yaml(resolved, header), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

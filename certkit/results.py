@@ -26,8 +26,9 @@ import numpy as np
 
 from certkit.errors import InvalidInput
 from certkit.files import remove_stale_temporaries, write_atomically
+from certkit.status import HDF5_CODES
 
-STATUS = ("verified", "falsified", "unknown", "misclassified")
+STATUS = tuple(s.value for s in HDF5_CODES)  # the status dataset's codes, as named in the file
 IDENTITY_ATTRS = ("model_sha256", "eps", "method", "dataset", "start", "n")
 
 

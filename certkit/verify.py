@@ -29,28 +29,54 @@ from torch import Tensor
 from certkit import __version__
 from certkit.attack import pgd_attack
 from certkit.bounds import BoundedModel, margin_matrix
+from certkit.confirm import Oracle
 from certkit.errors import InvalidInput
 from certkit.files import check_array_file_size
 from certkit.memory import MemoryBudgetExceeded
 from certkit.results import STATUS, ResultsFile
+from certkit.settings import setting
+from certkit.status import HDF5_CODES, Status
+from certkit.vnnlib import robustness_case
 
 CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
-VERIFIED, FALSIFIED, UNKNOWN, MISCLASSIFIED = range(4)
+# the results file's integer codes (the status array is int8, one entry per sample)
+VERIFIED, FALSIFIED, UNKNOWN, MISCLASSIFIED = (HDF5_CODES.index(s) for s in (
+    Status.VERIFIED, Status.FALSIFIED, Status.UNKNOWN, Status.MISCLASSIFIED))
+
+
+def _eps(value: Any) -> float:
+    from certkit.boxes import parse_eps
+
+    return parse_eps(value)
+
+
+def _memory(value: Any) -> int:
+    from certkit.memory import parse_size
+
+    return parse_size(value if isinstance(value, (int, str)) and not isinstance(value, bool) else str(value))
 
 
 @dataclass
 class VerifyConfig:
-    eps: float
-    method: str = "auto"
-    attack: bool = True
-    batch_size: int = 32
-    device: str = "auto"
-    timeout_per_sample: float | None = None
-    pgd_steps: int = 50
-    pgd_restarts: int = 5
-    pixel_range: tuple[float, float] = (0.0, 1.0)
-    seed: int = 0
-    max_memory: int | None = None  # bytes for the largest coefficient tensor (None: a share of the free memory)
+    """The settings of ``certkit verify`` (the ``verify:`` section of a configuration file; its
+    flags, when given, win over the file). Which samples, where the results go and the dataset
+    are options of the command, not settings."""
+
+    eps: float = setting(help="ℓ∞ radius in pixel units of [0,1]: 8/255, 0.031, 2e-3 (--eps)", parse=_eps)
+    method: str = setting("auto", "auto (IBP, CROWN-IBP, CROWN, α-CROWN in turn, stopping per sample at the first "
+                                  "proof) or one of them (--method)", choices=("auto", *CASCADE))
+    attack: bool = setting(True, "PGD on undecided samples, confirmed by onnxruntime (--attack/--no-attack)")
+    batch_size: int = setting(32, "samples bounded together (--batch-size)", min=1)
+    device: str = setting("auto", "auto, cpu or cuda (--device)", choices=("auto", "cpu", "cuda"))
+    timeout_per_sample: float | None = setting(None, "seconds per sample; stages past the budget are skipped "
+                                                     "(null: none; --timeout-per-sample)", min=0)
+    pgd_steps: int = setting(50, "PGD: steps per restart", min=0)
+    pgd_restarts: int = setting(5, "PGD: starting points per sample (the centre, then random points)", min=1)
+    pixel_range: tuple[float, float] = setting((0.0, 1.0), "MIN,MAX the box is clipped to; given here or with "
+                                                            "--pixel-range it replaces the model's metadata")
+    seed: int = setting(0, "seed of PGD's random starting points", min=0)
+    max_memory: int | None = setting(None, "bytes for the largest coefficient tensor, e.g. 2G (null: a share of "
+                                           "the free memory; --max-memory)", parse=_memory)
 
     def stages(self) -> list[str]:
         if self.method == "auto":
@@ -70,20 +96,86 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _confirm(onnx_path: Path, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """onnxruntime's verdict: does another class score strictly higher than the label?"""
-    from certkit.onnx_io import run_onnxruntime
-
-    out = run_onnxruntime(onnx_path, x).reshape(len(x), -1)
-    true = out[np.arange(len(x)), labels]
-    others = out.copy()
-    others[np.arange(len(x)), labels] = -np.inf
-    return others.max(1) > true
+def _confirm(oracle: Oracle, x: np.ndarray, labels: np.ndarray, lo: np.ndarray, up: np.ndarray,
+             num_outputs: int) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """onnxruntime's verdict per candidate: (x, y) where another class scores strictly higher
+    than the label at x (snapped into its float32 box), else None."""
+    cases = [robustness_case(lo_i, up_i, int(label), num_outputs) for lo_i, up_i, label in zip(lo, up, labels)]
+    return oracle.confirm_each(cases, x)
 
 
-def verify_batch(bm: BoundedModel, onnx_path: Path, x: Tensor, y: Tensor, cfg: VerifyConfig, stages: list[str],
+@dataclass
+class _Rows:
+    """One batch's rows of the results file, filled in stage by stage."""
+
+    status: np.ndarray  # int8 codes
+    stage_of: np.ndarray  # the deciding stage's index, -1 for none
+    margins: np.ndarray  # (B, stages, K - 1) lower bounds, NaN where a stage did not run
+    times: np.ndarray  # (B, stages) seconds per sample
+    cex: np.ndarray  # (B, input size) confirmed counterexamples, NaN elsewhere
+    reasons: np.ndarray  # why a sample is unknown ('' when decided)
+
+    @classmethod
+    def empty(cls, batch: int, stages: int, outputs: int, input_size: int) -> _Rows:
+        return cls(np.full(batch, UNKNOWN, np.int8), np.full(batch, -1, np.int8),
+                   np.full((batch, stages, outputs - 1), np.nan, np.float32), np.zeros((batch, stages), np.float32),
+                   np.full((batch, input_size), np.nan, np.float32), np.full(batch, "", dtype=object))
+
+    def decide(self, samples: np.ndarray, code: int, stage: int) -> None:
+        self.status[samples] = code
+        self.stage_of[samples] = stage
+
+
+def _blocked(x: Tensor, rows: _Rows, nonfinite_weights: str) -> np.ndarray:
+    """The samples no stage may run on (NaN/Inf input; all of them when the weights hold NaN/Inf):
+    they end unknown with the reason."""
+    blocked = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1).cpu().numpy()
+    rows.reasons[blocked] = "the input contains NaN or Inf"
+    if nonfinite_weights:
+        blocked[:] = True
+        rows.reasons[:] = nonfinite_weights
+    rows.status[blocked] = UNKNOWN
+    return blocked
+
+
+def _attack_stage(bm: BoundedModel, oracle: Oracle | None, rows: _Rows, s: int, todo: np.ndarray, lo: Tensor,
+                  up: Tensor, C: Tensor, y: Tensor, cfg: VerifyConfig, generator: torch.Generator) -> None:
+    """PGD on the samples ``todo``; a candidate is ``falsified`` once onnxruntime confirms it."""
+    idx = torch.as_tensor(todo, device=lo.device)
+    xa, worst = pgd_attack(bm, lo[idx], up[idx], C[idx], cfg.pgd_steps, cfg.pgd_restarts, generator=generator)
+    cand = (worst < 0).cpu().numpy()
+    if not cand.any():
+        return
+    sel = torch.as_tensor(np.flatnonzero(cand), device=lo.device)
+    found = _confirm(oracle, xa[sel].cpu().numpy(), y.cpu().numpy()[todo[cand]], lo[idx][sel].cpu().numpy(),
+                     up[idx][sel].cpu().numpy(), C.shape[-1])
+    hit = todo[cand][np.array([f is not None for f in found], dtype=bool)]
+    rows.decide(hit, FALSIFIED, s)
+    if len(hit):
+        rows.cex[hit] = np.stack([xc for xc, _ in filter(None, found)]).reshape(len(hit), -1)
+
+
+def _bounds_stage(bm: BoundedModel, rows: _Rows, s: int, stage: str, todo: np.ndarray, lo: Tensor, up: Tensor,
+                  C: Tensor, cache: dict[str, Any]) -> None:
+    """One bound stage on the samples ``todo``: ``verified`` where every margin lower bound is
+    finite and > 0. Over the memory budget, or with NaN/Inf bounds, the reason is recorded."""
+    try:
+        lb = _bound_stage(bm, stage, lo, up, C, todo, cache)
+    except MemoryBudgetExceeded as e:
+        _note(rows.reasons, todo, f"{stage} skipped: {e}")
+        logging.getLogger("certkit.verify").warning("%s skipped on %d sample(s): %s", stage, len(todo), e)
+        return
+    lb = lb.detach().cpu().numpy()
+    rows.margins[todo, s] = lb
+    finite = np.isfinite(lb).all(1)
+    rows.decide(todo[finite & (lb > 0).all(1)], VERIFIED, s)  # NaN/Inf is never verified
+    _note(rows.reasons, todo[~finite], f"{stage}: bounds are NaN or Inf")
+
+
+def verify_batch(bm: BoundedModel, oracle: Oracle | None, x: Tensor, y: Tensor, cfg: VerifyConfig, stages: list[str],
                  generator: torch.Generator, nonfinite_weights: str = "") -> dict[str, np.ndarray]:
-    """Run the cascade on one batch; returns the rows of the results file.
+    """Run the cascade on one batch; returns the rows of the results file. ``oracle``
+    (onnxruntime on the original file) confirms the attack's candidates; None without one.
 
     Samples whose input holds NaN/Inf, and every sample when ``nonfinite_weights`` names the
     model's non-finite weights, end ``unknown`` with that ``reason`` and no stage runs on them.
@@ -91,62 +183,30 @@ def verify_batch(bm: BoundedModel, onnx_path: Path, x: Tensor, y: Tensor, cfg: V
     as is a stage whose bounds come out NaN/Inf for a sample: neither ever verifies."""
     B = x.shape[0]
     K = int(np.prod(bm.graph.output_shape))
-    S = len(stages)
-    margins = np.full((B, S, K - 1), np.nan, np.float32)
-    times = np.zeros((B, S), np.float32)
-    status = np.full(B, UNKNOWN, np.int8)
-    stage_of = np.full(B, -1, np.int8)
-    cex = np.full((B, int(np.prod(x.shape[1:]))), np.nan, np.float32)
+    rows = _Rows.empty(B, len(stages), K, int(np.prod(x.shape[1:])))
     deadline = None if cfg.timeout_per_sample is None else time.monotonic() + cfg.timeout_per_sample * B
     with torch.no_grad():
         pred = bm(x).reshape(B, -1).argmax(1)
-    status[(pred != y).cpu().numpy()] = MISCLASSIFIED
-    reasons = np.full(B, "", dtype=object)
-    blocked = ~torch.isfinite(x.reshape(B, -1)).all(1).cpu().numpy()
-    reasons[blocked] = "the input contains NaN or Inf"
-    if nonfinite_weights:
-        blocked[:] = True
-        reasons[:] = nonfinite_weights
-    status[blocked] = UNKNOWN
+    rows.status[(pred != y).cpu().numpy()] = MISCLASSIFIED
+    blocked = _blocked(x, rows, nonfinite_weights)
     lo = (x - cfg.eps).clamp(*cfg.pixel_range)
     up = (x + cfg.eps).clamp(*cfg.pixel_range)
     C = margin_matrix(y, K).to(x.device)
     crown_cache: dict[str, Any] = {}
     for s, stage in enumerate(stages):
-        todo = np.flatnonzero((status == UNKNOWN) & ~blocked)
+        todo = np.flatnonzero((rows.status == UNKNOWN) & ~blocked)
         if len(todo) == 0 or (deadline is not None and time.monotonic() > deadline):
             break
-        idx = torch.as_tensor(todo, device=x.device)
         t0 = time.perf_counter()
         if stage == "attack":
-            xa, worst = pgd_attack(bm, lo[idx], up[idx], C[idx], cfg.pgd_steps, cfg.pgd_restarts, generator=generator)
-            cand = (worst < 0).cpu().numpy()
-            if cand.any():
-                pts = xa[torch.as_tensor(np.flatnonzero(cand), device=x.device)].cpu().numpy()
-                confirmed = _confirm(onnx_path, pts, y.cpu().numpy()[todo[cand]])
-                hit = todo[cand][confirmed]
-                status[hit] = FALSIFIED
-                stage_of[hit] = s
-                cex[hit] = pts[confirmed].reshape(len(hit), -1)
+            _attack_stage(bm, oracle, rows, s, todo, lo, up, C, y, cfg, generator)
         else:
-            try:
-                lb = _bound_stage(bm, stage, lo, up, C, todo, crown_cache)
-            except MemoryBudgetExceeded as e:
-                _note(reasons, todo, f"{stage} skipped: {e}")
-                logging.getLogger("certkit.verify").warning("%s skipped on %d sample(s): %s", stage, len(todo), e)
-                lb = None
-            if lb is not None:
-                lb = lb.detach().cpu().numpy()
-                margins[todo, s] = lb
-                finite = np.isfinite(lb).all(1)
-                ok = finite & (lb > 0).all(1)  # NaN/Inf is never verified
-                status[todo[ok]] = VERIFIED
-                stage_of[todo[ok]] = s
-                _note(reasons, todo[~finite], f"{stage}: bounds are NaN or Inf")
-        times[todo, s] = (time.perf_counter() - t0) / len(todo)
-    reasons[status != UNKNOWN] = ""  # a reason explains an unknown; decided samples need none
-    return {"label": y.cpu().numpy(), "prediction": pred.cpu().numpy(), "status": status, "stage": stage_of,
-            "margins": margins, "times": times, "counterexample": cex, "reason": reasons}
+            _bounds_stage(bm, rows, s, stage, todo, lo, up, C, crown_cache)
+        rows.times[todo, s] = (time.perf_counter() - t0) / len(todo)
+    rows.reasons[rows.status != UNKNOWN] = ""  # a reason explains an unknown; decided samples need none
+    return {"label": y.cpu().numpy(), "prediction": pred.cpu().numpy(), "status": rows.status,
+            "stage": rows.stage_of, "margins": rows.margins, "times": rows.times, "counterexample": rows.cex,
+            "reason": rows.reasons}
 
 
 def _bound_stage(bm: BoundedModel, stage: str, lo: Tensor, up: Tensor, C: Tensor, todo: np.ndarray,
@@ -184,6 +244,41 @@ def _note(reasons: np.ndarray, samples: np.ndarray, text: str) -> None:
         reasons[i] = f"{reasons[i]}; {text}" if reasons[i] else text
 
 
+def _bounded_model(onnx_path: Path, model: BoundedModel | None, x: Tensor, y: Tensor) -> tuple[BoundedModel, str]:
+    """The model whose margins are bounded (the logits before an output softmax: same argmax, far
+    better conditioned margins), and what the results file records as ``bounded_output``. The data
+    must fit it: samples of its input shape, labels among its outputs."""
+    bm = BoundedModel(onnx_path) if model is None else model
+    bounded = "outputs"
+    logits = bm.logits_model()
+    if logits is not None:
+        bm, bounded = logits, f"logits before the output softmax (node {bm.graph.output!r})"
+    if tuple(x.shape[1:]) != bm.graph.input_shape:
+        raise InvalidInput(f"the data has samples of shape {tuple(x.shape[1:])} but the model expects "
+                           f"{bm.graph.input_shape}")
+    K = int(np.prod(bm.graph.output_shape))
+    if len(y) and (int(y.max()) >= K or int(y.min()) < 0):
+        raise InvalidInput(f"labels range over [{int(y.min())}, {int(y.max())}] but the model has {K} outputs")
+    return bm, bounded
+
+
+def _open_results(out: str | Path | None, attrs: dict[str, Any], stages: list[str], num_specs: int,
+                  input_size: int, resume: bool) -> tuple[ResultsFile | None, int, dict[str, int]]:
+    """The results file (None without ``out``), the samples it already holds, and their counts
+    per status."""
+    counts = {name: 0 for name in STATUS}
+    if out is None:
+        return None, 0, counts
+    writer = ResultsFile(out, attrs, stages, num_specs, input_size, resume=resume)
+    if writer.done:
+        from certkit.results import read_results
+
+        _, data = read_results(out)
+        for i, name in enumerate(STATUS):
+            counts[name] = int((data["status"] == i).sum())
+    return writer, writer.done, counts
+
+
 def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray, cfg: VerifyConfig,
                dataset: str, start: int, out: str | Path | None = None, resume: bool = False,
                progress: Callable[[dict[str, Any]], None] | None = None,
@@ -192,30 +287,21 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
 
     Returns the counts per status. ``progress`` is called after every batch with the counts
     so far and the number of samples done. ``model`` is ``onnx_path`` already loaded, if the
-    caller has it.
+    caller has it. The results file records ``cfg`` (the effective settings) as ``options``.
     """
     from certkit.device import resolve_device
+    from certkit.onnx_io import nonfinite_weights_reason
 
     onnx_path = Path(onnx_path)
     stages = cfg.stages()
     device = resolve_device(cfg.device)
-    bm = BoundedModel(onnx_path) if model is None else model
-    bounded = "outputs"
-    logits = bm.logits_model()
-    if logits is not None:  # same argmax; margins of logits are far better conditioned than of probabilities
-        bm, bounded = logits, f"logits before the output softmax (node {bm.graph.output!r})"
-    if tuple(x.shape[1:]) != bm.graph.input_shape:
-        raise InvalidInput(f"the data has samples of shape {tuple(x.shape[1:])} but the model expects "
-                           f"{bm.graph.input_shape}")
+    bm, bounded = _bounded_model(onnx_path, model, x, y)
     K = int(np.prod(bm.graph.output_shape))
-    if len(y) and (int(y.max()) >= K or int(y.min()) < 0):
-        raise InvalidInput(f"labels range over [{int(y.min())}, {int(y.max())}] but the model has {K} outputs")
     bm.to(device)
     if cfg.max_memory is not None:
         bm.max_memory = cfg.max_memory
-    from certkit.onnx_io import nonfinite_weights_reason
-
     nonfinite = nonfinite_weights_reason(onnx_path)
+    oracle = Oracle(onnx_path, bm.graph.input_shape) if "attack" in stages else None
     if nonfinite:
         logging.getLogger("certkit.verify").warning("every sample ends unknown: %s", nonfinite)
     attrs = {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
@@ -223,24 +309,13 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
              "method": cfg.method, "dataset": dataset, "start": int(start), "n": int(len(x)),
              "options": json.dumps(asdict(cfg)), "bounded_output": bounded,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    writer = None
-    done = 0
-    if out is not None:
-        writer = ResultsFile(out, attrs, stages, K - 1, int(np.prod(x.shape[1:])), resume=resume)
-        done = writer.done
-    counts = {name: 0 for name in STATUS}
-    if writer is not None and done:
-        from certkit.results import read_results
-
-        _, data = read_results(out)
-        for i, name in enumerate(STATUS):
-            counts[name] = int((data["status"] == i).sum())
+    writer, done, counts = _open_results(out, attrs, stages, K - 1, int(np.prod(x.shape[1:])), resume)
     for b in range(done, len(x), cfg.batch_size):
         xb = x[b:b + cfg.batch_size].to(device)
         yb = y[b:b + cfg.batch_size].to(device)
         # the attack's randomness depends only on the seed and the batch, so a resumed run matches
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(indices[b]))
-        rows = verify_batch(bm, onnx_path, xb, yb, cfg, stages, generator, nonfinite_weights=nonfinite)
+        rows = verify_batch(bm, oracle, xb, yb, cfg, stages, generator, nonfinite_weights=nonfinite)
         rows["index"] = indices[b:b + cfg.batch_size]
         for i, name in enumerate(STATUS):
             counts[name] += int((rows["status"] == i).sum())

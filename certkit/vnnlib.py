@@ -179,6 +179,24 @@ class _Reader:
         if int(m.group(2)) >= n:
             self.fail(ctx, f"{tok} is not declared")
 
+    def declare(self, e) -> None:
+        """Count the variable of a ``(declare-const X_i|Y_j Real)`` command: X_ and Y_ must each be
+        declared in order from 0, so the counts are the vector sizes and every index is known."""
+        if len(e) != 3 or not isinstance(e[1], str):
+            self.fail(e, "malformed declare-const")
+        m = _VAR.match(e[1])
+        if not m:
+            self.fail(e, f"unsupported variable name {_show(e[1])} (expected X_i or Y_j)")
+        idx = int(m.group(2))
+        if m.group(1) == "X":
+            if idx != self.nx:
+                self.fail(e, f"X_{idx} declared out of order")
+            self.nx += 1
+        else:
+            if idx != self.ny:
+                self.fail(e, f"Y_{idx} declared out of order")
+            self.ny += 1
+
     def formula(self, e):
         """DNF of a formula: a list of conjunctions, each a list of (coefficients, node) with
         Σ coefficients·vars + const ≤ 0."""
@@ -253,20 +271,7 @@ def parse_vnnlib(text: str) -> Property:
         if not e or not isinstance(e[0], str):
             r.fail(e, "malformed command")
         if e[0] == "declare-const":
-            if len(e) != 3 or not isinstance(e[1], str):
-                r.fail(e, "malformed declare-const")
-            m = _VAR.match(e[1])
-            if not m:
-                r.fail(e, f"unsupported variable name {_show(e[1])} (expected X_i or Y_j)")
-            idx = int(m.group(2))
-            if m.group(1) == "X":
-                if idx != r.nx:
-                    r.fail(e, f"X_{idx} declared out of order")
-                r.nx += 1
-            else:
-                if idx != r.ny:
-                    r.fail(e, f"Y_{idx} declared out of order")
-                r.ny += 1
+            r.declare(e)
         elif e[0] == "assert":
             if len(e) != 2:
                 r.fail(e, "assert takes one formula")
@@ -420,7 +425,7 @@ def _split_pair(pair: str) -> list[str]:
     return [first + ")", "(" + second]
 
 
-def robustness_property(lo: np.ndarray, up: np.ndarray, label: int, num_outputs: int, comment: str = "") -> str:
+def robustness_case(lo: np.ndarray, up: np.ndarray, label: int, num_outputs: int) -> Case:
     """Input box over X_i (row-major order) and the unsafe set "some class j ≠ label scores
     at least as high as the label" (Y_label − Y_j ≤ 0 for some j), one polytope per j."""
     polys = []
@@ -429,7 +434,12 @@ def robustness_property(lo: np.ndarray, up: np.ndarray, label: int, num_outputs:
             row = np.zeros(num_outputs)
             row[label], row[j] = 1.0, -1.0
             polys.append((row.reshape(1, -1), np.zeros(1)))
-    case = Case(np.asarray(lo, np.float64).reshape(-1), np.asarray(up, np.float64).reshape(-1), polys)
+    return Case(np.asarray(lo, np.float64).reshape(-1), np.asarray(up, np.float64).reshape(-1), polys)
+
+
+def robustness_property(lo: np.ndarray, up: np.ndarray, label: int, num_outputs: int, comment: str = "") -> str:
+    """The VNN-LIB text of :func:`robustness_case`."""
+    case = robustness_case(lo, up, label, num_outputs)
     return format_vnnlib(Property(case.lower.size, num_outputs, [case]), comment)
 
 

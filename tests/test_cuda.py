@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from certkit.bounds import METHODS, BoundedModel, margin_matrix
 from certkit.cli import main
 from certkit.results import read_results
+from certkit.status import Status
 from certkit.train.loop import config_from, train
 from certkit.train.metrics import MetricsFile
 from tests.conftest import REPO
@@ -127,8 +128,8 @@ def test_vnncomp_solver_on_gpu_gives_the_cpu_answers(tmp_path, n_in, tf32_on):
     """Random networks and properties with sat and unsat answers: the solver on the GPU answers
     what it answers on the CPU, its counterexamples hold in onnxruntime, and TF32 is back on
     afterwards (the solver switches it off only while it runs)."""
-    from certkit.vnncomp.oracle import Oracle, in_unsafe_set
-    from certkit.vnncomp.solver import Solver
+    from certkit.complete.solver import Solver
+    from certkit.confirm import Oracle, in_unsafe_set
     from tests.test_vnncomp import _export, _mlp, _random_property
 
     rng = np.random.default_rng(n_in)
@@ -144,10 +145,10 @@ def test_vnncomp_solver_on_gpu_gives_the_cpu_answers(tmp_path, n_in, tf32_on):
         gpu = Solver(onnx, device="cuda").solve(prop, timeout=60)
         assert gpu.status == cpu.status, (gpu.log, cpu.log)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        if gpu.status == "sat":
+        if gpu.status is Status.FALSIFIED:
             out = Oracle(onnx, (n_in,)).outputs(gpu.x[None])[0]
             assert in_unsafe_set(prop.cases[0], out)
-        answers.append(gpu.status)
+        answers.append(gpu.status.vnncomp)
     assert set(answers) <= {"sat", "unsat"}, answers
 
 
@@ -157,10 +158,10 @@ def test_real_vnncomp_instances_on_gpu_get_the_ground_truth_answer(family, index
     """Input splitting (ACAS Xu), ReLU splitting (oval21, mnist_fc) and PGD (collins) on the GPU."""
     import csv
 
-    from certkit.vnncomp.solver import Solver
+    from certkit.complete.solver import Solver
     from certkit.vnnlib import read_vnnlib
 
     fam = vnncomp_dir / family
     onnx, vnn, _ = list(csv.reader(open(fam / "instances.csv")))[index]
     res = Solver(fam / onnx, device="cuda").solve(read_vnnlib(fam / vnn), timeout=120)
-    assert res.status == truth, res.log
+    assert res.status.vnncomp == truth, res.log

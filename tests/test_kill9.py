@@ -29,6 +29,7 @@ from click.testing import CliRunner
 from certkit.cli import main
 from certkit.errors import InvalidInput
 from certkit.results import ResultsFile, read_results
+from certkit.status import Status
 from certkit.train.loop import load_checkpoint
 from certkit.train.metrics import MetricsFile
 from certkit.vnncomp.runner import Outcome, _append, read_outcomes
@@ -62,6 +63,7 @@ def killing(*args, **kwargs):
 
 setattr(owner, name, killing)
 from certkit.cli import main
+from certkit.status import Status
 sys.argv = ["certkit", *sys.argv[3:]]
 main()
 """
@@ -336,7 +338,7 @@ def vnncomp_command(bench: Path, out: Path) -> Command:
             correct = int(f["families"]["bench"].attrs["correct"])
         answers = [open(o.result_file).readline().strip() for o in outcomes]
         _no_temporaries(out.parent)
-        return {"index": [o.index for o in outcomes], "status": [o.status for o in outcomes],
+        return {"index": [o.index for o in outcomes], "status": [o.status.vnncomp for o in outcomes],
                 "verdict": [o.verdict for o in outcomes], "h5": stored, "correct": correct, "files": answers}
 
     first = ["vnncomp", str(bench), "--out", str(out), "--h5", str(h5), "--device", "cpu"]
@@ -454,7 +456,8 @@ def test_resume_of_a_file_that_is_not_hdf5_is_one_clear_error(tmp_path):
 
 
 def _outcome(i: int) -> Outcome:
-    return Outcome("fam", i, "a.onnx", "p.vnnlib", 30.0, "unsat", 1.5, "unsat", "correct", f"/r/{i}.txt")
+    unsat = Status.VERIFIED
+    return Outcome("fam", i, "a.onnx", "p.vnnlib", 30.0, unsat, 1.5, unsat, "correct", f"/r/{i}.txt")
 
 
 def test_a_torn_csv_line_is_ignored_and_cut_off_by_the_next_row(tmp_path):

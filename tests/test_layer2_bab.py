@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from certkit.bounds import BoundedModel
-from certkit.bounds.layer2_bab import BranchStats, branch_bounds
-from certkit.bounds.milp import refine, relu_layers
+from certkit.complete.layer2 import BranchStats, branch_bounds
+from certkit.complete.milp import refine, relu_layers
 from tests.test_vnncomp import _mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,6 +20,7 @@ from certkit.cli import main
 from certkit.errors import InvalidInput
 from certkit.memory import MemoryBudgetExceeded, available_memory, default_budget, format_size, parse_size, peak_rss
 from certkit.results import read_results
+from certkit.status import Status
 from certkit.verify import VerifyConfig, load_verify_data, run_verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,10 +292,10 @@ def test_run_instance_over_budget_answers_unknown(tmp_path):
     model = _mlp_onnx(tmp_path / "mlp.onnx")
     prop = tmp_path / "p.vnnlib"
     prop.write_text(UNSAFE_FAR_AWAY)
-    from certkit.vnncomp.solver import Solver
+    from certkit.complete.solver import Solver
     from certkit.vnnlib import read_vnnlib
 
-    assert Solver(model).solve(read_vnnlib(prop), 20).status == "unsat"  # within the default budget
+    assert Solver(model).solve(read_vnnlib(prop), 20).status is Status.VERIFIED  # within the default budget
     r = _cli("run-instance", model, prop, "--timeout", "30", "--results", tmp_path / "b.txt", "--max-memory", "8")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "b.txt").read_text().split()[0] == "unknown"

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from certkit.bounds import BoundedModel
-from certkit.bounds.milp import _Program, affine_layer, layer_intervals, refine, relu_layers
+from certkit.complete.milp import _Program, affine_layer, layer_intervals, refine, relu_layers
 from tests.test_vnncomp import _mlp as _vnncomp_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -17,6 +17,7 @@ from certkit import verify as verify_mod
 from certkit.cli import main
 from certkit.onnx_io import nonfinite_initializers, nonfinite_weights_reason, read_proto
 from certkit.results import read_results
+from certkit.status import Status
 from certkit.verify import VerifyConfig, load_verify_data, run_verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,12 +151,12 @@ def nan_instance(tmp_path):
 
 
 def test_run_instance_nan_weights_unknown(nan_instance, tmp_path):
-    from certkit.vnncomp.solver import Solver
+    from certkit.complete.solver import Solver
     from certkit.vnnlib import read_vnnlib
 
     model, prop = nan_instance
     result = Solver(model).solve(read_vnnlib(prop), 20)
-    assert result.status == "unknown" and "NaN" in result.log[0]
+    assert result.status is Status.UNKNOWN and "NaN" in result.log[0]
     r = _cli("run-instance", model, prop, "--timeout", "30", "--results", tmp_path / "r.txt")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "r.txt").read_text().split()[0] == "unknown"

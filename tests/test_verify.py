@@ -101,7 +101,7 @@ def test_nan_bounds_are_never_verified(mnist_slice, monkeypatch):
     x, y, _ = mnist_slice
     bm = BoundedModel(DEMO)
     monkeypatch.setattr(bm, "compute_bounds", lambda lo, up, **kw: (torch.full((len(lo), 9), float("nan")), None))
-    rows = verify_batch(bm, DEMO, x[:4], y[:4], VerifyConfig(eps=0.0, method="ibp", attack=False), ["ibp"],
+    rows = verify_batch(bm, None, x[:4], y[:4], VerifyConfig(eps=0.0, method="ibp", attack=False), ["ibp"],
                         torch.Generator())
     assert (rows["status"] != STATUS.index("verified")).all()
 

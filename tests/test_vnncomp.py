@@ -16,11 +16,13 @@ import pytest
 import torch
 import torch.nn as nn
 
+from certkit.complete import Solver, SolverConfig
+from certkit.complete.spec import Spec
+from certkit.confirm import Oracle, in_unsafe_set, snap_into_box
+from certkit.status import Status
 from certkit.vnncomp.instance import run_instance
-from certkit.vnncomp.oracle import Oracle, format_result, in_unsafe_set, parse_result, snap_into_box
+from certkit.vnncomp.result_file import format_result, parse_result
 from certkit.vnncomp.runner import discover, run_benchmark, summarize, verdict
-from certkit.vnncomp.solver import Solver, SolverConfig
-from certkit.vnncomp.spec import Spec
 from certkit.vnnlib import Case, Property, format_vnnlib, read_vnnlib
 from tests.conftest import REPO
 
@@ -126,10 +128,10 @@ def test_branch_and_bound_agrees_with_an_exhaustive_grid(mode, tmp_path):
             prop = _random_property(rng, 2, 3, y_grid)
             truth_sat = any(np.all(y_grid @ A.T - b < 0, axis=1).any() for A, b in prop.cases[0].polytopes)
             res = solver.solve(prop, timeout=20)
-            answers.append(res.status)
-            if res.status == "unsat":
+            answers.append(res.status.vnncomp)
+            if res.status is Status.VERIFIED:
                 assert not truth_sat, f"unsat claimed but a grid point violates the property (seed {seed})"
-            if res.status == "sat":
+            if res.status is Status.FALSIFIED:
                 assert np.all((res.x >= prop.cases[0].lower) & (res.x <= prop.cases[0].upper))
                 y = Oracle(path, (2,)).outputs(res.x[None])[0]
                 assert in_unsafe_set(prop.cases[0], y)
@@ -143,7 +145,7 @@ def test_pair_margins_match_the_per_domain_margins_of_the_same_polytopes():
     pass gives that polytope on that domain, including a two-row polytope (λ-combined) next
     to one-row ones (padded by repeating their row)."""
     from certkit.bounds import BoundedModel
-    from certkit.vnncomp.bab import _Pairs, margins, pair_margins
+    from certkit.complete.margins import Pairs, margins, pair_margins
 
     model = _mlp(5, n_in=3, hidden=(12, 12), n_out=3)
     bm = BoundedModel(model).to(torch.float64)
@@ -156,7 +158,7 @@ def test_pair_margins_match_the_per_domain_margins_of_the_same_polytopes():
     bounds = bm.intervals(lo, up, "crown")
     m_dom, A_dom, _ = margins(bm, spec, bounds, lo, up)
     alive = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
-    pairs = _Pairs.of(spec, alive)
+    pairs = Pairs.of(spec, alive)
     assert pairs.rows.shape == (int(alive.sum()), 2)
     gathered = {k: (a[pairs.dom], b[pairs.dom]) for k, (a, b) in bounds.items()}
     m, A, _ = pair_margins(bm, pairs, gathered, lo[pairs.dom], up[pairs.dom])
@@ -171,7 +173,8 @@ def test_float32_alpha_beta_steps_return_only_float64_margins():
     import copy
 
     from certkit.bounds import BoundedModel
-    from certkit.vnncomp.bab import _extra, _optimise, _Pairs, pair_margins
+    from certkit.complete.alpha_beta import optimise, split_terms
+    from certkit.complete.margins import Pairs, pair_margins
 
     model = _mlp(4, n_in=3, hidden=(16, 16), n_out=2)
     bm = BoundedModel(copy.deepcopy(model)).to(torch.float64)
@@ -190,11 +193,11 @@ def test_float32_alpha_beta_steps_return_only_float64_margins():
               for r, p in zip(relus, pre)]
     betas = [torch.zeros(2, spec.num_rows, k, dtype=torch.float64) for k in sizes]
     shapes = [bounds[p][0].shape[1:] for p in pre]
-    pairs = _Pairs.of(spec, torch.ones(2, 1, dtype=torch.bool))  # one polytope per domain: pair i = domain i
+    pairs = Pairs.of(spec, torch.ones(2, 1, dtype=torch.bool))  # one polytope per domain: pair i = domain i
 
     def start_margins():
         return pair_margins(bm, pairs, bounds, lo, up, alphas={r.name: a for r, a in zip(relus, alphas)},
-                            extra=_extra(pre, signs, betas, shapes))[0].detach()
+                            extra=split_terms(pre, signs, betas, shapes))[0].detach()
 
     pairs.b += float(start_margins().max()) + 0.3  # shifts every margin by the same amount: all open
     spec.b += float(pairs.b[0, 0] - spec.b[0])
@@ -209,10 +212,10 @@ def test_float32_alpha_beta_steps_return_only_float64_margins():
             evaluated.append(out[0].detach())
         return out
 
-    import certkit.vnncomp.bab as bab_module
+    import certkit.complete.alpha_beta as bab_module
     bab_module.pair_margins = spy
     try:
-        m, fa, fb = _optimise(bm, pairs, bounds, lo, up, relus, pre, signs, start, 15, alphas, betas, fast=fast)
+        m, fa, fb = optimise(bm, pairs, bounds, lo, up, relus, pre, signs, start, 15, alphas, betas, fast=fast)
     finally:
         bab_module.pair_margins = real_margins
     assert m.dtype == fa[0].dtype == fb[0].dtype == torch.float64
@@ -232,9 +235,10 @@ def test_alpha_beta_steps_drop_refuted_pairs_without_changing_the_others():
     and the same final α, β as when they are stepped on their own."""
     import copy
 
-    import certkit.vnncomp.bab as bab_module
+    import certkit.complete.alpha_beta as bab_module
     from certkit.bounds import BoundedModel
-    from certkit.vnncomp.bab import _extra, _optimise, _Pairs, pair_margins
+    from certkit.complete.alpha_beta import optimise, split_terms
+    from certkit.complete.margins import Pairs, pair_margins
 
     n = 8
     model = _mlp(5, n_in=3, hidden=(16, 16), n_out=2)
@@ -252,7 +256,7 @@ def test_alpha_beta_steps_drop_refuted_pairs_without_changing_the_others():
     alphas = [r.op.default_alpha(*bounds[p]).reshape(n, 1, -1).clone() for r, p in zip(relus, pre)]
     betas = [torch.zeros(n, 1, k, dtype=torch.float64) for k in sizes]
     shapes = [bounds[p][0].shape[1:] for p in pre]
-    pairs = _Pairs.of(spec, torch.ones(n, 1, dtype=torch.bool))
+    pairs = Pairs.of(spec, torch.ones(n, 1, dtype=torch.bool))
 
     def run(rows: torch.Tensor, shift: torch.Tensor, spy: list | None = None):
         sub = pairs.take(rows)
@@ -261,7 +265,7 @@ def test_alpha_beta_steps_drop_refuted_pairs_without_changing_the_others():
         sub_signs = [s[rows] for s in signs]
         start = pair_margins(bm, sub, sub_bounds, lo[rows], up[rows],
                              alphas={r.name: a[rows].reshape(-1, 1, *s) for r, a, s in zip(relus, alphas, shapes)},
-                             extra=_extra(pre, sub_signs, [b[rows] for b in betas], shapes))[0]
+                             extra=split_terms(pre, sub_signs, [b[rows] for b in betas], shapes))[0]
         real = bab_module.pair_margins
 
         def counting(model, p, *a, **kw):
@@ -271,7 +275,7 @@ def test_alpha_beta_steps_drop_refuted_pairs_without_changing_the_others():
 
         bab_module.pair_margins = counting
         try:
-            return start, _optimise(bm, sub, sub_bounds, lo[rows], up[rows], relus, pre, sub_signs, start, 20,
+            return start, optimise(bm, sub, sub_bounds, lo[rows], up[rows], relus, pre, sub_signs, start, 20,
                                     [a[rows] for a in alphas], [b[rows] for b in betas])
         finally:
             bab_module.pair_margins = real
@@ -315,7 +319,7 @@ def test_relu_split_proves_what_plain_crown_cannot(tmp_path):
     prop = Property(4, 2, [Case(-np.ones(4), np.ones(4), [(np.array([[1.0, -1.0]]), np.array([b]))])])
     # MILP off: were the first slice of ReLU splitting to run out, MILP alone would refute it at the root
     res = Solver(path, SolverConfig(input_split_max=0, milp_time=0)).solve(prop, timeout=60)
-    assert res.status == "unsat" and res.stage == "relu-split", (res.status, res.stage, res.log)
+    assert res.status is Status.VERIFIED and res.stage == "relu-split", (res.status, res.stage, res.log)
 
 
 # ------------------------------------------------------------------ result files and run-instance
@@ -325,11 +329,11 @@ def test_result_file_round_trip_and_float32_snapping():
     lo, up = np.array([0.1, -0.3]), np.array([0.3, 0.7])
     x = snap_into_box(np.array([[0.3, -0.3]]), lo, up)[0]
     assert x.dtype == np.float32 and np.all((x >= lo) & (x <= up))
-    text = format_result("sat", x, np.array([1.5, -2.0]))
+    text = format_result(Status.FALSIFIED, x, np.array([1.5, -2.0]))
     status, values = parse_result(text)
-    assert status == "sat" and values["X_0"] == float(x[0]) and values["Y_1"] == -2.0
+    assert status is Status.FALSIFIED and values["X_0"] == float(x[0]) and values["Y_1"] == -2.0
     assert text.startswith("sat\n((X_0 ") and text.rstrip().endswith(")")
-    assert format_result("unsat") == "unsat\n"
+    assert format_result(Status.VERIFIED) == "unsat\n"
 
 
 def test_a_fixed_input_float32_cannot_hold_snaps_to_the_nearest_float32(tmp_path):
@@ -348,7 +352,7 @@ def test_a_fixed_input_float32_cannot_hold_snaps_to_the_nearest_float32(tmp_path
 def test_the_corner_of_each_row_of_a_two_sided_property_is_tried(tmp_path):
     # unsafe: y0 within 1e-3 of its maximum over the box (or above). Summing the two rows (−y0 and +y0) cancels
     # them, so only the corner that maximises y0 on its own finds the counterexample
-    from certkit.vnncomp.bab import input_split
+    from certkit.complete.input_split import input_split
 
     model = nn.Sequential(nn.Linear(3, 2)).eval()
     onnx = tmp_path / "lin.onnx"
@@ -361,7 +365,7 @@ def test_the_corner_of_each_row_of_a_two_sided_property_is_tried(tmp_path):
     lo_t, up_t = solver._box(case)
     out = input_split(solver.bm, Spec.from_case(case), lo_t, up_t, solver._confirm(case, Spec.from_case(case)),
                       expired=lambda: True)
-    assert out.status == "sat", out
+    assert out.status is Status.FALSIFIED, out
     assert in_unsafe_set(case, Oracle(onnx, (3,)).outputs(out.counterexample[0][None])[0])
 
 
@@ -381,12 +385,12 @@ def test_run_instance_writes_a_sat_answer_that_onnxruntime_reproduces(tmp_path):
     vnn = tmp_path / "p.vnnlib"
     _write_prop(vnn, prop)
     results = tmp_path / "out" / "result.txt"
-    assert run_instance(onnx, vnn, 60, results, quiet=True) == "sat"
+    assert run_instance(onnx, vnn, 60, results, quiet=True) is Status.FALSIFIED
     status, values = parse_result(results.read_text())
     x = np.array([values[f"X_{i}"] for i in range(2)], dtype=np.float32)
     y_written = np.array([values[f"Y_{j}"] for j in range(3)])
     y_ort = Oracle(onnx, (2,)).outputs(x[None])[0]
-    assert status == "sat" and np.array_equal(y_ort.astype(np.float32), y_written.astype(np.float32))
+    assert status is Status.FALSIFIED and np.array_equal(y_ort.astype(np.float32), y_written.astype(np.float32))
     assert in_unsafe_set(read_vnnlib(vnn).cases[0], y_ort)
 
 
@@ -399,7 +403,7 @@ def test_run_instance_deadline_is_hard(tmp_path, vnncomp_dir):
     status = run_instance(fam / "onnx/ACASXU_run2a_1_1_batch_2000.onnx", fam / "vnnlib/prop_2.vnnlib", 1.0,
                           results, quiet=True)
     elapsed = time.monotonic() - start
-    assert status == "timeout" and results.read_text() == "timeout\n"
+    assert status is Status.TIMEOUT and results.read_text() == "timeout\n"
     assert elapsed < 1.0 + 0.5, elapsed
 
 
@@ -497,14 +501,14 @@ def test_runner_scores_resumes_and_writes_csv_and_h5(tmp_path, vnncomp_dir):
     insts = discover(bench)
     out = tmp_path / "res" / "results.csv"
     outcomes = run_benchmark(insts, out, out.parent, tmp_path / "res" / "results.h5")
-    assert [o.status for o in outcomes] == [gt[i]["ground_truth"] for i in pick] + ["unsat"]
+    assert [o.status.vnncomp for o in outcomes] == [gt[i]["ground_truth"] for i in pick] + ["unsat"]
     assert [o.verdict for o in outcomes] == ["correct"] * 3 + ["wrong"]
     s = summarize(insts, outcomes)[0]
     assert (s.correct, s.wrong, s.score) == (3, 1, 3 * 10 - 150)
     for o in outcomes:
         assert parse_result(open(o.result_file).read())[0] == o.status
         log = Path(o.result_file).with_suffix(".log").read_text()  # the worker's stages, kept for diagnosis
-        assert log.strip().endswith(o.status) or f"{o.status} (" in log
+        assert log.strip().endswith(o.status.vnncomp) or f"{o.status.vnncomp} (" in log
     # resume: nothing is rerun
     stamp = out.stat().st_mtime_ns
     again = run_benchmark(insts, out, out.parent)
@@ -516,8 +520,9 @@ def test_runner_scores_resumes_and_writes_csv_and_h5(tmp_path, vnncomp_dir):
 
 
 def test_verdicts():
-    assert verdict("sat", "sat") == "correct" and verdict("unsat", "sat") == "wrong"
-    assert verdict("timeout", "sat") == "none" and verdict("sat", "unknown") == "unchecked"
+    sat, unsat = Status.FALSIFIED, Status.VERIFIED
+    assert verdict(sat, sat) == "correct" and verdict(unsat, sat) == "wrong"
+    assert verdict(Status.TIMEOUT, sat) == "none" and verdict(sat, Status.UNKNOWN) == "unchecked"
 
 
 def test_discover_rejects_unknown_families(vnncomp_dir):
@@ -556,7 +561,7 @@ def test_real_instances_get_the_ground_truth_answer(family, index, truth, vnncom
     gt = list(csv.DictReader(open(fam / "ground_truth.csv")))[index]
     assert gt["ground_truth"] == truth
     res = Solver(fam / onnx).solve(read_vnnlib(fam / vnn), timeout=60)
-    assert res.status == truth, res.log
+    assert res.status.vnncomp == truth, res.log
     if (family, index) == ("acasxu", 19):
         assert res.stage == "input-split", res.log
     if (family, index) == ("eran_2021", 36):
@@ -582,7 +587,7 @@ def test_milp_refinement_decides_mnist_fc_59(vnncomp_dir):
     α-CROWN from those intervals refutes it at once (50 s in all). Before the branching, MILP
     alone needed splitting again afterwards (82 s at a 120 s limit)."""
     res = _mnist_fc(59, vnncomp_dir, timeout=150)
-    assert res.status == "unsat", res.log
+    assert res.status is Status.VERIFIED, res.log
     assert any("MILP refinement" in line for line in res.log), res.log
 
 
@@ -591,13 +596,14 @@ def test_relu_splitting_that_finishes_quickly_skips_the_milp_refinement(vnncomp_
     MILP refinement ran first): the first slice of ReLU splitting (a tenth of the time left)
     decides it, and the MILP refinement, which takes a quarter of the time left, never runs."""
     res = _mnist_fc(25, vnncomp_dir, timeout=300)
-    assert res.status == "unsat" and res.stage == "relu-split", res.log
+    assert res.status is Status.VERIFIED and res.stage == "relu-split", res.log
     assert not any("MILP" in line for line in res.log), res.log
 
 
 def test_worker_reports_an_internal_error_with_its_traceback(tmp_path, monkeypatch, capsys, vnncomp_dir):
     """A bug in the solver is answered 'error' (never a verdict), and the log names where it happened."""
-    from certkit.vnncomp import solver, worker
+    from certkit.complete import solver
+    from certkit.vnncomp import worker
 
     def broken(self, prop, timeout, log=None):
         raise RuntimeError("injected failure")
@@ -620,8 +626,8 @@ def test_a_worker_killed_by_a_signal_is_an_error_and_the_log_says_so(tmp_path, m
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
     out, log = tmp_path / "res.txt", tmp_path / "res.log"
-    assert run_instance("m.onnx", "p.vnnlib", timeout=20, results=out, log_file=log) == "error"
+    assert run_instance("m.onnx", "p.vnnlib", timeout=20, results=out, log_file=log) is Status.ERROR
     assert out.read_text().strip() == "error"
     assert "killed by signal 9 (SIGKILL)" in log.read_text()
-    assert run_instance("m.onnx", "p.vnnlib", timeout=20, results=out) == "error"  # no log file: stderr
+    assert run_instance("m.onnx", "p.vnnlib", timeout=20, results=out) is Status.ERROR  # no log file: stderr
     assert "killed by signal 9 (SIGKILL)" in capsys.readouterr().err

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from certkit.vnncomp.oracle import Oracle, in_unsafe_set
-from certkit.vnncomp.solver import Solver, SolverConfig
+from certkit.complete import Solver, SolverConfig
+from certkit.confirm import Oracle, in_unsafe_set
+from certkit.status import Status
 from certkit.vnnlib import Case, Property
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,10 +45,10 @@ def test_solver_answers_on_softmax_outputs_agree_with_a_grid(tmp_path, split):
             prop = Property(2, 3, [Case(-np.ones(2), np.ones(2), [(A, np.array([b]))])])
             truth_sat = bool((vals - b < 0).any())
             res = solver.solve(prop, timeout=20)
-            answers.append(res.status)
-            if res.status == "unsat":
+            answers.append(res.status.vnncomp)
+            if res.status is Status.VERIFIED:
                 assert not truth_sat, f"unsat claimed but a grid point violates the property (seed {seed})"
-            if res.status == "sat":
+            if res.status is Status.FALSIFIED:
                 y = Oracle(path, (2,)).outputs(res.x[None])[0]
                 assert in_unsafe_set(prop.cases[0], y)
     assert "sat" in answers, answers

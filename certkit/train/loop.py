@@ -344,6 +344,48 @@ def _layer_means(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [sum(col) / len(col) for col in zip(*(r[key] for r in rows))]
 
 
+def _train_epoch(trainer: Trainer, cfg: TrainConfig, epoch: int, n: int, progress: Any) -> list[dict[str, Any]]:
+    """One epoch of training steps over a fresh permutation of the ``n`` training samples; the
+    per-step statistics (read back from the device every ``STATS_EVERY`` steps, not every step)."""
+    perm = torch.randperm(n, generator=trainer.gen)
+    rows: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    if progress is not None:
+        progress.start_epoch(epoch, trainer.batches)
+    for b in range(trainer.batches):
+        step = (epoch - 1) * trainer.batches + b
+        eps = trainer.eps_sched(step)
+        x, y = trainer.batch(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+        stats = trainer.step(x, y, eps, epoch)
+        stats["eps"] = eps
+        pending.append(stats)
+        if len(pending) == STATS_EVERY or b == trainer.batches - 1:
+            done = _read_stats(pending)
+            pending = []
+            rows.extend(done)
+            if progress is not None:
+                for row in done:
+                    progress.advance(row)
+    if progress is not None:
+        progress.end_epoch()
+    return rows
+
+
+def _epoch_metrics(trainer: Trainer, epoch: int, rows: list[dict[str, Any]], test: dict[str, float],
+                   val: dict[str, float], train_time: float) -> dict[str, Any]:
+    """The row of metrics.h5 for one epoch."""
+    return {
+        "epoch": epoch, "eps": rows[-1]["eps"], "lr": trainer.opt.param_groups[0]["lr"],
+        "loss": _mean(rows, "loss"), "train_clean_err": 100 * _mean(rows, "clean_err"),
+        "train_ibp_err": 100 * _mean(rows, "ibp_err"), "test_clean_err": test["clean_err"],
+        "test_verified_err": test["verified_err"], "val_clean_err": val["clean_err"],
+        "val_verified_err": val["verified_err"], "tightness": _mean(rows, "tightness"),
+        "relu": _mean(rows, "relu"), "train_time": train_time,
+        "active": _layer_means(rows, "active"), "inactive": _layer_means(rows, "inactive"),
+        "unstable": _layer_means(rows, "unstable"),
+    }
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: Any = None,
           log: Any = print, trust_checkpoint: bool = False) -> dict[str, Any]:
     """Train (or continue) a run in ``run_dir``; returns the last epoch's metrics.
@@ -375,42 +417,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     last: dict[str, Any] = {}
     for epoch in range(trainer.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        perm = torch.randperm(len(x_train), generator=trainer.gen)
-        rows: list[dict[str, Any]] = []
-        pending: list[dict[str, Any]] = []
-        if progress is not None:
-            progress.start_epoch(epoch, trainer.batches)
-        for b in range(trainer.batches):
-            step = (epoch - 1) * trainer.batches + b
-            eps = trainer.eps_sched(step)
-            x, y = trainer.batch(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
-            stats = trainer.step(x, y, eps, epoch)
-            stats["eps"] = eps
-            pending.append(stats)
-            if len(pending) == STATS_EVERY or b == trainer.batches - 1:
-                done = _read_stats(pending)
-                pending = []
-                rows.extend(done)
-                if progress is not None:
-                    for row in done:
-                        progress.advance(row)
-        if progress is not None:
-            progress.end_epoch()
+        rows = _train_epoch(trainer, cfg, epoch, len(x_train), progress)
         trainer.lr_sched.step()
         train_time = time.perf_counter() - t0
         test = trainer.evaluate(splits.test)
         val = trainer.evaluate(splits.val)
         trainer.epoch = epoch
-        last = {
-            "epoch": epoch, "eps": rows[-1]["eps"], "lr": trainer.opt.param_groups[0]["lr"],
-            "loss": _mean(rows, "loss"), "train_clean_err": 100 * _mean(rows, "clean_err"),
-            "train_ibp_err": 100 * _mean(rows, "ibp_err"), "test_clean_err": test["clean_err"],
-            "test_verified_err": test["verified_err"], "val_clean_err": val["clean_err"],
-            "val_verified_err": val["verified_err"], "tightness": _mean(rows, "tightness"),
-            "relu": _mean(rows, "relu"), "train_time": train_time,
-            "active": _layer_means(rows, "active"), "inactive": _layer_means(rows, "inactive"),
-            "unstable": _layer_means(rows, "unstable"),
-        }
+        last = _epoch_metrics(trainer, epoch, rows, test, val, train_time)
         metrics.append(last)
         state = trainer.state()
         if val["verified_err"] < trainer.best_val:

@@ -1,1 +1,3 @@
-"""VNN-COMP: solve ONNX + VNN-LIB instances (run-instance) and run whole benchmarks."""
+"""VNN-COMP's harness: instances and ground truth, one instance in a worker process under a
+hard deadline (run-instance), whole benchmarks and their score, the competition's result
+files. The solver itself is :mod:`certkit.complete`."""

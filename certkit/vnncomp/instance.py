@@ -9,17 +9,23 @@ so a reader never sees a partial one and a killed run never leaves a stale answe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from certkit.files import write_atomically
-from certkit.vnncomp.oracle import format_result
+from certkit.status import Status
+from certkit.vnncomp.result_file import format_result
 
-STATUSES = ("sat", "unsat", "unknown", "timeout", "error")
+if TYPE_CHECKING:
+    from certkit.complete.config import SolverConfig
+
 KILL_MARGIN = 0.25  # seconds before the limit at which the parent kills the child
 SOLVE_MARGIN = 1.0  # seconds before the limit at which the solver stops on its own
 
@@ -28,23 +34,25 @@ def write_result(path: str | Path, text: str) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def read_status(path: str | Path) -> str:
-    """First line of a result file ('' when missing)."""
+def read_status(path: str | Path) -> Status | None:
+    """The status a result file's first line names (None when the file is missing or the
+    line names none)."""
     try:
         with open(path) as f:
-            return f.readline().strip()
+            return Status.from_vnncomp(f.readline())
     except FileNotFoundError:
-        return ""
+        return None
 
 
 def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: str | Path,
                  category: str = "", quiet: bool = False, threads: int | None = None,
                  log_file: str | Path | None = None, pidfile: str | Path | None = None, device: str = "cpu",
-                 max_memory: int | None = None) -> str:
+                 max_memory: int | None = None, config: SolverConfig | None = None) -> str:
     """Solve one instance within ``timeout`` wall-clock seconds, its bounds on ``device`` (cpu,
     cuda, or auto: cuda where present); returns the status written. ``max_memory`` (bytes) is
     the bound computations' memory budget (see :mod:`certkit.memory`); over it the answer is
-    ``unknown``.
+    ``unknown``. ``config`` holds the solver's settings (None: the defaults); the child logs the
+    effective ones in one line before it starts.
 
     The child's log (stages, bounds, any traceback) goes to stderr, to ``log_file`` when given,
     or nowhere when ``quiet``. ``pidfile`` holds the child's process id while it runs, so that
@@ -55,6 +63,8 @@ def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: 
     end = time.time() + timeout
     cmd = [sys.executable, "-m", "certkit.vnncomp.worker", str(onnx), str(vnnlib), str(results),
            f"{end - SOLVE_MARGIN!r}", category, str(threads or 0), device] + ([str(max_memory)] if max_memory else [])
+    if config is not None:
+        cmd.append("--config=" + json.dumps(dataclasses.asdict(config), separators=(",", ":")))
     with open(log_file, "w") if log_file is not None else contextlib.nullcontext() as log:
         stderr = log if log is not None else subprocess.DEVNULL if quiet else None
         # the worker dies with this process (see worker.die_with_parent), even when it is killed with -9
@@ -68,8 +78,8 @@ def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: 
             if pidfile is not None:
                 Path(pidfile).unlink(missing_ok=True)
     status = read_status(results)
-    if status not in STATUSES:
-        status = "timeout" if timed_out else "error"
+    if status is None:
+        status = Status.TIMEOUT if timed_out else Status.ERROR
         if not timed_out and not (quiet and log_file is None):
             rc = proc.returncode
             why = f"killed by signal {-rc} ({signal.Signals(-rc).name})" if rc < 0 else f"exit status {rc}"

@@ -24,10 +24,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from certkit.errors import InvalidInput
 from certkit.files import remove_stale_temporaries, write_atomically
+from certkit.status import Status
 from certkit.vnncomp.instance import run_instance
+
+if TYPE_CHECKING:
+    from certkit.complete.config import SolverConfig
 
 CORRECT_POINTS, WRONG_POINTS = 10, -150
 
@@ -39,8 +44,8 @@ class Instance:
     onnx: str  # as written in instances.csv (relative to the family directory)
     vnnlib: str
     timeout: float
-    ground_truth: str = ""  # sat / unsat / unknown / '' (none given)
-    winner: str = ""  # the reference tool's answer (alpha-beta-CROWN's, when the file has it)
+    ground_truth: Status | None = None  # None: none given
+    winner: Status | None = None  # the reference tool's answer (alpha-beta-CROWN's, when the file has it)
     winner_time: float = float("nan")
     directory: str = ""
 
@@ -52,19 +57,36 @@ class Outcome:
     onnx: str
     vnnlib: str
     timeout: float
-    status: str
+    status: Status
     seconds: float
-    ground_truth: str
+    ground_truth: Status | None
     verdict: str  # correct / wrong / unchecked / none (no sat/unsat answer)
     result_file: str
 
+    def row(self) -> list:
+        """The CSV row: statuses in VNN-COMP's words ('' for no ground truth)."""
+        return [word(v) if isinstance(v, Status) or v is None else v for v in asdict(self).values()]
 
-def verdict(status: str, truth: str) -> str:
-    if status not in ("sat", "unsat"):
+
+ANSWERS = (Status.FALSIFIED, Status.VERIFIED)  # sat, unsat: the answers that score
+
+
+def word(status: Status | None) -> str:
+    """A status as VNN-COMP's files write it; '' for none."""
+    return "" if status is None else status.vnncomp
+
+
+def read_word(text: str) -> Status | None:
+    """The status a CSV cell names; None for an empty cell or one that names none."""
+    return Status.from_vnncomp(text)
+
+
+def verdict(status: Status, truth: Status | None) -> str:
+    if status not in ANSWERS:
         return "none"
-    if truth not in ("sat", "unsat"):
+    if truth not in ANSWERS:
         return "unchecked"
-    return "correct" if status == truth else "wrong"
+    return "correct" if status is truth else "wrong"
 
 
 def _read_csv_rows(path: Path) -> list[list[str]]:
@@ -72,14 +94,12 @@ def _read_csv_rows(path: Path) -> list[list[str]]:
         return [r for r in csv.reader(f) if r and not r[0].startswith("#")]
 
 
-def load_family(directory: Path, instances: Path | None = None, ground_truth: Path | None = None) -> list[Instance]:
-    """The instances of one family, with the ground truth joined by (onnx, vnnlib) and order."""
-    instances = instances or directory / "instances.csv"
+def _read_instances(directory: Path, instances: Path) -> list[Instance]:
+    """The rows of an instances.csv (onnx, vnnlib, timeout) as instances of ``directory``'s family."""
     if not instances.is_file():
         raise InvalidInput(f"{instances}: no such file (a benchmark needs an instances.csv)")
-    rows = _read_csv_rows(instances)
     out = []
-    for i, r in enumerate(rows):
+    for i, r in enumerate(_read_csv_rows(instances)):
         if len(r) < 3:
             raise InvalidInput(f"{instances}:{i + 1}: expected onnx,vnnlib,timeout; got {','.join(r)!r}")
         try:
@@ -87,29 +107,52 @@ def load_family(directory: Path, instances: Path | None = None, ground_truth: Pa
         except ValueError:
             raise InvalidInput(f"{instances}:{i + 1}: timeout {r[2]!r} is not a number") from None
         out.append(Instance(directory.name, i, r[0].strip(), r[1].strip(), timeout, directory=str(directory)))
+    return out
+
+
+def _read_ground_truth(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        gt = list(csv.DictReader(f))
+    if "ground_truth" not in (gt[0] if gt else {}):
+        raise InvalidInput(f"{path}: no ground_truth column")
+    return gt
+
+
+def _truth_row(inst: Instance, gt: list[dict[str, str]], by_key: dict[tuple[str, str], list[dict]]) -> dict | None:
+    """The ground-truth row of ``inst``: the row at its index when that names the same files (or
+    names none), else the first row for its (onnx, vnnlib)."""
+    same = gt[inst.index] if inst.index < len(gt) else None
+    if same is not None and (same.get("onnx", inst.onnx), same.get("vnnlib", inst.vnnlib)) == (inst.onnx,
+                                                                                             inst.vnnlib):
+        return same
+    return (by_key.get((inst.onnx, inst.vnnlib)) or [None])[0]
+
+
+def _join_truth(inst: Instance, row: dict[str, str]) -> None:
+    inst.ground_truth = read_word(row["ground_truth"])
+    inst.winner = read_word(row.get("abcrown_result", ""))
+    try:
+        inst.winner_time = float(row.get("abcrown_runtime_s", "nan") or "nan")
+    except ValueError:
+        pass
+
+
+def load_family(directory: Path, instances: Path | None = None, ground_truth: Path | None = None) -> list[Instance]:
+    """The instances of one family, with the ground truth joined by (onnx, vnnlib) and order."""
+    out = _read_instances(directory, instances or directory / "instances.csv")
     gt_path = ground_truth or directory / "ground_truth.csv"
-    if gt_path.is_file():
-        with open(gt_path, newline="") as f:
-            gt = list(csv.DictReader(f))
-        if "ground_truth" not in (gt[0] if gt else {}):
-            raise InvalidInput(f"{gt_path}: no ground_truth column")
-        by_key: dict[tuple[str, str], list[dict]] = {}
-        for g in gt:
-            by_key.setdefault((g.get("onnx", ""), g.get("vnnlib", "")), []).append(g)
-        for inst in out:
-            same = gt[inst.index] if inst.index < len(gt) else None
-            if same is None or (same.get("onnx", inst.onnx), same.get("vnnlib", inst.vnnlib)) != (inst.onnx,
-                                                                                                 inst.vnnlib):
-                same = (by_key.get((inst.onnx, inst.vnnlib)) or [None])[0]
-            if same is not None:
-                inst.ground_truth = same["ground_truth"].strip()
-                inst.winner = same.get("abcrown_result", "").strip()
-                try:
-                    inst.winner_time = float(same.get("abcrown_runtime_s", "nan") or "nan")
-                except ValueError:
-                    pass
-    elif ground_truth is not None:
-        raise InvalidInput(f"{ground_truth}: no such file")
+    if not gt_path.is_file():
+        if ground_truth is not None:
+            raise InvalidInput(f"{ground_truth}: no such file")
+        return out
+    gt = _read_ground_truth(gt_path)
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for g in gt:
+        by_key.setdefault((g.get("onnx", ""), g.get("vnnlib", "")), []).append(g)
+    for inst in out:
+        row = _truth_row(inst, gt, by_key)
+        if row is not None:
+            _join_truth(inst, row)
     return out
 
 
@@ -158,9 +201,12 @@ def read_outcomes(path: Path) -> list[Outcome]:
     out = []
     for r in rows:
         try:
-            out.append(Outcome(r["family"], int(r["index"]), r["onnx"], r["vnnlib"], float(r["timeout"]), r["status"],
-                               float(r["seconds"]), r["ground_truth"], r["verdict"], r["result_file"]))
-        except (KeyError, ValueError, TypeError):
+            status = Status.from_vnncomp(r["status"])
+            if status is None:
+                raise ValueError(r["status"])
+            out.append(Outcome(r["family"], int(r["index"]), r["onnx"], r["vnnlib"], float(r["timeout"]), status,
+                               float(r["seconds"]), read_word(r["ground_truth"]), r["verdict"], r["result_file"]))
+        except (KeyError, ValueError, TypeError, AttributeError):
             raise InvalidInput(f"{path}: not a certkit vnncomp results file (remove it or pick another --out)") \
                 from None
     return out
@@ -174,7 +220,7 @@ def _append(path: Path, outcome: Outcome) -> None:
     w = csv.writer(buf)
     if keep == 0:
         w.writerow([f.name for f in fields(Outcome)])
-    w.writerow(list(asdict(outcome).values()))
+    w.writerow(outcome.row())
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "r+b" if path.is_file() else "wb") as f:
         f.truncate(keep)  # a torn line of a killed run
@@ -210,27 +256,38 @@ def summarize(instances: list[Instance], outcomes: list[Outcome]) -> list[Family
     for fam in dict.fromkeys(i.family for i in instances):
         insts = [i for i in instances if i.family == fam]
         done = [by[(i.family, i.index)] for i in insts if (i.family, i.index) in by]
-        count = {s: sum(o.status == s for o in done) for s in ("sat", "unsat", "unknown", "timeout", "error")}
+        count = {s: sum(o.status is s for o in done) for s in (Status.FALSIFIED, Status.VERIFIED, Status.UNKNOWN,
+                                                                 Status.TIMEOUT, Status.ERROR)}
         v = {k: sum(o.verdict == k for o in done) for k in ("correct", "wrong", "unchecked")}
         secs = [o.seconds for o in done]
         out.append(FamilySummary(
             fam, len(insts), len(done), *count.values(), *v.values(),
             CORRECT_POINTS * v["correct"] + WRONG_POINTS * v["wrong"], sum(secs),
             statistics.median(secs) if secs else float("nan"),
-            sum(i.ground_truth in ("sat", "unsat") for i in insts),
-            sum(i.winner in ("sat", "unsat") and i.winner == i.ground_truth for i in insts)))
+            sum(i.ground_truth in ANSWERS for i in insts),
+            sum(i.winner in ANSWERS and i.winner is i.ground_truth for i in insts)))
     return out
 
 
-def write_h5(path: Path, outcomes: list[Outcome], summary: list[FamilySummary]) -> None:
+def write_h5(path: Path, outcomes: list[Outcome], summary: list[FamilySummary],
+             config: SolverConfig | None = None) -> None:
+    """The summary file: per instance its outcome, per family its counts; attribute ``config``
+    holds the solver's settings as JSON (the defaults when ``config`` is None)."""
+    import json
+
     import h5py
     import numpy as np
 
+    from certkit.complete.config import SolverConfig
+    from certkit.settings import plain
+
     def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:
+            f.attrs["config"] = json.dumps(plain(config or SolverConfig()))
             g = f.create_group("instances")
-            for fld in fields(Outcome):
-                vals = [getattr(o, fld.name) for o in outcomes]
+            rows = [o.row() for o in outcomes]
+            for k, fld in enumerate(fields(Outcome)):
+                vals = [r[k] for r in rows]
                 if fld.type in ("int", "float"):
                     g.create_dataset(fld.name, data=np.asarray(vals, dtype=float if fld.type == "float" else int))
                 else:
@@ -245,15 +302,51 @@ def write_h5(path: Path, outcomes: list[Outcome], summary: list[FamilySummary]) 
     write_atomically(path, write)
 
 
+def config_file(out_csv: Path) -> Path:
+    """Where a run records its solver settings: ``config.yaml`` beside the results CSV."""
+    return out_csv.parent / "config.yaml"
+
+
+def record_config(out_csv: Path, config: SolverConfig, resuming: bool) -> None:
+    """Write the run's settings to :func:`config_file` (a ``--config`` file for the same run);
+    when ``resuming`` rows of a CSV whose recorded settings differ, refuse in one line naming
+    the settings that differ. A CSV with rows but no config.yaml (an older certkit's) resumes
+    with the settings given, which are then recorded."""
+    from certkit.settings import Resolved, differences, load_config, plain, to_yaml
+
+    path = config_file(out_csv)
+    remove_stale_temporaries(path)  # what a killed run left half-written
+    if resuming and path.is_file():
+        before = plain(load_config(path, (), ("solver",))["solver"].build())
+        changed = differences(before, plain(config))
+        if changed:
+            raise InvalidInput(f"{out_csv}: cannot resume, its rows were run with other solver settings "
+                               f"({path}): {'; '.join(changed)}; use the same --config/--set, or another --out")
+        return
+    resolved = Resolved.defaults("solver")
+    resolved.update(plain(config), "the run")
+    text = to_yaml({"solver": resolved}, f"certkit vnncomp: the solver settings of {out_csv.name}\n"
+                                         "(certkit vnncomp --config this file reruns with them)")
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h5: Path | None = None,
                   timeout_scale: float = 1.0, on_done: Callable[[Instance, Outcome, bool], None] | None = None,
-                  device: str = "cpu", max_memory: int | None = None) -> list[Outcome]:
+                  device: str = "cpu", max_memory: int | None = None,
+                  config: SolverConfig | None = None) -> list[Outcome]:
     """Run every instance not yet in ``out_csv`` (bounds on ``device``: cpu, cuda or auto, within
-    ``max_memory`` bytes per bound pass, see :mod:`certkit.memory`); returns the outcomes of all
-    instances run so far."""
+    ``max_memory`` bytes per bound pass, see :mod:`certkit.memory`) with the solver settings
+    ``config`` (None: the defaults); returns the outcomes of all instances run so far.
+
+    The settings are recorded in config.yaml beside ``out_csv`` and in ``h5``'s ``config``
+    attribute; resuming a CSV that was run with other settings is refused."""
+    from certkit.complete.config import SolverConfig
+
     if timeout_scale <= 0:
         raise InvalidInput(f"--timeout-scale must be positive; got {timeout_scale}")
+    config = config or SolverConfig()
     outcomes = read_outcomes(out_csv)
+    record_config(out_csv, config, resuming=bool(outcomes))
     if h5 is not None:
         remove_stale_temporaries(h5)  # what a killed run left half-written
     done = {(o.family, o.index): o for o in outcomes}
@@ -271,16 +364,16 @@ def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h
         start = time.monotonic()
         status = run_instance(base / inst.onnx, base / inst.vnnlib, inst.timeout * timeout_scale, result_file,
                               category=inst.family, log_file=result_file.with_suffix(".log"), device=device,
-                              max_memory=max_memory)
+                              max_memory=max_memory, config=config)
         outcome = Outcome(inst.family, inst.index, inst.onnx, inst.vnnlib, inst.timeout * timeout_scale, status,
                           round(time.monotonic() - start, 3), inst.ground_truth,
                           verdict(status, inst.ground_truth), str(result_file))
         _append(out_csv, outcome)
         outcomes.append(outcome)
         if h5 is not None:
-            write_h5(h5, outcomes, summarize(instances, outcomes))
+            write_h5(h5, outcomes, summarize(instances, outcomes), config)
         if on_done:
             on_done(inst, outcome, False)
     if h5 is not None:  # also when a killed run had appended its last row but not yet rewritten the summary
-        write_h5(h5, outcomes, summarize(instances, outcomes))
+        write_h5(h5, outcomes, summarize(instances, outcomes), config)
     return outcomes

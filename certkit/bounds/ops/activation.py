@@ -9,6 +9,17 @@ from certkit.bounds.ops.base import Activation, clamp01
 from certkit.bounds.ops.registry import Ctx, register
 
 
+def triangle_upper(lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """The ReLU's upper line on [l, u], slope and intercept: for an unstable neuron (l < 0 < u)
+    the triangle relaxation's u/(u − l) and −l·u/(u − l) (the intercept is the relaxation's
+    largest gap, which branching and the MILP refinement weigh); for a stable one the exact
+    line (1, 0 active; 0, 0 inactive)."""
+    unstable = (lo < 0) & (up > 0)
+    denom = torch.where(unstable, up - lo, torch.ones_like(up))
+    slope = torch.where(unstable, up / denom, (lo >= 0).to(up.dtype))
+    return slope, torch.where(unstable, -slope * lo, torch.zeros_like(lo))
+
+
 class ReLU(Activation):
     """ReLU with CROWN's triangle relaxation.
 
@@ -29,9 +40,7 @@ class ReLU(Activation):
     def relax(self, lo, up, alpha=None):
         active = lo >= 0
         unstable = (lo < 0) & (up > 0)
-        denom = torch.where(unstable, up - lo, torch.ones_like(up))
-        a_u = torch.where(unstable, up / denom, active.to(up.dtype))
-        b_u = torch.where(unstable, -a_u * lo, torch.zeros_like(lo))
+        a_u, b_u = triangle_upper(lo, up)
         slope = self.default_alpha(lo, up) if alpha is None else clamp01(alpha)
         a_l = torch.where(unstable, slope, active.to(lo.dtype))
         return a_l, None, a_u, b_u

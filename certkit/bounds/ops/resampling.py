@@ -306,39 +306,68 @@ def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+def _legacy_resize_issue(mode: str, in_dims: list[int] | None, out_dims: list[int] | None) -> str | None:
+    """Why onnx2torch misconverts an Upsample or a pre-opset-11 Resize, if it does: these use
+    asymmetric coordinates and round nearest down when upsampling but up when downsampling,
+    while onnx2torch always rounds down."""
+    if mode == "linear":
+        return "linear with asymmetric coordinates (onnx2torch computes half_pixel)"
+    if in_dims is None or out_dims is None or any(o < i for i, o in zip(in_dims, out_dims)):
+        return "nearest downsampling (or unknown shapes) with ceil rounding (onnx2torch rounds down)"
+    return None
+
+
+def _unsupported_resize_attribute(a: dict[str, Any]) -> str | None:
+    """The first Resize attribute that onnx2torch ignores although it is set to a value that
+    changes the result (antialias, keep_aspect_ratio_policy, axes), if any."""
+    for key, default in (("antialias", 0), ("keep_aspect_ratio_policy", "stretch")):
+        if key in a and _text(a[key]) != str(default):
+            return f"attribute {key}={_text(a[key])}"
+    if "axes" in a:
+        return "attribute axes"
+    return None
+
+
+def _nearest_resize_issue(a: dict[str, Any], coords: str, in_dims: list[int] | None,
+                          out_dims: list[int] | None) -> str | None:
+    """Why a nearest Resize (opset 11+) differs from onnx2torch's asymmetric floor, if it does:
+    half-pixel coordinates with round-half rounding agree with it only for integer upscaling."""
+    rounding = _text(a.get("nearest_mode", "round_prefer_floor"))
+    if coords == "asymmetric" and rounding == "floor":
+        return None
+    integer_up = (in_dims is not None and out_dims is not None and len(in_dims) == len(out_dims)
+                  and all(i > 0 and o % i == 0 for i, o in zip(in_dims, out_dims)))
+    if coords in ("half_pixel", "pytorch_half_pixel") and rounding.startswith("round_prefer") and integer_up:
+        return None  # no ties: round((j + 1/2)/s - 1/2 + k) = k for 0 <= j < s
+    return (f"nearest with {coords} coordinates and {rounding} rounding (onnx2torch computes asymmetric "
+            f"floor; equal only for integer upscaling)")
+
+
+def _linear_resize_issue(coords: str, out_dims: list[int] | None) -> str | None:
+    """Why a linear Resize (opset 11+) differs from onnx2torch's half_pixel / align_corners, if
+    it does."""
+    if coords in ("half_pixel", "align_corners"):
+        return None
+    if coords == "pytorch_half_pixel" and out_dims is not None and all(o > 1 for o in out_dims):
+        return None  # pytorch_half_pixel differs from half_pixel only for outputs of length 1
+    return f"linear with {coords} coordinates (onnx2torch computes half_pixel or align_corners)"
+
+
 def _resize_issue(node, opset: int, a: dict[str, Any], in_dims: list[int] | None,
                   out_dims: list[int] | None) -> str | None:
     """See :func:`unfaithful_nodes`; ``in_dims`` / ``out_dims``: the static spatial sizes, if known."""
     mode = _text(a.get("mode", "nearest"))
     if mode not in ("nearest", "linear"):
         return f"mode {mode!r}"
-    integer_up = (in_dims is not None and out_dims is not None and len(in_dims) == len(out_dims)
-                  and all(i > 0 and o % i == 0 for i, o in zip(in_dims, out_dims)))
-    if node.op_type == "Upsample" or opset < 11:  # asymmetric coordinates; nearest: floor upsampling, ceil down
-        if mode == "linear":
-            return "linear with asymmetric coordinates (onnx2torch computes half_pixel)"
-        if in_dims is None or out_dims is None or any(o < i for i, o in zip(in_dims, out_dims)):
-            return "nearest downsampling (or unknown shapes) with ceil rounding (onnx2torch rounds down)"
-        return None
-    for key, default in (("antialias", 0), ("keep_aspect_ratio_policy", "stretch")):
-        if key in a and _text(a[key]) != str(default):
-            return f"attribute {key}={_text(a[key])}"
-    if "axes" in a:
-        return "attribute axes"
+    if node.op_type == "Upsample" or opset < 11:
+        return _legacy_resize_issue(mode, in_dims, out_dims)
+    issue = _unsupported_resize_attribute(a)
+    if issue is not None:
+        return issue
     coords = _text(a.get("coordinate_transformation_mode", "half_pixel"))
     if mode == "nearest":
-        rounding = _text(a.get("nearest_mode", "round_prefer_floor"))
-        if coords == "asymmetric" and rounding == "floor":
-            return None
-        if coords in ("half_pixel", "pytorch_half_pixel") and rounding.startswith("round_prefer") and integer_up:
-            return None  # no ties: round((j + 1/2)/s - 1/2 + k) = k for 0 <= j < s
-        return (f"nearest with {coords} coordinates and {rounding} rounding (onnx2torch computes asymmetric "
-                f"floor; equal only for integer upscaling)")
-    if coords in ("half_pixel", "align_corners"):
-        return None
-    if coords == "pytorch_half_pixel" and out_dims is not None and all(o > 1 for o in out_dims):
-        return None  # pytorch_half_pixel differs from half_pixel only for outputs of length 1
-    return f"linear with {coords} coordinates (onnx2torch computes half_pixel or align_corners)"
+        return _nearest_resize_issue(a, coords, in_dims, out_dims)
+    return _linear_resize_issue(coords, out_dims)
 
 
 def unfaithful_nodes(proto) -> list[tuple[str, str, str]]:

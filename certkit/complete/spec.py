@@ -18,6 +18,14 @@ from torch import Tensor
 from certkit.vnnlib import Case
 
 
+def box_minimum(A: Tensor, lo: Tensor, up: Tensor) -> Tensor:
+    """min over the box [lo, up] of each row of A·x: A (N, R, D), lo and up (N, 1, D) → (N, R).
+
+    The one concretisation of the complete solver: a CROWN lower bound minus it is the
+    constant of the linear bound, which :meth:`Spec.group_margins` recombines."""
+    return torch.minimum(A * lo, A * up).sum(-1)
+
+
 @dataclass
 class Spec:
     C: Tensor  # (S, K): every row of every polytope
@@ -87,7 +95,7 @@ class Spec:
         bound) is returned. Non-finite values never count as evidence (−∞)."""
         N = A.shape[0]
         lo, up = lower.reshape(N, 1, -1), upper.reshape(N, 1, -1)
-        rows = c - self.b + torch.minimum(A * lo, A * up).sum(-1)  # each row's own lower bound
+        rows = c - self.b + box_minimum(A, lo, up)  # each row's own lower bound
         rows = torch.where(torch.isfinite(rows), rows, torch.full_like(rows, -torch.inf))
         cols = list(self.group_max(rows).unbind(1))  # no in-place writes: α-β-CROWN differentiates this
         for g in range(self.num_groups):

@@ -28,13 +28,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from certkit.bounds import BoundedModel, milp
+from certkit.attack import pgd as run_pgd
+from certkit.bounds import BoundedModel
 from certkit.bounds.engine import no_tf32
+from certkit.bounds.ops.activation import triangle_upper
+from certkit.complete import milp
+from certkit.complete.config import SolverConfig
+from certkit.complete.domains import BabOutcome
+from certkit.complete.input_split import input_split
+from certkit.complete.margins import crown_corners, margins
+from certkit.complete.relu_split import relu_split
+from certkit.complete.spec import Spec
+from certkit.confirm import Confirm, Oracle
 from certkit.errors import InvalidInput
 from certkit.onnx_io import nonfinite_weights_reason
-from certkit.vnncomp.bab import BabOutcome, Confirm, crown_corners, input_split, margins, relu_split
-from certkit.vnncomp.oracle import Oracle
-from certkit.vnncomp.spec import Spec
+from certkit.status import Status
 from certkit.vnnlib import Case, Property
 
 
@@ -53,38 +61,11 @@ class Deadline:
 
 @dataclass
 class SolveResult:
-    status: str  # sat, unsat, unknown, timeout
+    status: Status  # VERIFIED (unsat), FALSIFIED (sat), UNKNOWN or TIMEOUT
     x: np.ndarray | None = None
     y: np.ndarray | None = None
     stage: str = ""  # what decided it: attack, crown, alpha-crown, milp-alpha-crown, input-split, relu-split
     log: list[str] = field(default_factory=list)
-
-
-@dataclass
-class SolverConfig:
-    attack_restarts: int = 16
-    attack_steps: int = 60
-    attack_time: float = 0.03  # share of the time limit the first attack may use, beyond one round...
-    attack_time_max: float = 5.0  # ...and at most this many seconds
-    input_split_max: int = 20  # networks with at most this many inputs get input splitting
-    split_candidates: int = 1  # input splitting: dimensions tried per split (see bab.input_split)
-    split_min_width: float = 0.02  # input splitting: only dimensions this wide relative to the widest are split
-    reuse_parent_bounds: bool = True  # input splitting: children try their parent's intervals first
-    box_attack_every: int = 10  # input splitting: PGD inside the worst-bounded open boxes every this many batches...
-    box_attack_steps: int = 20  # ...for this many steps
-    alpha_iterations: int = 30
-    intermediate_alpha_iterations: int = 20  # ReLU splitting: α-CROWN steps per intermediate bound at the root...
-    intermediate_alpha_time: float = 0.2  # ...within this share of the time left (later layers get CROWN)
-    float32_steps: bool = True  # ReLU splitting: α-β steps in float32, kept α and β checked in float64
-    bab_iterations: int = 10  # ReLU splitting: α-β-CROWN steps per batch of children
-    milp_after: float = 0.1  # ReLU splitting: a first try within this share of the time left; if it fails...
-    milp_time: float = 0.25  # ...MILP-refined intermediate bounds within this share of the time left before it...
-    milp_max_neurons: int = 2048  # ...for networks with at most this many ReLU neurons...
-    milp_seconds_per_bound: float = 1.0  # ...each bound with at most this much solver time...
-    milp_workers: int = 2  # ...this many programs at a time...
-    milp_branch: float = 0.5  # ...after the second layer's branch and bound in this share of that time...
-    milp_priority: bool = True  # ...its neurons whose relaxation costs the property's bound most first
-    seed: int = 0
 
 
 class Solver:
@@ -140,23 +121,18 @@ class Solver:
 
     def pgd(self, x: Tensor, lo: Tensor, up: Tensor, spec: Spec, steps: int,
             confirm: Confirm, expired: Callable[[], bool]) -> tuple | None:
-        """PGD with sign steps of decaying size from the points ``x``, each kept inside its own box
-        [lo, up] (broadcast against x), towards the unsafe set; candidates are confirmed every 10
-        steps and at the end."""
-        width = up - lo
-        for i in range(steps):
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                v = spec.violation(self.forward(x))
-                grad, = torch.autograd.grad(v.sum(), x)
-            with torch.no_grad():
-                step = width * (0.25 * (1 - i / steps) + 0.01)
-                x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), up)
-            if i % 10 == 9 or i == steps - 1:
-                found = confirm(x.detach())
+        """PGD (:func:`certkit.attack.pgd`, steps decaying to a hundredth of the box width) from
+        the points ``x``, each kept inside its own box [lo, up] (broadcast against x), towards
+        the unsafe set; candidates are confirmed every 10 steps and at the end."""
+        def violation(x: Tensor) -> Tensor:
+            return spec.violation(self.forward(x))
+
+        for i, x_i, v in run_pgd(violation, x, lo, up, steps, floor=0.01):
+            if i > 0 and (i % 10 == 0 or i == steps):
+                found = confirm(x_i, v)
                 if found is not None:
                     return found
-            if expired():
+            if i > 0 and expired():
                 return None
         return None
 
@@ -215,7 +191,7 @@ class Solver:
 
     def milp_bounds(self, case: Case, spec: Spec, bounds: dict, deadline: Deadline, seconds: float,
                     note: Callable[[str], None]) -> tuple[bool, dict]:
-        """The root's intervals refined by MILP (:mod:`certkit.bounds.milp`) within ``seconds``,
+        """The root's intervals refined by MILP (:mod:`certkit.complete.milp`) within ``seconds``,
         later layers re-propagated by α-CROWN: (refuted by α-CROWN from them, the intervals).
         α-CROWN tries the property after every layer, so the refinement stops as soon as
         the intervals suffice."""
@@ -257,8 +233,7 @@ class Solver:
             lam = record.get(relu.name)
             if lam is None:
                 continue
-            lo, up = bounds[relu.inputs[0]]
-            gap = -lo.clamp(max=0) * up.clamp(min=0) / (up - lo).clamp(min=1e-30)
+            _, gap = triangle_upper(*bounds[relu.inputs[0]])
             costs[relu.inputs[0]] = (lam.abs().sum(1) * gap).reshape(-1).double().cpu().numpy()
         return costs
 
@@ -285,7 +260,7 @@ class Solver:
         deadline = Deadline(timeout)
         torch.manual_seed(self.config.seed)
         self.check_shapes(prop)
-        result = SolveResult("unknown")
+        result = SolveResult(Status.UNKNOWN)
 
         def note(msg: str) -> None:
             result.log.append(msg)
@@ -295,19 +270,36 @@ class Solver:
         if self.nonfinite:  # NaN arithmetic proves nothing and finds nothing: never sat or unsat from it
             note(f"unknown: {self.nonfinite}")
             return result
+        cases = [(i, case, Spec.from_case(case, device=self.device)) for i, case in enumerate(prop.cases)]
+        decided = self._attack_stage(cases, timeout, deadline, note)
+        if decided is None:
+            decided, open_cases, root_stage = self._root_stage(cases, deadline, note)
+            if decided is None:
+                decided = self._bab_stage(open_cases, root_stage, deadline, note)
+        decided.log = result.log
+        return decided
 
-        specs = [Spec.from_case(c, device=self.device) for c in prop.cases]
+    def _attack_stage(self, cases: list[tuple[int, Case, Spec]], timeout: float, deadline: Deadline,
+                      note: Callable[[str], None]) -> SolveResult | None:
+        """PGD on every case within its share of the attack budget: an answer, or None to go on."""
         cfg = self.config
-        attack_budget = min(cfg.attack_time_max, cfg.attack_time * timeout) / max(1, len(prop.cases))
-        for i, (case, spec) in enumerate(zip(prop.cases, specs)):
-            found = self.attack(case, spec, deadline, attack_budget)
+        budget = min(cfg.attack_time_max, cfg.attack_time * timeout) / max(1, len(cases))
+        for i, case, spec in cases:
+            found = self.attack(case, spec, deadline, budget)
             if found is not None:
                 note(f"case {i}: counterexample from PGD")
-                return SolveResult("sat", *found, stage="attack", log=result.log)
+                return SolveResult(Status.FALSIFIED, *found, stage="attack")
             if deadline.expired():
-                return SolveResult("timeout", log=result.log)
+                return SolveResult(Status.TIMEOUT)
+        return None
+
+    def _root_stage(self, cases: list[tuple[int, Case, Spec]], deadline: Deadline, note: Callable[[str], None]
+                    ) -> tuple[SolveResult | None, list[tuple[int, Case, Spec, dict]], str]:
+        """CROWN / α-CROWN on every case's whole box, and PGD from CROWN's minimisers where a
+        polytope is left: (an answer or None, the cases left open with their intervals, the
+        method that refuted the others)."""
         open_cases, root_stage = [], "crown"
-        for i, (case, spec) in enumerate(zip(prop.cases, specs)):
+        for i, case, spec in cases:
             refuted, method, bounds, starts = self.root_bounds(case, spec, deadline)
             if refuted:
                 note(f"case {i}: refuted by {method}")
@@ -316,29 +308,34 @@ class Solver:
                 # the corners minimising CROWN's bound lie where the relaxation sees the unsafe set:
                 # collins #20's output is flat on every random start, 14.7 of the 18 needed there
                 lo, up = self._box(case)
-                found = self.pgd(starts, lo, up, spec, cfg.attack_steps, self._confirm(case, spec), deadline.expired)
+                found = self.pgd(starts, lo, up, spec, self.config.attack_steps, self._confirm(case, spec),
+                                 deadline.expired)
                 if found is not None:
                     note(f"case {i}: counterexample from PGD started at CROWN's minimisers")
-                    return SolveResult("sat", *found, stage="attack", log=result.log)
+                    return SolveResult(Status.FALSIFIED, *found, stage="attack"), [], root_stage
                 open_cases.append((i, case, spec, bounds))
             if deadline.expired():
-                return SolveResult("timeout", log=result.log)
-        stage = "alpha-crown"
-        unresolved = False
+                return SolveResult(Status.TIMEOUT), [], root_stage
+        return None, open_cases, root_stage
+
+    def _bab_stage(self, open_cases: list[tuple[int, Case, Spec, dict]], root_stage: str, deadline: Deadline,
+                   note: Callable[[str], None]) -> SolveResult:
+        """Branch and bound on each open case in turn: sat as soon as one case has a
+        counterexample, unsat when all are refuted."""
+        stage, unresolved = "alpha-crown", False
         for i, case, spec, bounds in open_cases:
             outcome = self.branch_and_bound(case, spec, bounds, deadline, lambda m, i=i: note(f"case {i}: {m}"))
             stage = outcome.stage
-            note(f"case {i}: {outcome.status} by {stage} after {outcome.domains} domains "
+            note(f"case {i}: {outcome.status.vnncomp} by {stage} after {outcome.domains} domains "
                  f"(at most {outcome.max_open} open){'; ' + outcome.detail if outcome.detail else ''}")
-            if outcome.status == "sat":
-                return SolveResult("sat", *outcome.counterexample, stage=stage, log=result.log)
-            if outcome.status == "timeout":
-                return SolveResult("timeout", log=result.log)
-            if outcome.status != "unsat":
-                unresolved = True
+            if outcome.status is Status.FALSIFIED:
+                return SolveResult(Status.FALSIFIED, *outcome.counterexample, stage=stage)
+            if outcome.status is Status.TIMEOUT:
+                return SolveResult(Status.TIMEOUT)
+            unresolved |= outcome.status is not Status.VERIFIED
         if unresolved:
-            return SolveResult("unknown", log=result.log)
-        return SolveResult("unsat", stage=stage if open_cases else root_stage, log=result.log)
+            return SolveResult(Status.UNKNOWN)
+        return SolveResult(Status.VERIFIED, stage=stage if open_cases else root_stage)
 
     def branch_and_bound(self, case: Case, spec: Spec, bounds: dict, deadline: Deadline,
                          note: Callable[[str], None] = lambda m: None) -> BabOutcome:
@@ -369,13 +366,13 @@ class Solver:
             first = relu_split(self.bm, spec, lo, up, bounds, confirm,
                                lambda: deadline.expired() or time.monotonic() > stop, fast_dtype=fast,
                                iterations=self.config.bab_iterations)
-            if first.status != "timeout" or deadline.expired():
+            if first.status is not Status.TIMEOUT or deadline.expired():
                 return first
             note(f"relu-split open after {first.domains} domains; refining the root's intervals")
             refuted, bounds = self.milp_bounds(case, spec, bounds, deadline, self.config.milp_time * left, note)
             if refuted:
-                return BabOutcome("milp-alpha-crown", "unsat", domains=first.domains, max_open=first.max_open)
+                return BabOutcome("milp-alpha-crown", Status.VERIFIED, domains=first.domains, max_open=first.max_open)
             if deadline.expired():
-                return BabOutcome("relu-split", "timeout", domains=first.domains, max_open=first.max_open)
+                return BabOutcome("relu-split", Status.TIMEOUT, domains=first.domains, max_open=first.max_open)
         return relu_split(self.bm, spec, lo, up, bounds, confirm, deadline.expired, fast_dtype=fast,
                           iterations=self.config.bab_iterations)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from certkit.bounds.engine import BoundedModel, Interval, concretize
-from certkit.bounds.layer2_bab import BranchStats, branch_bounds
+from certkit.complete.layer2 import BranchStats, branch_bounds
 
 MARGIN = 1e-4  # relative widening of every solver bound: HiGHS works to tolerances of ~1e-7 per constraint
 BRANCH_MARGIN = 1e-9  # the same for branch_second_layer's float64 bounds (sums of a few thousand products)
@@ -278,7 +278,7 @@ def branch_second_layer(layers: list[ReluLayer], input_name: str, lower: np.ndar
                         intervals: dict[str, tuple[np.ndarray, np.ndarray]], expired: Callable[[], bool],
                         stats: RefineStats) -> tuple[np.ndarray, np.ndarray] | None:
     """The second layer's intervals by branch and bound over the first layer's ReLU phases
-    (:func:`certkit.bounds.layer2_bab.branch_bounds`), for its unstable neurons, until
+    (:func:`certkit.complete.layer2.branch_bounds`), for its unstable neurons, until
     ``expired()``; None unless the first layer is affine in the input alone and the second in
     the first's ReLU outputs alone (a plain fully connected or convolutional start)."""
     first, second = layers[0], layers[1]

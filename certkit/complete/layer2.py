@@ -18,7 +18,7 @@ subset). A leaf whose bound reaches the best value found at any corner so far (o
 the neuron becomes stable) is closed. The objective's bound is the least bound over all its
 leaves, closed ones included: valid whenever the search stops.
 
-Why: MILP (:mod:`certkit.bounds.milp`) with HiGHS stays at its root node for most of these
+Why: MILP (:mod:`certkit.complete.milp`) with HiGHS stays at its root node for most of these
 neurons within a second, and solved to optimality takes 5–15 s each on mnist_fc's 256×4
 network, where the exact bounds move far (#50, neuron 40: −6.59 → −2.94).
 """
@@ -32,6 +32,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from certkit.bounds.ops.activation import triangle_upper
+from certkit.complete.domains import Batch
 
 
 @dataclass
@@ -56,7 +59,7 @@ class _Problem:
         U = unstable.nonzero().squeeze(1)
         self.W1, self.b1 = W1, b1
         self.W1u, self.b1u, self.lu, self.uu = W1[U], b1[U], l1[U], u1[U]
-        self.slope = self.uu / (self.uu - self.lu)  # the triangle's upper line: slope·(z − l)
+        self.slope, _ = triangle_upper(self.lu, self.uu)  # the triangle's upper line: slope·(z − l)
         self.Cu = C[:, U]  # (O, m) coefficients of the unstable neurons
         # stable active neurons are linear: their part of the objective is one affine function of x
         Ca = C * active.to(C.dtype)
@@ -107,6 +110,51 @@ def _optimise(p: _Problem, obj: Tensor, sig: Tensor, alpha: Tensor, beta: Tensor
     return torch.maximum(best, value), alpha.detach(), beta.detach(), g
 
 
+@dataclass
+class _Leaves(Batch):
+    """Open leaves of every objective's tree."""
+
+    obj: Tensor  # (n,): the objective
+    sig: Tensor  # (n, m): split signs σ per unstable neuron (−1 active, +1 inactive, 0 unsplit)
+    alpha: Tensor  # (n, m)
+    beta: Tensor  # (n, m)
+    lb: Tensor  # (n,): the leaf's lower bound
+    z: Tensor  # (n, m): the unstable pre-activations at the leaf's minimising corner
+
+
+def _worst_first(leaves: _Leaves, batch: int) -> tuple[_Leaves, _Leaves]:
+    """(the batch to split, the rest): best first within each objective, objectives side by side,
+    the r-th worst leaf of every objective before the (r+1)-th of any."""
+    n = len(leaves)
+    order = torch.argsort(leaves.lb, stable=True)
+    order = order[torch.argsort(leaves.obj[order], stable=True)]
+    sorted_obj = leaves.obj[order]
+    first = torch.searchsorted(sorted_obj, sorted_obj, side="left")
+    rank = torch.arange(n) - first
+    pick = order[torch.argsort(rank, stable=True)[:batch]]
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[pick] = False
+    return leaves.rows(pick), leaves.rows(rest)
+
+
+def _split(p: _Problem, d: _Leaves) -> _Leaves:
+    """Both children of every leaf, on the concave neuron whose triangle gap, weighted by |c|, is
+    largest at the leaf's minimising corner: first all the active ones, then the inactive (β of
+    the split neuron restarts at 0; ``lb`` is the parent's, ``z`` not yet known)."""
+    z, c = d.z, p.Cu[d.obj]
+    gap = -c * (p.slope * (z - p.lu) - z.clamp(min=0)) + 1e-9 * (-c) * (-p.lu * p.slope)
+    gap = torch.where((d.sig == 0) & (c < 0), gap.clamp(min=0) + 1e-12, torch.full_like(gap, -1.0))
+    choice = gap.argmax(1)
+    b = choice.numel()
+    rows = torch.arange(b)
+    children = d.twice()
+    children.sig[rows, choice] = -1.0
+    children.sig[rows + b, choice] = 1.0
+    children.beta[rows, choice] = 0.0
+    children.beta[rows + b, choice] = 0.0
+    return children
+
+
 def branch_bounds(W1: Tensor, b1: Tensor, l1: Tensor, u1: Tensor, lo: Tensor, up: Tensor, C: Tensor, k: Tensor,
                   expired: Callable[[], bool], batch: int = 512, steps: int = 10, root_steps: int = 40,
                   fixed_steps: int = 100,
@@ -128,76 +176,45 @@ def branch_bounds(W1: Tensor, b1: Tensor, l1: Tensor, u1: Tensor, lo: Tensor, up
     root = lb.clone()
     incumbent, z = p.corner_value(obj, g)
     closed_min = torch.full((n_obj,), math.inf, dtype=dt)  # least bound among the closed leaves
-    scale = (incumbent - lb).abs().clamp(min=1e-6)
-    tol = 1e-3 * scale
+    tol = 1e-3 * (incumbent - lb).abs().clamp(min=1e-6)
 
-    def close(obj, lb, keep):
-        """Record the closed leaves' bounds; the rows to keep open."""
+    def close(leaves: _Leaves, keep: Tensor) -> _Leaves:
+        """Record the bounds of the leaves not kept as closed; the kept ones."""
         shut = ~keep
         if bool(shut.any()):
-            closed_min.scatter_reduce_(0, obj[shut], lb[shut], "amin")
-        return keep
+            closed_min.scatter_reduce_(0, leaves.obj[shut], leaves.lb[shut], "amin")
+        return leaves.rows(keep)
 
-    def splittable(obj, sig):
-        return ((sig == 0) & (p.Cu[obj] < 0)).any(1)
+    def splittable(d: _Leaves) -> Tensor:
+        return ((d.sig == 0) & (p.Cu[d.obj] < 0)).any(1)
 
     target = torch.minimum(incumbent - tol, torch.zeros_like(incumbent))
     # leaves with nothing left to split are exact LPs at the optimum: closed as they are
-    keep = close(obj, lb, (lb < target[obj]) & splittable(obj, sig))
-    leaves = {"obj": obj[keep], "sig": sig[keep], "alpha": alpha[keep], "beta": beta[keep], "lb": lb[keep],
-              "z": z[keep]}
-    while leaves["obj"].numel() and not expired() and leaves["obj"].numel() < max_leaves:
-        n = leaves["obj"].numel()
-        # best first within each objective, objectives side by side: the r-th worst leaf of every
-        # objective before the (r+1)-th of any
-        order = torch.argsort(leaves["lb"], stable=True)
-        order = order[torch.argsort(leaves["obj"][order], stable=True)]
-        sorted_obj = leaves["obj"][order]
-        first = torch.searchsorted(sorted_obj, sorted_obj, side="left")
-        rank = torch.arange(n) - first
-        pick = order[torch.argsort(rank, stable=True)[:batch]]
-        rest = torch.ones(n, dtype=torch.bool)
-        rest[pick] = False
-        d = {key: v[pick] for key, v in leaves.items()}
-        leaves = {key: v[rest] for key, v in leaves.items()}
-        # split the concave neuron whose triangle gap, weighted by |c|, is largest at the minimising corner
-        z, c = d["z"], p.Cu[d["obj"]]
-        gap = -c * (p.slope * (z - p.lu) - z.clamp(min=0)) + 1e-9 * (-c) * (-p.lu * p.slope)
-        gap = torch.where((d["sig"] == 0) & (c < 0), gap.clamp(min=0) + 1e-12, torch.full_like(gap, -1.0))
-        choice = gap.argmax(1)
-        b = choice.numel()
-        rows = torch.arange(b)
-        sig_c = torch.cat([d["sig"], d["sig"]])
-        sig_c[rows, choice] = -1.0
-        sig_c[rows + b, choice] = 1.0
-        beta_c = torch.cat([d["beta"], d["beta"]])
-        beta_c[rows, choice] = 0.0
-        beta_c[rows + b, choice] = 0.0
-        obj_c, parent = torch.cat([d["obj"], d["obj"]]), torch.cat([d["lb"], d["lb"]])
-        lb_c, alpha_c, beta_c, g_c = _optimise(p, obj_c, sig_c, torch.cat([d["alpha"], d["alpha"]]), beta_c,
-                                               parent, steps, lr)
-        stats.domains += 2 * b
-        value, z_c = p.corner_value(obj_c, g_c)
-        incumbent.scatter_reduce_(0, obj_c, value, "amin")
+    leaves = _Leaves(obj, sig, alpha, beta, lb, z)
+    leaves = close(leaves, (lb < target[obj]) & splittable(leaves))
+    while len(leaves) and not expired() and len(leaves) < max_leaves:
+        d, leaves = _worst_first(leaves, batch)
+        kids = _split(p, d)
+        kids.lb, kids.alpha, kids.beta, g_c = _optimise(p, kids.obj, kids.sig, kids.alpha, kids.beta, kids.lb,
+                                                        steps, lr)
+        stats.domains += len(kids)
+        value, kids.z = p.corner_value(kids.obj, g_c)
+        incumbent.scatter_reduce_(0, kids.obj, value, "amin")
         target = torch.minimum(incumbent - tol, torch.zeros_like(incumbent))
-        open_, more = lb_c < target[obj_c], splittable(obj_c, sig_c)
+        open_, more = kids.lb < target[kids.obj], splittable(kids)
         fixed = (open_ & ~more).nonzero().squeeze(1)
         if fixed.numel():  # every concave term split: an LP, whose optimum more steps approach
-            lb_f, _, _, _ = _optimise(p, obj_c[fixed], sig_c[fixed], alpha_c[fixed], beta_c[fixed], lb_c[fixed],
-                                      fixed_steps, lr)
-            lb_c = lb_c.index_copy(0, fixed, lb_f)
-        keep = close(obj_c, lb_c, open_ & more)
+            f = kids.rows(fixed)
+            lb_f, _, _, _ = _optimise(p, f.obj, f.sig, f.alpha, f.beta, f.lb, fixed_steps, lr)
+            kids.lb = kids.lb.index_copy(0, fixed, lb_f)
+        kids = close(kids, open_ & more)
         # earlier leaves that the better incumbent now closes
-        still = leaves["lb"] < target[leaves["obj"]]
-        close(leaves["obj"], leaves["lb"], still)
-        leaves = {key: v[still] for key, v in leaves.items()}
-        new = {"obj": obj_c, "sig": sig_c, "alpha": alpha_c, "beta": beta_c, "lb": lb_c, "z": z_c}
-        leaves = {key: torch.cat([leaves[key], new[key][keep]]) for key in leaves}
+        leaves = _Leaves.cat([close(leaves, leaves.lb < target[leaves.obj]), kids])
     result = closed_min.clone()
-    if leaves["obj"].numel():
-        result.scatter_reduce_(0, leaves["obj"], leaves["lb"], "amin")
+    if len(leaves):
+        result.scatter_reduce_(0, leaves.obj, leaves.lb, "amin")
         open_objs = torch.zeros(n_obj, dtype=torch.bool)
-        open_objs[leaves["obj"]] = True
+        open_objs[leaves.obj] = True
         stats.closed += int((~open_objs).sum())
     else:
         stats.closed += n_obj

@@ -1,18 +1,30 @@
 """onnxruntime on the original ONNX file: the only judge of counterexamples.
 
-A candidate from the attack or from branch and bound (computed in PyTorch, often in
-float64) becomes a ``sat`` answer only if, once snapped to the float32 inputs of the box
-(:func:`float32_box`), onnxruntime's output lies strictly inside one of the unsafe polytopes.
+A candidate from an attack or from branch and bound (computed in PyTorch, often in
+float64) becomes a counterexample (``falsified`` in verify, ``sat`` in VNN-COMP) only if,
+once snapped to the float32 inputs of its box (:func:`float32_box`), onnxruntime's output
+lies strictly inside one of the unsafe polytopes. ``certkit verify`` states robustness as
+such a polytope set too (:func:`certkit.vnnlib.robustness_case`), so both commands confirm
+the same way.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
+from torch import Tensor
 
 from certkit.onnx_io import OrtSession
 from certkit.vnnlib import Case
+
+
+class Confirm(Protocol):
+    """Candidate points (N, *shape), with their violations (N,) when the caller has them already
+    → a confirmed counterexample (x, y) or None."""
+
+    def __call__(self, points: Tensor, violation: Tensor | None = None) -> tuple | None: ...
 
 
 def float32_box(lo: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,32 +69,19 @@ class Oracle:
 
     def confirm(self, case: Case, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """The first candidate (flat, any float dtype) that is a real counterexample, as (x, y)."""
+        found = self.confirm_each([case] * len(candidates), candidates)
+        return next((hit for hit in found if hit is not None), None)
+
+    def confirm_each(self, cases: list[Case], candidates: np.ndarray) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Per candidate (flat, any float dtype) and its own case, in one onnxruntime run:
+        (x, y) where it is a real counterexample of its case, else None."""
         if len(candidates) == 0:
-            return None
-        x32 = snap_into_box(candidates.reshape(len(candidates), -1), case.lower, case.upper)
+            return []
+        flat = np.asarray(candidates).reshape(len(candidates), -1)
+        same = all(c is cases[0] for c in cases)
+        lo = cases[0].lower if same else np.stack([c.lower for c in cases])
+        up = cases[0].upper if same else np.stack([c.upper for c in cases])
+        x32 = snap_into_box(flat, lo, up)
         ys = self.outputs(x32)
-        for x, y in zip(x32, ys):
-            if np.all(np.isfinite(y)) and in_unsafe_set(case, y):
-                return x, y
-        return None
-
-
-def format_result(status: str, x: np.ndarray | None = None, y: np.ndarray | None = None) -> str:
-    """The competition's result file: the status line, then for ``sat`` the ``((X_i v) … (Y_j v))`` list."""
-    if status != "sat":
-        return status + "\n"
-    pairs = [f"(X_{i} {float(v)!r})" for i, v in enumerate(np.asarray(x, dtype=np.float32).reshape(-1))]
-    pairs += [f"(Y_{j} {float(v)!r})" for j, v in enumerate(np.asarray(y).reshape(-1))]
-    return "sat\n(" + "\n ".join(pairs) + ")\n"
-
-
-def parse_result(text: str) -> tuple[str, dict[str, float]]:
-    """Status and assignment of a result file (the inverse of :func:`format_result`)."""
-    lines = text.strip().splitlines()
-    status = lines[0].strip() if lines else ""
-    values = {}
-    for tok in " ".join(lines[1:]).replace("(", " ( ").replace(")", " ) ").split("("):
-        parts = tok.replace(")", " ").split()
-        if len(parts) == 2:
-            values[parts[0]] = float(parts[1])
-    return status, values
+        return [(x, y) if np.all(np.isfinite(y)) and in_unsafe_set(case, y) else None
+                for x, y, case in zip(x32, ys, cases)]
