@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 
 import h5py
@@ -245,3 +247,11 @@ def test_verify_precedence_defaults_file_set_flags(tmp_path):
     assert_one_line_error(run("verify", DEMO, "--dataset", f"npz:{DEMO_DATA}", "-n", 2), "give --eps")
     assert_one_line_error(run("verify", DEMO, "--eps", "0.1", "--dataset", f"npz:{DEMO_DATA}", "--config", cfg,
                               "--set", "batch_size=0"), "verify.batch_size", "at least 1")
+
+
+def test_reading_the_solver_settings_imports_neither_torch_nor_onnx():
+    """run-instance's parent process reads the settings and spawns the solver: it must stay light."""
+    code = ("import sys\nfrom certkit.settings import solver_config\nimport certkit.vnncomp.instance\n"
+            "solver_config()\nprint(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -11,6 +11,15 @@ branch-and-bound searches, over :mod:`~certkit.complete.domains`' typed batches)
 """
 
 from certkit.complete.config import SolverConfig
-from certkit.complete.solver import Deadline, Solver, SolveResult
 
 __all__ = ["Deadline", "SolveResult", "Solver", "SolverConfig"]
+
+
+def __getattr__(name: str):
+    """The solver on first use, not on import: reading the settings (``certkit.complete.config``)
+    must not import torch, so that run-instance's parent process starts fast."""
+    if name in ("Deadline", "SolveResult", "Solver"):
+        from certkit.complete import solver
+
+        return getattr(solver, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
