@@ -27,13 +27,16 @@ def pgd(objective: Callable[[Tensor], Tensor], x: Tensor, lo: Tensor, up: Tensor
     candidate to confirm every few steps) and may stop early."""
     width = up - lo
     for i in range(steps + 1):
+        if i == steps:  # the last point needs its value only
+            with torch.no_grad():
+                value = objective(x.detach())
+            yield i, x.detach(), value
+            return
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             value = objective(x)
             grad, = torch.autograd.grad(value.sum(), x)
         yield i, x.detach(), value.detach()
-        if i == steps:
-            return
         with torch.no_grad():
             step = width * (0.25 * (1 - i / steps) + floor) if step_size is None else torch.full_like(width, step_size)
             x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), up)

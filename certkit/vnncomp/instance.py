@@ -47,7 +47,7 @@ def read_status(path: str | Path) -> Status | None:
 def run_instance(onnx: str | Path, vnnlib: str | Path, timeout: float, results: str | Path,
                  category: str = "", quiet: bool = False, threads: int | None = None,
                  log_file: str | Path | None = None, pidfile: str | Path | None = None, device: str = "cpu",
-                 max_memory: int | None = None, config: SolverConfig | None = None) -> str:
+                 max_memory: int | None = None, config: SolverConfig | None = None) -> Status:
     """Solve one instance within ``timeout`` wall-clock seconds, its bounds on ``device`` (cpu,
     cuda, or auto: cuda where present); returns the status written. ``max_memory`` (bytes) is
     the bound computations' memory budget (see :mod:`certkit.memory`); over it the answer is

@@ -14,9 +14,13 @@ def triangle_upper(lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     the triangle relaxation's u/(u − l) and −l·u/(u − l) (the intercept is the relaxation's
     largest gap, which branching and the MILP refinement weigh); for a stable one the exact
     line (1, 0 active; 0, 0 inactive)."""
-    unstable = (lo < 0) & (up > 0)
+    return _upper_line(lo, up, (lo < 0) & (up > 0), lo >= 0)
+
+
+def _upper_line(lo: Tensor, up: Tensor, unstable: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`triangle_upper` with the masks the caller already holds (the ReLU rule's hot path)."""
     denom = torch.where(unstable, up - lo, torch.ones_like(up))
-    slope = torch.where(unstable, up / denom, (lo >= 0).to(up.dtype))
+    slope = torch.where(unstable, up / denom, active.to(up.dtype))
     return slope, torch.where(unstable, -slope * lo, torch.zeros_like(lo))
 
 
@@ -40,7 +44,7 @@ class ReLU(Activation):
     def relax(self, lo, up, alpha=None):
         active = lo >= 0
         unstable = (lo < 0) & (up > 0)
-        a_u, b_u = triangle_upper(lo, up)
+        a_u, b_u = _upper_line(lo, up, unstable, active)
         slope = self.default_alpha(lo, up) if alpha is None else clamp01(alpha)
         a_l = torch.where(unstable, slope, active.to(lo.dtype))
         return a_l, None, a_u, b_u
