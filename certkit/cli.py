@@ -617,11 +617,11 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, 
       certkit run-instance acasxu/onnx/ACASXU_run2a_1_1_batch_2000.onnx \\
           acasxu/vnnlib/prop_1.vnnlib --timeout 116 --results out.txt --set attack_restarts=32
     """
-    from certkit.device import resolve_device
+    from certkit.device import check_device
     from certkit.settings import solver_config
     from certkit.vnncomp.instance import run_instance
 
-    resolve_device(device)  # --device cuda without one: say so here, before any result file
+    check_device(device)  # --device cuda without one: say so here, before any result file
     config = solver_config(config_file, sets)  # a bad setting: one line, before any result file
     if timeout <= 0:
         raise CertkitError(f"--timeout must be positive; got {timeout}")

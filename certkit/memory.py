@@ -18,10 +18,12 @@ from __future__ import annotations
 import os
 import re
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from certkit.errors import CertkitError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SHARE = 0.5  # of the available memory, for the largest coefficient tensor (temporaries take the rest)
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -77,6 +79,8 @@ def _meminfo_available() -> int | None:
 def available_memory(device: torch.device | str = "cpu") -> int:
     """Bytes free now for tensors on ``device``: the GPU's free memory for CUDA, the machine's
     available memory otherwise (/proc/meminfo, then psutil, then the physical memory)."""
+    import torch  # here, not at the top: parse_size serves processes that never load torch
+
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

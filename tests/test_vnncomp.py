@@ -8,6 +8,7 @@ import csv
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -631,3 +632,30 @@ def test_a_worker_killed_by_a_signal_is_an_error_and_the_log_says_so(tmp_path, m
     assert "killed by signal 9 (SIGKILL)" in log.read_text()
     assert run_instance("m.onnx", "p.vnnlib", timeout=20, results=out) is Status.ERROR  # no log file: stderr
     assert "killed by signal 9 (SIGKILL)" in capsys.readouterr().err
+
+
+def test_the_run_instance_parent_imports_neither_torch_nor_onnx(vnncomp_dir, tmp_path):
+    """The parent only checks its options, starts the solver and waits: torch's import (seconds)
+    belongs to the child alone."""
+    fam = vnncomp_dir / "acasxu"
+    onnx, prop = next(csv.reader(open(fam / "instances.csv")))[:2]
+    args = ["run-instance", str(fam / onnx), str(fam / prop), "--timeout", "10", "--results", "r.txt"]
+    code = textwrap.dedent(f"""
+        import sys
+        from unittest import mock
+        import certkit.vnncomp.instance as inst
+        from certkit.status import Status
+        seen = []
+        def fake(*a, **k):
+            seen.extend(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules)
+            return Status.VERIFIED
+        with mock.patch.object(inst, 'run_instance', fake):
+            from certkit.cli import main
+            try:
+                main({args!r})
+            except SystemExit as e:
+                assert not e.code, e.code
+        print(seen)
+        """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
