@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,17 @@ class Deadline:
         return self.left() <= 0
 
 
+@contextmanager
+def timed(timings: dict[str, float] | None, stage: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[stage]`` (nothing when ``timings`` is None)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
 @dataclass
 class SolveResult:
     status: Status  # VERIFIED (unsat), FALSIFIED (sat), UNKNOWN or TIMEOUT
@@ -66,6 +78,9 @@ class SolveResult:
     y: np.ndarray | None = None
     stage: str = ""  # what decided it: attack, crown, alpha-crown, milp-alpha-crown, input-split, relu-split
     log: list[str] = field(default_factory=list)
+    # seconds per stage run: attack, crown, alpha-crown (with the intermediate α-CROWN
+    # intervals), pgd-corners (PGD from CROWN's minimisers), bab (branch and bound with MILP)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Solver:
@@ -74,6 +89,7 @@ class Solver:
     whatever it is)."""
 
     def __init__(self, onnx_path: str | Path, config: SolverConfig | None = None, device: str | torch.device = "cpu"):
+        start = time.perf_counter()
         self.config = config or SolverConfig()
         self.device = torch.device(device)
         self.bm = BoundedModel(onnx_path)
@@ -81,6 +97,7 @@ class Solver:
         self.input_shape = self.bm.graph.input_shape
         self.oracle = Oracle(onnx_path, self.input_shape)
         self.nonfinite = nonfinite_weights_reason(onnx_path)  # '' when every weight is finite
+        self.load_seconds = time.perf_counter() - start  # reading, converting and checking the network
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bm.forward(x.to(self.device, torch.float64)).reshape(x.shape[0], -1)
@@ -158,16 +175,18 @@ class Solver:
     def splits_inputs(self) -> bool:
         return math.prod(self.input_shape) <= self.config.input_split_max
 
-    def root_bounds(self, case: Case, spec: Spec, deadline: Deadline) -> tuple[bool, str, dict, Tensor]:
+    def root_bounds(self, case: Case, spec: Spec, deadline: Deadline,
+                    timings: dict[str, float] | None = None) -> tuple[bool, str, dict, Tensor]:
         """CROWN, then α-CROWN on the whole box: (refuted, method, node intervals, CROWN's
         minimiser corners of the polytopes left (c, *input shape), starting points for a search).
 
         Where ReLU splitting follows, the intermediate bounds are first tightened by α-CROWN
         too: every subdomain starts from them (on mnist_fc's 256×4 network at ε = 0.05, half
-        of the unstable neurons become stable)."""
+        of the unstable neurons become stable). The seconds of each go to ``timings``' crown
+        and alpha-crown when it is given."""
         lo, up = self._box(case)
         cfg = self.config
-        with torch.no_grad():
+        with torch.no_grad(), timed(timings, "crown"):
             bounds = self.bm.intervals(lo, up, "crown")
             m, A, _ = margins(self.bm, spec, bounds, lo, up)
             refuted = m > 0
@@ -176,9 +195,10 @@ class Solver:
             return True, "crown", bounds, starts
         if deadline.expired() or cfg.alpha_iterations <= 0:
             return False, "", bounds, starts
-        if not self.splits_inputs() and cfg.intermediate_alpha_iterations > 0:
-            bounds = self._alpha_intervals(lo, up, bounds, deadline)
-        lb, _ = self.bm.alpha_crown(bounds, spec.batch_C(1), bound_upper=False, iterations=cfg.alpha_iterations)
+        with timed(timings, "alpha-crown"):
+            if not self.splits_inputs() and cfg.intermediate_alpha_iterations > 0:
+                bounds = self._alpha_intervals(lo, up, bounds, deadline)
+            lb, _ = self.bm.alpha_crown(bounds, spec.batch_C(1), bound_upper=False, iterations=cfg.alpha_iterations)
         return bool((refuted | spec.refuted(lb)).all()), "alpha-crown", bounds, starts
 
     def milp_applies(self) -> bool:
@@ -271,12 +291,16 @@ class Solver:
             note(f"unknown: {self.nonfinite}")
             return result
         cases = [(i, case, Spec.from_case(case, device=self.device)) for i, case in enumerate(prop.cases)]
-        decided = self._attack_stage(cases, timeout, deadline, note)
+        timings = result.timings
+        with timed(timings, "attack"):
+            decided = self._attack_stage(cases, timeout, deadline, note)
         if decided is None:
-            decided, open_cases, root_stage = self._root_stage(cases, deadline, note)
+            decided, open_cases, root_stage = self._root_stage(cases, deadline, note, timings)
             if decided is None:
-                decided = self._bab_stage(open_cases, root_stage, deadline, note)
+                with timed(timings if open_cases else None, "bab"):  # none to branch on: the root decided
+                    decided = self._bab_stage(open_cases, root_stage, deadline, note)
         decided.log = result.log
+        decided.timings = timings
         return decided
 
     def _attack_stage(self, cases: list[tuple[int, Case, Spec]], timeout: float, deadline: Deadline,
@@ -293,14 +317,15 @@ class Solver:
                 return SolveResult(Status.TIMEOUT)
         return None
 
-    def _root_stage(self, cases: list[tuple[int, Case, Spec]], deadline: Deadline, note: Callable[[str], None]
+    def _root_stage(self, cases: list[tuple[int, Case, Spec]], deadline: Deadline, note: Callable[[str], None],
+                    timings: dict[str, float] | None = None
                     ) -> tuple[SolveResult | None, list[tuple[int, Case, Spec, dict]], str]:
         """CROWN / α-CROWN on every case's whole box, and PGD from CROWN's minimisers where a
         polytope is left: (an answer or None, the cases left open with their intervals, the
-        method that refuted the others)."""
+        method that refuted the others); each stage's seconds added to ``timings``."""
         open_cases, root_stage = [], "crown"
         for i, case, spec in cases:
-            refuted, method, bounds, starts = self.root_bounds(case, spec, deadline)
+            refuted, method, bounds, starts = self.root_bounds(case, spec, deadline, timings)
             if refuted:
                 note(f"case {i}: refuted by {method}")
                 root_stage = method if method == "alpha-crown" else root_stage
@@ -308,8 +333,9 @@ class Solver:
                 # the corners minimising CROWN's bound lie where the relaxation sees the unsafe set:
                 # collins #20's output is flat on every random start, 14.7 of the 18 needed there
                 lo, up = self._box(case)
-                found = self.pgd(starts, lo, up, spec, self.config.attack_steps, self._confirm(case, spec),
-                                 deadline.expired)
+                with timed(timings, "pgd-corners"):
+                    found = self.pgd(starts, lo, up, spec, self.config.attack_steps, self._confirm(case, spec),
+                                     deadline.expired)
                 if found is not None:
                     note(f"case {i}: counterexample from PGD started at CROWN's minimisers")
                     return SolveResult(Status.FALSIFIED, *found, stage="attack"), [], root_stage
