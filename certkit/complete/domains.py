@@ -20,6 +20,7 @@ from certkit.status import Status
 
 
 def _map(value, fn: Callable[[Tensor], Tensor]):
+    """``fn`` applied to a field's tensor, or to each tensor of its list or dict."""
     if isinstance(value, Tensor):
         return fn(value)
     if isinstance(value, list):
@@ -28,6 +29,8 @@ def _map(value, fn: Callable[[Tensor], Tensor]):
 
 
 def _zip(values: list, fn: Callable[[list[Tensor]], Tensor]):
+    """``fn`` applied to one field's values across batches (tensors, or lists or dicts of them,
+    combined element by element)."""
     first = values[0]
     if isinstance(first, Tensor):
         return fn(values)

@@ -162,13 +162,13 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
     pre-activation intervals (valid on the smaller box), then one CROWN pass for the
     specification. Only the children that pass leaves open get full CROWN intermediate bounds,
     the costly part (a backward pass per layer)."""
-    search_ = _InputSplit(bm, spec, lower.shape[1:], reuse_parent)
-    D = math.prod(search_.shape)
+    splitter = _InputSplit(bm, spec, lower.shape[1:], reuse_parent)
+    D = math.prod(splitter.shape)
     lower, upper = lower.reshape(1, D), upper.reshape(1, D)
     root_width = (upper - lower).clamp(min=1e-30)
     everything = torch.ones(1, spec.num_groups, dtype=torch.bool, device=lower.device)
-    root = search_.bound(lower, upper, everything)
-    points, v, _ = search_.candidates(root.corners, lower, upper)
+    root = splitter.bound(lower, upper, everything)
+    points, v, _ = splitter.candidates(root.corners, lower, upper)
     found = confirm(points, v)
     if found is not None:
         return BabOutcome("input-split", Status.FALSIFIED, found, 1)
@@ -191,14 +191,14 @@ def input_split(bm: BoundedModel, spec: Spec, lower: Tensor, upper: Tensor, conf
             if found is not None:
                 return BabOutcome("input-split", Status.FALSIFIED, found, done, max_open)
         d = stack.pop(max(1, batch // (2 * k)))
-        lo_c, up_c, valid, parent = search_.children(d, root_width, k, min_relative_width)
-        kids = search_.bound(lo_c, up_c, d.alive.repeat_interleave(2 * k, 0), parent)
+        lo_c, up_c, valid, parent = splitter.children(d, root_width, k, min_relative_width)
+        kids = splitter.bound(lo_c, up_c, d.alive.repeat_interleave(2 * k, 0), parent)
         done += lo_c.shape[0]
         pick = _best_dimension(kids.score, valid)
         pick = pick[kids.score[pick] <= 0]
         if pick.numel() == 0:
             continue
-        points, v, hint = search_.candidates(kids.corners[pick], lo_c[pick], up_c[pick])
+        points, v, hint = splitter.candidates(kids.corners[pick], lo_c[pick], up_c[pick])
         found = confirm(points, v)
         if found is not None:
             return BabOutcome("input-split", Status.FALSIFIED, found, done, max_open)
