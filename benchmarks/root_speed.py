@@ -17,8 +17,9 @@ parts:
   float64 copy, onnxruntime session, weight check);
 - attack, crown, alpha-crown: ``SolveResult.timings`` (the first PGD; CROWN on the whole box
   with its margins; α-CROWN with the intermediate α-CROWN intervals);
-- exit: the wall time outside the child's own clock, mostly the interpreter's exit
-  (tearing torch and onnx2torch down takes about a second; the worker exits the same way);
+- exit: the wall time outside the child's own clock: the interpreter's start and the
+  process's end (the child ends with ``os._exit`` after its result, as the worker does; the
+  interpreter's shutdown, tearing torch and onnx2torch down, would add about a second);
 - other: the rest (PGD from CROWN's minimiser corners, branch and bound when the root
   leaves a case open, the solver's own bookkeeping).
 
@@ -68,7 +69,7 @@ DEFAULT = [  # stage at 1 thread: attack (sat), crown or alpha-crown (unsat)
 ]
 
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 start = time.perf_counter()
 import onnx2torch, onnxruntime, torch  # noqa: F401  (imported lazily on the solve path)
 from certkit.complete.solver import Solver
@@ -82,7 +83,8 @@ t = time.perf_counter()
 result = solver.solve(prop, end - time.time())
 print(json.dumps({"answer": result.status.vnncomp, "stage": result.stage, "imports": imported - start,
                   "read": read, "load": solver.load_seconds, "solve": time.perf_counter() - t,
-                  "timings": result.timings, "total": time.perf_counter() - start}))
+                  "timings": result.timings, "total": time.perf_counter() - start}), flush=True)
+os._exit(0)  # as the worker ends: no interpreter shutdown
 """
 
 STAGES = ("attack", "crown", "alpha-crown")
