@@ -1,5 +1,5 @@
 """How much of an intermediate interval the MILP refinement closes per second of HiGHS, with
-HiGHS's default presolve ("choose") against none ("off", what certkit.bounds.milp uses).
+HiGHS's default presolve ("choose") against none ("off", what certkit.complete.milp uses).
 
     python benchmarks/milp_presolve.py [--instances mnist_fc_2022:69 eran_2021:1]
         [--neurons 10] [--seconds 1.0] [--vnncomp ../shared/vnncomp]
