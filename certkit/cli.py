@@ -47,17 +47,6 @@ def friendly_errors(fn):
     return wrapper
 
 
-def _setting_text(value) -> str:
-    """A setting's value as a configuration file writes it."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
-    if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value))
-    return str(value)
-
-
 class SettingsCommand(click.Command):
     """A command configured by a section of the configuration (:mod:`certkit.settings`): its
     docstring may quote the section's defaults as ``{name}`` placeholders (with a format spec,
@@ -84,7 +73,9 @@ class SettingsCommand(click.Command):
             self.help = template
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        listing = ", ".join(f"{k}={_setting_text(v)}" for k, v in self._defaults().items())
+        from certkit.settings import setting_text
+
+        listing = ", ".join(f"{k}={setting_text(v)}" for k, v in self._defaults().items())
         formatter.write_paragraph()
         with formatter.indentation():
             formatter.write_text(f"Settings (defaults; set them in the {self.section}: section of --config FILE or "

@@ -339,6 +339,17 @@ def to_yaml(sections: Mapping[str, Resolved], header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def setting_text(value: Any) -> str:
+    """A setting's value as ``--set`` takes it: true/false, null, MIN,MAX for pairs."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
 def one_line(config: Any) -> str:
-    """``key=value key=value ...``: a config in one log line."""
-    return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in plain(config).items())
+    """``key=value key=value ...``: a config in one log line, each value as ``--set`` takes it."""
+    return " ".join(f"{k}={setting_text(v)}" for k, v in plain(config).items())

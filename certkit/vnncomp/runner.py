@@ -65,20 +65,10 @@ class Outcome:
 
     def row(self) -> list:
         """The CSV row: statuses in VNN-COMP's words ('' for no ground truth)."""
-        return [word(v) if isinstance(v, Status) or v is None else v for v in asdict(self).values()]
+        return ["" if v is None else v.vnncomp if isinstance(v, Status) else v for v in asdict(self).values()]
 
 
 ANSWERS = (Status.FALSIFIED, Status.VERIFIED)  # sat, unsat: the answers that score
-
-
-def word(status: Status | None) -> str:
-    """A status as VNN-COMP's files write it; '' for none."""
-    return "" if status is None else status.vnncomp
-
-
-def read_word(text: str) -> Status | None:
-    """The status a CSV cell names; None for an empty cell or one that names none."""
-    return Status.from_vnncomp(text)
 
 
 def verdict(status: Status, truth: Status | None) -> str:
@@ -129,8 +119,8 @@ def _truth_row(inst: Instance, gt: list[dict[str, str]], by_key: dict[tuple[str,
 
 
 def _join_truth(inst: Instance, row: dict[str, str]) -> None:
-    inst.ground_truth = read_word(row["ground_truth"])
-    inst.winner = read_word(row.get("abcrown_result", ""))
+    inst.ground_truth = Status.from_vnncomp(row["ground_truth"])
+    inst.winner = Status.from_vnncomp(row.get("abcrown_result", ""))
     try:
         inst.winner_time = float(row.get("abcrown_runtime_s", "nan") or "nan")
     except ValueError:
@@ -204,8 +194,9 @@ def read_outcomes(path: Path) -> list[Outcome]:
             status = Status.from_vnncomp(r["status"])
             if status is None:
                 raise ValueError(r["status"])
+            truth = Status.from_vnncomp(r["ground_truth"])
             out.append(Outcome(r["family"], int(r["index"]), r["onnx"], r["vnnlib"], float(r["timeout"]), status,
-                               float(r["seconds"]), read_word(r["ground_truth"]), r["verdict"], r["result_file"]))
+                               float(r["seconds"]), truth, r["verdict"], r["result_file"]))
         except (KeyError, ValueError, TypeError, AttributeError):
             raise InvalidInput(f"{path}: not a certkit vnncomp results file (remove it or pick another --out)") \
                 from None
