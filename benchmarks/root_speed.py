@@ -3,18 +3,20 @@
     OMP_NUM_THREADS=1 python benchmarks/root_speed.py [--instances FAMILY:INDEX ...]
         [--vnncomp ../shared/vnncomp] [--repeats 5] [--no-ratios]
 
-Each instance runs in its own child process, as ``certkit run-instance``'s worker runs it
+First the networks are converted into a fresh graph cache (``certkit cache``), as VNN-COMP's
+untimed prepare_instance.sh does (``--no-cache``: each child converts its network). Each
+instance then runs in its own child process, as ``certkit run-instance``'s worker runs it
 (same imports, the property read and the network loaded, then ``Solver.solve`` with the
 instance's published time limit less the worker's margin), so that Python's start-up and the
 imports are paid per instance, as in the competition. Printed per instance: the answer and
 the stage that decided it, the child's whole wall time (measured by this process), and its
 parts:
 
-- imports: torch, ``certkit.complete.solver``, ``certkit.vnnlib``, onnx2torch and onnxruntime
-  (imported lazily on the solve path; onnxsim, needed only for networks to fold, is not
-  imported here, so it counts in load where it is used);
-- load: the property read and the network loaded (``Solver.load_seconds``: conversion,
-  float64 copy, onnxruntime session, weight check);
+- imports: torch, ``certkit.complete.solver``, ``certkit.vnnlib`` and onnxruntime (imported
+  lazily on the solve path), and onnx2torch with ``--no-cache`` (onnxsim, needed only for
+  networks to fold, is not imported here, so it counts in load where it is used);
+- load: the property read and the network loaded (``Solver.load_seconds``: the graph read
+  from the cache, or converted with ``--no-cache``; onnxruntime session);
 - attack, crown, alpha-crown: ``SolveResult.timings`` (the first PGD; CROWN on the whole box
   with its margins; α-CROWN with the intermediate α-CROWN intervals);
 - exit: the wall time outside the child's own clock: the interpreter's start and the
@@ -41,6 +43,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,7 +74,9 @@ DEFAULT = [  # stage at 1 thread: attack (sat), crown or alpha-crown (unsat)
 CHILD = r"""
 import json, os, sys, time
 start = time.perf_counter()
-import onnx2torch, onnxruntime, torch  # noqa: F401  (imported lazily on the solve path)
+import onnxruntime, torch  # noqa: F401  (imported lazily on the solve path)
+if os.environ.get("CERTKIT_CACHE") == "off":
+    import onnx2torch  # noqa: F401  (converting: imported on the load path)
 from certkit.complete.solver import Solver
 from certkit.vnnlib import read_vnnlib
 imported = time.perf_counter()
@@ -82,8 +87,9 @@ solver = Solver(onnx)
 t = time.perf_counter()
 result = solver.solve(prop, end - time.time())
 print(json.dumps({"answer": result.status.vnncomp, "stage": result.stage, "imports": imported - start,
-                  "read": read, "load": solver.load_seconds, "solve": time.perf_counter() - t,
-                  "timings": result.timings, "total": time.perf_counter() - start}), flush=True)
+                  "read": read, "load": solver.load_seconds, "cached": solver.from_cache,
+                  "solve": time.perf_counter() - t, "timings": result.timings,
+                  "total": time.perf_counter() - start}), flush=True)
 os._exit(0)  # as the worker ends: no interpreter shutdown
 """
 
@@ -109,7 +115,20 @@ def ground_truth(vnncomp: Path, item: str) -> dict:
     return list(csv.DictReader(open(vnncomp / family / "ground_truth.csv")))[int(index)]
 
 
-def measure(vnncomp: Path, item: str) -> dict:
+def prepare(vnncomp: Path, items: list[str], cache: str) -> None:
+    """Convert the instances' networks into the graph cache, as VNN-COMP's untimed
+    prepare_instance.sh does (``certkit cache``)."""
+    if cache == "off":
+        return
+    networks = sorted({str(instance_paths(vnncomp, item)[0]) for item in items})
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "certkit.cli", "cache", *networks], cwd=ROOT, check=True,
+                   capture_output=True, env={**os.environ, "CERTKIT_CACHE": cache})
+    print(f"prepare (untimed, as VNN-COMP's prepare_instance.sh): {len(networks)} networks converted into the "
+          f"graph cache in {time.perf_counter() - t:.1f} s")
+
+
+def measure(vnncomp: Path, item: str, cache: str) -> dict:
     """Solve ``FAMILY:INDEX`` in a child process: its JSON, with ``wall`` (the child's whole
     run, measured here), ``start+exit`` (the wall time outside the child's own clock) and
     ``other`` (the child's time not in imports, load and the root stages)."""
@@ -117,7 +136,7 @@ def measure(vnncomp: Path, item: str) -> dict:
     t = time.perf_counter()
     end = time.time() + published_timeout(vnncomp, item) - SOLVE_MARGIN
     out = subprocess.run([sys.executable, "-c", CHILD, str(onnx), str(vnnlib), repr(end)],
-                         cwd=ROOT, capture_output=True, text=True)
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "CERTKIT_CACHE": cache})
     wall = time.perf_counter() - t
     if out.returncode != 0:
         raise RuntimeError(f"{item}: the child failed (exit {out.returncode}):\n{out.stderr[-2000:]}")
@@ -195,10 +214,15 @@ def main() -> None:
     add_instance_arguments(ap, DEFAULT)
     ap.add_argument("--repeats", type=int, default=5, help="timings per bound method (median)")
     ap.add_argument("--no-ratios", action="store_true", help="skip the CROWN / IBP / forward ratios")
+    ap.add_argument("--no-cache", action="store_true",
+                    help="convert every network in its child (no graph cache, no prepare step)")
     args = ap.parse_args()
     print(f"{time.strftime('%Y-%m-%d')}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"one child process per instance; seconds")
-    results = [measure(args.vnncomp, item) for item in args.instances]
+          f"one child process per instance, graph cache {'off' if args.no_cache else 'on'}; seconds")
+    with tempfile.TemporaryDirectory(prefix="certkit-root-speed-") as tmp:
+        cache = "off" if args.no_cache else tmp
+        prepare(args.vnncomp, args.instances, cache)
+        results = [measure(args.vnncomp, item, cache) for item in args.instances]
     print_table(args.vnncomp, args.instances, results)
     if not args.no_ratios:
         bound_ratios(args.vnncomp, args.instances, args.repeats)

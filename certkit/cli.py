@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from inspect import cleandoc
@@ -166,6 +167,47 @@ def inspect(model: str) -> None:
     bm = BoundedModel(model)
     console.print(graph_table(bm.graph, f"certkit graph ({len(bm.graph.nodes)} nodes)"))
     console.print(f"output shape {bm.graph.output_shape}; all operators supported", style="green")
+
+
+@main.command("cache")
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--clear", is_flag=True, help="Delete every stored graph first.")
+@friendly_errors
+def cache_cmd(models: tuple[str, ...], clear: bool) -> None:
+    """Convert ONNX MODELS once and keep their bound graphs for later runs.
+
+    run-instance and vnncomp read a network's graph from this cache when the same file (byte
+    for byte, with the same certkit) was converted before: no conversion and no onnx or
+    onnx2torch import (seconds per instance). VNN-COMP's prepare_instance.sh runs this. The
+    cache is $CERTKIT_CACHE (`off` disables it), else ~/.cache/certkit/graphs; deleting it is
+    always safe. Exits with code 2 when a model cannot be bounded (unsupported operator,
+    malformed file).
+
+    \b
+    certkit cache net.onnx       # convert and store (or find it stored)
+    certkit cache --clear        # empty the cache
+    """
+    import torch
+
+    from certkit import graph_cache
+    from certkit.report import console
+
+    directory = graph_cache.cache_dir()
+    if clear:
+        console.print(f"removed {graph_cache.clear(directory)} stored graph(s) from {directory}", highlight=False)
+    if models and directory is None:
+        _fail(f"the graph cache is off (${graph_cache.CACHE_ENV} is {os.environ[graph_cache.CACHE_ENV]!r})")
+    for model in models:
+        loaded = graph_cache.load_bounded(model, torch.float64, directory)
+        if loaded.cached:
+            state = "already stored"
+        elif graph_cache.entry_path(model, torch.float64, directory).is_file():
+            state = "converted and stored"
+        else:
+            state = "converted, not storable (its graph holds what the format cannot; each run converts it)"
+        console.print(f"{model}: {state} ({len(loaded.model.graph.nodes)} nodes)", highlight=False)
+    if models:
+        console.print(f"cache: {directory}", highlight=False)
 
 
 def _warn_nonfinite(model: str) -> None:

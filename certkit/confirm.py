@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 from torch import Tensor
 
-from certkit.onnx_io import OrtSession
+from certkit.ort_session import OrtSession
 from certkit.vnnlib import Case
 
 
@@ -57,8 +57,8 @@ def in_unsafe_set(case: Case, y: np.ndarray) -> bool:
 class Oracle:
     """An onnxruntime session for one network, fed flat input vectors."""
 
-    def __init__(self, path: str | Path, input_shape: tuple[int, ...]):
-        self.session = OrtSession(path, threads=1)
+    def __init__(self, path: str | Path, input_shape: tuple[int, ...], checked: bool = False):
+        self.session = OrtSession(path, threads=1, checked=checked)  # checked: see OrtSession
         self.input_shape = tuple(input_shape)
 
     def outputs(self, x: np.ndarray) -> np.ndarray:

@@ -58,7 +58,7 @@ def export_onnx(model: nn.Module, out: str | Path, input_shape: tuple[int, ...],
     onnxruntime's outputs within 1e-4 of PyTorch's, and the file's IBP bounds on ε-boxes equal
     to the checkpoint's. Raises ExportCheckFailed (writing nothing) when either fails."""
     from certkit.bounds import compute_bounds
-    from certkit.onnx_io import run_onnxruntime
+    from certkit.ort_session import run_onnxruntime
 
     model = copy.deepcopy(model).eval()
     fused = fuse_batchnorm(model)

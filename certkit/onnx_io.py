@@ -23,7 +23,7 @@ import torch
 
 from certkit.bounds.graph import check_input_shape
 from certkit.bounds.ops import supported_onnx
-from certkit.errors import InvalidInput, InvalidModel, UnsupportedOperator
+from certkit.errors import InvalidModel, UnsupportedOperator
 
 # ONNX operators the bound engine has sound rules for: the registry's table (the graph
 # builder checks each node's details, e.g. which operands are constant).
@@ -108,6 +108,12 @@ def check_external_data(proto: onnx.ModelProto, path: str | Path) -> None:
         if Path(location).is_absolute() or not target.is_relative_to(folder) or target == folder:
             raise InvalidModel(f"{path}: refused: tensor {tensor.name or name!r} keeps its data at {location!r}, not a "
                                "file inside the model's folder (external data must lie beside the model)")
+
+
+def uses_external_data(path: str | Path) -> bool:
+    """Whether some tensor of the file keeps its data in another file."""
+    proto = read_proto(path, load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for _, t in _all_tensors(proto))
 
 
 def opset_of(proto: onnx.ModelProto) -> int:
@@ -340,41 +346,6 @@ def load_onnx(path: str | Path) -> LoadedOnnx:
     name, shape = graph_input(proto)
     module = _convert(proto).eval()
     return LoadedOnnx(module, proto, name, shape, opset_of(proto))
-
-
-class OrtSession:
-    """An onnxruntime session on the CPU, reused across calls (counterexample checks run many)."""
-
-    def __init__(self, path: str | Path, threads: int = 0):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = threads
-        read_proto(path, load_external_data=False)  # refuses external data outside the model's folder
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise InvalidModel(f"{path}: onnxruntime cannot load it ({e})") from None
-        inp = self.session.get_inputs()[0]
-        self.name = inp.name
-        self.full_shape = [d if isinstance(d, int) else None for d in inp.shape]
-        self.dtype = np.float64 if inp.type == "tensor(double)" else np.float32  # float32 → float64 is exact
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """The output on ``x`` (batch first), one sample at a time when the file fixes the batch size to 1."""
-        x = np.asarray(x, dtype=np.float32).astype(self.dtype)
-        if len(self.full_shape) != x.ndim:
-            raise InvalidInput(f"onnxruntime input {self.name!r} has rank {len(self.full_shape)}, got array of "
-                               f"shape {x.shape}")
-        if self.full_shape[0] == 1 and x.shape[0] != 1:
-            return np.concatenate([self.session.run(None, {self.name: x[i:i + 1]})[0] for i in range(x.shape[0])])
-        return self.session.run(None, {self.name: x})[0]
-
-
-def run_onnxruntime(path: str | Path, x: np.ndarray) -> np.ndarray:
-    """The network's output on ``x`` (batch first) according to onnxruntime."""
-    return OrtSession(path).run(x)
 
 
 @dataclass

@@ -22,6 +22,15 @@ def require(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def graph_cache_dir(tmp_path_factory) -> Path:
+    """Converted graphs go to a fresh directory of this test run (also for the solver processes
+    tests start), never to the user's cache."""
+    path = tmp_path_factory.mktemp("graph-cache")
+    os.environ["CERTKIT_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def vnncomp_dir() -> Path:
     return require(VNNCOMP)
@@ -47,7 +56,7 @@ def assert_matches_onnxruntime(path: Path):
     import numpy as np
 
     from certkit.bounds import BoundedModel
-    from certkit.onnx_io import run_onnxruntime
+    from certkit.ort_session import run_onnxruntime
 
     torch.manual_seed(0)
     bm = BoundedModel(path)
@@ -56,7 +65,27 @@ def assert_matches_onnxruntime(path: Path):
     with torch.no_grad():
         out = bm(x).numpy()
     np.testing.assert_allclose(out.reshape(ref.shape), ref, rtol=1e-4, atol=1e-4 * (1 + np.abs(ref).max()))
+    assert_stores_identically(bm, x)
     return bm, x
+
+
+def assert_stores_identically(bm, x: torch.Tensor) -> None:
+    """The graph as the graph cache stores it (encoded to plain data, saved, loaded with
+    weights_only, decoded) computes exactly the same outputs and IBP bounds as the original."""
+    import io
+
+    from certkit.bounds import BoundedModel
+    from certkit.bounds.frozen import decode, encode
+
+    buffer = io.BytesIO()
+    torch.save(encode(bm.graph, bm.dtype), buffer)
+    buffer.seek(0)
+    stored = BoundedModel.from_graph(*decode(torch.load(buffer, weights_only=True)))
+    lo, up = x - 0.01, x + 0.01
+    with torch.no_grad():
+        assert torch.equal(stored(x), bm(x))
+        for a, b in zip(stored.compute_bounds(lo, up, "ibp"), bm.compute_bounds(lo, up, "ibp")):
+            assert torch.equal(a, b) or (a.isnan().any() and torch.equal(a.nan_to_num(), b.nan_to_num()))
 
 
 def _mnist_classifier_ending_in(op_type: str, folder: Path, seed: int = 0) -> Path:

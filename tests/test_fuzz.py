@@ -364,7 +364,7 @@ def load_everything(path: Path):
 
 def agrees_with_onnxruntime(bm, path: Path) -> None:
     """A model certkit loads computes what onnxruntime computes (where onnxruntime can run it)."""
-    from certkit.onnx_io import run_onnxruntime
+    from certkit.ort_session import run_onnxruntime
 
     x = torch.rand(2, *bm.graph.input_shape)
     try:

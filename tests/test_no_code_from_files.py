@@ -26,7 +26,8 @@ from certkit.checkpoints import UntrustedCheckpoint, load_checkpoint_state, save
 from certkit.cli import main
 from certkit.errors import InvalidInput, InvalidModel
 from certkit.files import read_gz_capped
-from certkit.onnx_io import OrtSession, read_proto
+from certkit.onnx_io import read_proto
+from certkit.ort_session import OrtSession
 from certkit.train.data import load_cifar10, load_mnist
 from certkit.train.loop import config_from, train
 from certkit.vnnlib import VnnlibError, read_vnnlib

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 
 from certkit.bounds import METHODS, BoundedModel, ops
 from certkit.errors import UnsupportedOperator
-from certkit.onnx_io import run_onnxruntime
+from certkit.ort_session import run_onnxruntime
 from tests.conftest import VNNCOMP, assert_matches_onnxruntime, onnx_model_file
 from tests.test_soundness import SETTINGS, check_soundness, gen_of, init_params, random_box
 

@@ -24,7 +24,7 @@ from certkit.bounds import BoundedModel
 from certkit.bounds.ops import ReLU
 from certkit.bounds.ops.piecewise import Abs, Clip, HardSigmoid, HardSwish, Kinked, LeakyReLU, PReLU, Sign
 from certkit.errors import UnsupportedOperator
-from certkit.onnx_io import run_onnxruntime
+from certkit.ort_session import run_onnxruntime
 from tests.conftest import assert_matches_onnxruntime, onnx_model_file
 from tests.op_soundness import check_op, random_boxes
 

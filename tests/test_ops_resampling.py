@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from certkit.bounds import METHODS, BoundedModel
 from certkit.bounds.ops.resampling import ConvTranspose, Resize, unfaithful_nodes
 from certkit.errors import UnsupportedOperator
-from certkit.onnx_io import run_onnxruntime
+from certkit.ort_session import run_onnxruntime
 from tests.conftest import assert_matches_onnxruntime
 from tests.op_soundness import check_op, random_boxes
 from tests.test_soundness import SETTINGS, check_soundness, gen_of, init_params, random_box

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from certkit.bounds import BoundedModel
 from certkit.bounds.ops import smooth
 from certkit.errors import UnsupportedOperator
-from certkit.onnx_io import run_onnxruntime
+from certkit.ort_session import run_onnxruntime
 from tests.conftest import assert_matches_onnxruntime
 from tests.op_soundness import check_op, random_boxes
 

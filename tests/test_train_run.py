@@ -75,10 +75,10 @@ def test_cli_train_plot_export(tmp_path, data_dir):
 def test_export_refuses_a_file_that_fails_its_check(tmp_path, data_dir, monkeypatch):
     cfg = config_from("mnist", method="vanilla", epochs=1, data_dir=str(data_dir), **TINY)
     train(cfg, tmp_path / "run", log=lambda *_: None)
-    import certkit.onnx_io
+    import certkit.ort_session
 
-    real = certkit.onnx_io.run_onnxruntime
-    monkeypatch.setattr(certkit.onnx_io, "run_onnxruntime", lambda p, x: real(p, x) + 1e-3)
+    real = certkit.ort_session.run_onnxruntime
+    monkeypatch.setattr(certkit.ort_session, "run_onnxruntime", lambda p, x: real(p, x) + 1e-3)
     out = tmp_path / "m.onnx"
     with pytest.raises(ExportCheckFailed, match="onnxruntime differs"):
         export_checkpoint(tmp_path / "run" / "last.pt", out, data_dir=str(data_dir))

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from certkit.attack import pgd_attack
 from certkit.bounds import BoundedModel, margin_matrix
 from certkit.cli import main
-from certkit.onnx_io import run_onnxruntime
+from certkit.ort_session import run_onnxruntime
 from certkit.results import STATUS, read_results, summarize
 from certkit.verify import VerifyConfig, load_verify_data, run_verify, verify_batch
 from certkit.vnnlib import read_vnnlib

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from certkit.bounds import BoundedModel
 from certkit.cli import main
-from certkit.onnx_io import run_onnxruntime
+from certkit.ort_session import run_onnxruntime
 from certkit.results import read_results
 from tests.conftest import assert_matches_onnxruntime
 from tests.zoo import ZOO, export

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # VNN-COMP harness: prepare_instance.sh v1 CATEGORY ONNX VNNLIB
-# Stops leftovers of an earlier instance and checks that certkit supports every operator of
-# the network (a non-zero exit tells the harness to skip the instance).
+# Stops leftovers of an earlier instance, checks that certkit supports every operator of
+# the network (a non-zero exit tells the harness to skip the instance) and caches its converted graph.
 set -uo pipefail
 [ "${1:-}" = "v1" ] && [ $# -eq 4 ] || { echo "usage: prepare_instance.sh v1 CATEGORY ONNX VNNLIB" >&2; exit 1; }
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,4 +18,6 @@ if [ -f "$PIDFILE" ]; then
 fi
 ONNX="$3"
 case "$ONNX" in *.gz) gunzip -kf "$ONNX"; ONNX="${ONNX%.gz}";; esac
-cd "$ROOT" && "$PY" -c "import sys; from certkit.onnx_io import read_proto, check_supported; check_supported(read_proto(sys.argv[1]))" "$ONNX"
+# convert the network once (the answer to "is every operator supported?") and keep its graph in the
+# cache, so that run_instance.sh starts solving without converting or importing onnx
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m certkit.cli cache "$ONNX"

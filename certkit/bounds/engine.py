@@ -59,7 +59,8 @@ def concretize(A: Tensor, box: Interval) -> Tensor:
 
 
 class BoundedModel:
-    """A network made ready for bounding: an ``nn.Module`` or the path of an ONNX file."""
+    """A network made ready for bounding: an ``nn.Module`` or the path of an ONNX file, or a
+    stored graph (:meth:`from_graph`: no module, fixed weights)."""
 
     def __init__(self, model: nn.Module | str | Path, input_shape: tuple[int, ...] | None = None):
         self.onnx_path = None
@@ -71,19 +72,34 @@ class BoundedModel:
             loaded = load_onnx(model)
             self.onnx_path = Path(model)
             model, input_shape = loaded.module, loaded.input_shape
-        self.module = model
+        self.module: nn.Module | None = model
         self._graph: Graph | None = None
         if input_shape is not None:
             self._build(tuple(input_shape))
 
+    @classmethod
+    def from_graph(cls, graph: Graph, dtype: torch.dtype, onnx_path: str | Path | None = None) -> BoundedModel:
+        """Bound a graph without its module (one read back from :mod:`certkit.graph_cache`),
+        inputs cast to ``dtype``: its weights are fixed, ``to`` moves or casts the graph's own
+        tensors, and it bounds inputs of the graph's input shape only."""
+        bm = cls(nn.Identity())
+        bm.module, bm._frozen_dtype = None, dtype
+        bm.onnx_path = None if onnx_path is None else Path(onnx_path)
+        bm._set_graph(graph)
+        return bm
+
     # ------------------------------------------------------------------ set-up
 
     def _build(self, input_shape: tuple[int, ...]) -> None:
-        self._graph = build_graph(self.module, input_shape)
+        if self.module is None:  # a stored graph has one input shape; _prepare names a mismatch
+            return
+        self._set_graph(build_graph(self.module, input_shape))
+
+    def _set_graph(self, graph: Graph) -> None:
+        self._graph = graph
         if self.strip_softmax:
             self._graph = self._graph.before_output_softmax() or self._graph
-        param = reference_tensor(self.module)
-        self._built_on = param.device if param is not None else torch.device("cpu")  # where its constants live
+        self._built_on = self._constants_device()  # where its constants live
         self._ancestors: dict[str, list] = {}
         self._exact = self._graph.ibp_exact()
         self.pre_activation = {i for n in self._graph.nodes[1:] if not n.op.affine for i in n.inputs}
@@ -92,21 +108,39 @@ class BoundedModel:
         feeds_other = {i for n in self._graph.nodes[1:] if not n.op.affine and n.op.kind != "relu" for i in n.inputs}
         self._relu_only = self.pre_activation - feeds_other
 
+    def _constants_device(self) -> torch.device:
+        if self.module is None:
+            from certkit.bounds.frozen import graph_device
+
+            return graph_device(self.graph)
+        param = reference_tensor(self.module)
+        return param.device if param is not None else torch.device("cpu")
+
     def logits_model(self) -> BoundedModel | None:
         """The same network up to the logits before an output Softmax/LogSoftmax over the
         classes (:meth:`Graph.before_output_softmax`), or None when it has none. Shares the
-        module with this one."""
+        module (or the stored graph) with this one."""
         if self.graph.before_output_softmax() is None:
             return None
-        view = BoundedModel(self.module)
-        view.onnx_path, view.strip_softmax = self.onnx_path, True
+        view = BoundedModel(nn.Identity())
+        view.module, view.onnx_path, view.strip_softmax = self.module, self.onnx_path, True
         view.max_memory = self.max_memory
-        view._build(self.graph.input_shape)
+        if self.module is None:
+            view._frozen_dtype = self._frozen_dtype
+            view._set_graph(self.graph)
+        else:
+            view._build(self.graph.input_shape)
         return view
 
     def to(self, *args, **kwargs) -> BoundedModel:
         """Move or cast the network (``torch.nn.Module.to`` arguments); the graph is rebuilt
         because it holds constants captured at build time."""
+        if self.module is None:
+            from certkit.bounds.frozen import graph_to
+
+            graph, self._frozen_dtype = graph_to(self.graph, self._frozen_dtype, *args, **kwargs)
+            self._set_graph(graph)
+            return self
         self.module.to(*args, **kwargs)
         if self._graph is not None:
             self._build(self._graph.input_shape)
@@ -115,6 +149,8 @@ class BoundedModel:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype inputs are cast to: the network's parameters' (float32 without any)."""
+        if self.module is None:
+            return self._frozen_dtype
         param = reference_tensor(self.module)
         return param.dtype if param is not None else torch.float32
 
@@ -134,11 +170,15 @@ class BoundedModel:
 
         The graph is rebuilt whenever it was built on another device than x's (also when the
         caller moved ``module`` itself): constants captured at build time must move too."""
-        param = reference_tensor(self.module)
-        if param is not None and param.device != x.device:
-            self.module.to(x.device)
-        if self._graph is None or self._built_on != x.device:
-            self._build(tuple(x.shape[1:]))
+        if self.module is None:
+            if self._built_on != x.device:
+                self.to(x.device)
+        else:
+            param = reference_tensor(self.module)
+            if param is not None and param.device != x.device:
+                self.module.to(x.device)
+            if self._graph is None or self._built_on != x.device:
+                self._build(tuple(x.shape[1:]))
         if tuple(x.shape[1:]) != self.graph.input_shape:
             raise InvalidInput(
                 f"input of shape {tuple(x.shape)} does not fit the model, which expects (batch, "

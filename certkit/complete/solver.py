@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from certkit.attack import pgd as run_pgd
-from certkit.bounds import BoundedModel
 from certkit.bounds.engine import no_tf32
 from certkit.bounds.ops.activation import triangle_upper
 from certkit.complete import milp
@@ -42,7 +41,7 @@ from certkit.complete.relu_split import relu_split
 from certkit.complete.spec import Spec
 from certkit.confirm import Confirm, Oracle
 from certkit.errors import InvalidInput
-from certkit.onnx_io import nonfinite_weights_reason
+from certkit.graph_cache import load_bounded
 from certkit.status import Status
 from certkit.vnnlib import Case, Property
 
@@ -92,11 +91,12 @@ class Solver:
         start = time.perf_counter()
         self.config = config or SolverConfig()
         self.device = torch.device(device)
-        self.bm = BoundedModel(onnx_path)
-        self.bm.to(torch.float64).to(self.device)
+        loaded = load_bounded(onnx_path, torch.float64)  # from the graph cache when this file was converted before
+        self.bm = loaded.model.to(self.device)
+        self.from_cache = loaded.cached
         self.input_shape = self.bm.graph.input_shape
-        self.oracle = Oracle(onnx_path, self.input_shape)
-        self.nonfinite = nonfinite_weights_reason(onnx_path)  # '' when every weight is finite
+        self.oracle = Oracle(onnx_path, self.input_shape, checked=True)
+        self.nonfinite = loaded.nonfinite  # '' when every weight is finite
         self.load_seconds = time.perf_counter() - start  # reading, converting and checking the network
 
     def forward(self, x: Tensor) -> Tensor:
