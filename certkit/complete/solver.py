@@ -153,18 +153,21 @@ class Solver:
                 return None
         return None
 
-    def attack(self, case: Case, spec: Spec, deadline: Deadline, budget: float) -> tuple | None:
-        """PGD from the centre and random points; restarts until ``budget`` s."""
+    def attack(self, case: Case, spec: Spec, deadline: Deadline, budget: float,
+               gen: torch.Generator | None = None, centre: bool = True) -> tuple | None:
+        """PGD rounds from random points (the first round also from the box's centre, with
+        ``centre``) until ``budget`` s are spent, at least one round. ``gen`` draws the starting
+        points (default: seeded afresh); passing the same one again continues with new points."""
         lo, up = self._box(case)
         confirm = self._confirm(case, spec)
-        gen = torch.Generator().manual_seed(self.config.seed)
+        gen = torch.Generator().manual_seed(self.config.seed) if gen is None else gen
         stop = time.monotonic() + budget
         R, steps = self.config.attack_restarts, self.config.attack_steps
         first = True
         while first or (time.monotonic() < stop and not deadline.expired()):
             # drawn on the CPU: the same starting points on every device
             x = lo + (up - lo) * torch.rand((R, *self.input_shape), generator=gen, dtype=torch.float64).to(lo.device)
-            if first:
+            if first and centre:
                 x[0] = ((lo + up) / 2)[0]
             first = False
             found = self.pgd(x, lo, up, spec, steps, confirm, deadline.expired)
@@ -292,24 +295,42 @@ class Solver:
             return result
         cases = [(i, case, Spec.from_case(case, device=self.device)) for i, case in enumerate(prop.cases)]
         timings = result.timings
-        with timed(timings, "attack"):
-            decided = self._attack_stage(cases, timeout, deadline, note)
-        if decided is None:
-            decided, open_cases, root_stage = self._root_stage(cases, deadline, note, timings)
-            if decided is None:
-                with timed(timings if open_cases else None, "bab"):  # none to branch on: the root decided
-                    decided = self._bab_stage(open_cases, root_stage, deadline, note)
+        decided = self._decide(cases, timeout, deadline, note, timings)
         decided.log = result.log
         decided.timings = timings
         return decided
 
-    def _attack_stage(self, cases: list[tuple[int, Case, Spec]], timeout: float, deadline: Deadline,
-                      note: Callable[[str], None]) -> SolveResult | None:
-        """PGD on every case within its share of the attack budget: an answer, or None to go on."""
-        cfg = self.config
-        budget = min(cfg.attack_time_max, cfg.attack_time * timeout) / max(1, len(cases))
+    def _decide(self, cases: list[tuple[int, Case, Spec]], timeout: float, deadline: Deadline,
+                note: Callable[[str], None], timings: dict[str, float]) -> SolveResult:
+        """The stages in order of expected cost: one round of PGD per case (most counterexamples
+        fall to it), the bounds at the root (CROWN, α-CROWN, PGD from CROWN's minimisers), the
+        rest of the attack budget on the cases the root leaves open (the same starting points
+        the attack would have drawn next), then branch and bound. An unsat instance decided at
+        the root so pays one round of PGD, not the whole attack budget."""
+        budget = min(self.config.attack_time_max, self.config.attack_time * timeout)
+        draws = {i: torch.Generator().manual_seed(self.config.seed) for i, _, _ in cases}
+        with timed(timings, "attack"):
+            decided = self._attack_stage(cases, deadline, note, draws)
+        if decided is not None:
+            return decided
+        decided, open_cases, root_stage = self._root_stage(cases, deadline, note, timings)
+        if decided is not None or not open_cases:
+            return decided or self._bab_stage([], root_stage, deadline, note)
+        rest = (budget - timings.get("attack", 0.0)) / len(open_cases)
+        if rest > 0:
+            with timed(timings, "attack"):
+                decided = self._attack_stage([c[:3] for c in open_cases], deadline, note, draws, rest)
+            if decided is not None:
+                return decided
+        with timed(timings, "bab"):
+            return self._bab_stage(open_cases, root_stage, deadline, note)
+
+    def _attack_stage(self, cases: list[tuple[int, Case, Spec]], deadline: Deadline, note: Callable[[str], None],
+                      draws: dict[int, torch.Generator], budget: float | None = None) -> SolveResult | None:
+        """PGD on every case: one round each (``budget`` None), or more rounds for ``budget``
+        seconds each, continuing each case's draws. An answer, or None to go on."""
         for i, case, spec in cases:
-            found = self.attack(case, spec, deadline, budget)
+            found = self.attack(case, spec, deadline, budget or 0.0, draws[i], centre=budget is None)
             if found is not None:
                 note(f"case {i}: counterexample from PGD")
                 return SolveResult(Status.FALSIFIED, *found, stage="attack")
