@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from certkit.bounds import windows
 from certkit.bounds.graph import Graph, build_graph, reference_tensor
 from certkit.bounds.ops import Activation, batchnorm_of
 from certkit.errors import InvalidInput
@@ -48,6 +49,22 @@ def no_tf32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def _accumulate(pending: dict, name: str, A: Tensor | windows.Windows) -> None:
+    """Add coefficients reaching node ``name`` to ``pending`` (windows merge with windows of the
+    same grid; otherwise both become dense)."""
+    have = pending.get(name)
+    if have is None:
+        pending[name] = A
+        return
+    if isinstance(have, windows.Windows) and isinstance(A, windows.Windows):
+        merged = windows.merge(have, A)
+        if merged is not None and merged.fits():
+            pending[name] = merged
+            return
+    dense = [x.dense() if isinstance(x, windows.Windows) else x for x in (have, A)]
+    pending[name] = dense[0] + dense[1]
+
+
 def concretize(A: Tensor, box: Interval) -> Tensor:
     """Lower bound of A·x over the box: A⁺l + A⁻u = A·c − |A|·r, for A of shape (B, S, *shape)."""
     lo, up = box
@@ -66,6 +83,7 @@ class BoundedModel:
         self.onnx_path = None
         self.strip_softmax = False
         self.max_memory: int | None = None  # bytes for the largest coefficient tensor (None: memory.default_budget)
+        self.windowed = True  # CROWN refinements on receptive-field windows (certkit.bounds.windows)
         if isinstance(model, (str, Path)):
             from certkit.onnx_io import load_onnx
 
@@ -124,7 +142,7 @@ class BoundedModel:
             return None
         view = BoundedModel(nn.Identity())
         view.module, view.onnx_path, view.strip_softmax = self.module, self.onnx_path, True
-        view.max_memory = self.max_memory
+        view.max_memory, view.windowed = self.max_memory, self.windowed
         if self.module is None:
             view._frozen_dtype = self._frozen_dtype
             view._set_graph(self.graph)
@@ -299,14 +317,26 @@ class BoundedModel:
             sub = bounds if g == B else self._domains(bounds, name, dom)
             for part in neurons.split(max(1, rows // g)):
                 k = part.numel()
-                eye = torch.zeros(k, n_flat, dtype=lf.dtype, device=lf.device)
-                eye[torch.arange(k, device=lf.device), part] = 1
-                A = torch.cat([eye, -eye]).expand(g, 2 * k, n_flat).reshape(g, 2 * k, *shape)
+                A = self._windows(part.repeat(2).expand(g, 2 * k), [1.0] * k + [-1.0] * k, shape, lf,
+                                  alpha_iterations)
+                if A is None:
+                    eye = torch.zeros(k, n_flat, dtype=lf.dtype, device=lf.device)
+                    eye[torch.arange(k, device=lf.device), part] = 1
+                    A = torch.cat([eye, -eye]).expand(g, 2 * k, n_flat).reshape(g, 2 * k, *shape)
                 lb = self._backward(name, A, sub, stop_at_nonlinear=False)
                 lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
                 lf[dom, part] = torch.maximum(lf[dom, part], lb[:, :k])
                 uf[dom, part] = torch.minimum(uf[dom, part], -lb[:, k:])
         return lf, uf
+
+    def _windows(self, index: Tensor, signs: list[float], shape, like: Tensor,
+                 alpha_iterations: int) -> windows.Windows | None:
+        """Rows ``signs[s]``·e_``index[b, s]`` of a node of per-sample ``shape`` as receptive-field
+        windows (:mod:`certkit.bounds.windows`), or None where dense rows are needed: windows
+        off, α-CROWN's optimisation (dense), or a node that is not an image."""
+        if not self.windowed or alpha_iterations > 0:
+            return None
+        return windows.unit_rows(index, torch.tensor(signs, dtype=like.dtype, device=like.device), shape)
 
     def _domains(self, bounds: dict[str, Interval], name: str, dom: slice) -> dict[str, Interval]:
         """The intervals of ``name``'s ancestors in the domains ``dom`` only."""
@@ -324,11 +354,13 @@ class BoundedModel:
                                      f"the CROWN refinement of node {name!r}")
         for part in pairs.split(per_chunk):
             dom, neuron = part[:, 0], part[:, 1]
-            rows = torch.arange(part.shape[0], device=lf.device)
-            A = torch.zeros(part.shape[0], 2, n_flat, dtype=lf.dtype, device=lf.device)
-            A[rows, 0, neuron] = 1
-            A[rows, 1, neuron] = -1
-            A = A.reshape(-1, 2, *shape)
+            A = self._windows(neuron[:, None].expand(-1, 2), [1.0, -1.0], shape, lf, alpha_iterations)
+            if A is None:
+                rows = torch.arange(part.shape[0], device=lf.device)
+                A = torch.zeros(part.shape[0], 2, n_flat, dtype=lf.dtype, device=lf.device)
+                A[rows, 0, neuron] = 1
+                A[rows, 1, neuron] = -1
+                A = A.reshape(-1, 2, *shape)
             sub = {a: (bounds[a][0][dom], bounds[a][1][dom]) for a in names}
             lb = self._backward(name, A, sub, stop_at_nonlinear=False)
             lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
@@ -341,7 +373,7 @@ class BoundedModel:
             self._ancestors[name] = self.graph.ancestors(name)
         return self._ancestors[name]
 
-    def _backward(self, start: str, A: Tensor, bounds: dict[str, Interval], stop_at_nonlinear: bool,
+    def _backward(self, start: str, A: Tensor | windows.Windows, bounds: dict[str, Interval], stop_at_nonlinear: bool,
                   alphas: dict[str, Tensor] | None = None, record: dict[str, Tensor] | None = None,
                   extra: dict[str, Tensor] | None = None) -> Tensor:
         """Lower bound (B, S) of A·node[start] by backward linear propagation.
@@ -352,8 +384,12 @@ class BoundedModel:
         coefficient tensor reaching every node (branching scores and the input's minimiser
         in branch and bound). ``extra`` adds coefficients at given nodes, i.e. bounds
         A·node[start] + Σ extra[n]·node[n] (β-CROWN's Lagrangian terms for split neurons).
+        ``A`` may be receptive-field windows (:mod:`certkit.bounds.windows`; then without those
+        three): they stay windows while they can, the same bounds for a fraction of the work.
         """
-        pending = {start: A}
+        pending: dict[str, Tensor | windows.Windows] = {start: A}
+        if isinstance(A, windows.Windows):
+            A = A.A  # (B, S, ...): the rows' count and dtype
         lb = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
         for node in self._ancestors_of(start):
             A_n = pending.pop(node.name, None)
@@ -361,6 +397,12 @@ class BoundedModel:
                 A_n = extra[node.name] if A_n is None else A_n + extra[node.name]
             if A_n is None:
                 continue
+            if isinstance(A_n, windows.Windows):
+                done = self._windowed_step(node, A_n, bounds, pending)
+                if done is not None:
+                    lb = lb + done
+                    continue
+                A_n = A_n.dense()
             if record is not None:
                 record[node.name] = A_n
             if node.op is None or (stop_at_nonlinear and not node.op.affine):
@@ -373,8 +415,24 @@ class BoundedModel:
             if bias is not None:
                 lb = lb + bias
             for i, A_i in zip(node.inputs, A_ins):
-                pending[i] = pending[i] + A_i if i in pending else A_i
+                _accumulate(pending, i, A_i)
         return lb
+
+    def _windowed_step(self, node, win: windows.Windows, bounds: dict[str, Interval],
+                       pending: dict[str, Tensor | windows.Windows]) -> Tensor | None:
+        """One step of the backward pass on windows (:mod:`certkit.bounds.windows`): the bias it
+        adds, with the inputs' windows added to ``pending``; None when this node needs dense
+        coefficients."""
+        if node.op is None:
+            return windows.concretize(win, bounds[node.name])
+        step = windows.backward(node.op, win, [bounds[i] for i in node.inputs],
+                                [self.graph.by_name[i].shape for i in node.inputs])
+        if step is None:
+            return None
+        A_ins, bias = step
+        for i, A_i in zip(node.inputs, A_ins):
+            _accumulate(pending, i, A_i if A_i.fits() else A_i.dense())
+        return torch.zeros(win.A.shape[:2], dtype=win.A.dtype, device=win.A.device) if bias is None else bias
 
     def compute_bounds(self, lower: Tensor, upper: Tensor, method: str = "crown", C: Tensor | None = None,
                        bound_upper: bool = True, x: Tensor | None = None, intersect: bool = True,

@@ -1,0 +1,147 @@
+"""CROWN's refinement on receptive-field windows gives the bounds of the dense pass (float64:
+to rounding), on random convolution stacks (hypothesis), residual blocks and real networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from certkit.bounds import BoundedModel
+from certkit.bounds.windows import Windows, merge, unit_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _both(bm: BoundedModel, lo: torch.Tensor, up: torch.Tensor) -> tuple[dict, dict]:
+    out = []
+    for windowed in (False, True):
+        bm.windowed = windowed
+        with torch.no_grad():
+            out.append(bm.intervals(lo, up, "crown"))
+    return out[0], out[1]
+
+
+def _assert_same(dense: dict, windowed: dict, tol: float = 1e-9) -> None:
+    for name, (lo, up) in dense.items():
+        scale = 1 + max(float(lo.abs().max()), float(up.abs().max()))
+        assert torch.allclose(windowed[name][0], lo, rtol=0, atol=tol * scale), name
+        assert torch.allclose(windowed[name][1], up, rtol=0, atol=tol * scale), name
+
+
+def _boxes(shape, batch: int, eps: float, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, *shape, generator=gen, dtype=torch.float64)
+    return x - eps, x + eps
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.down = nn.Conv2d(c, c, 1, stride=2)
+        self.main = nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.body(x) + x)
+        return torch.relu(self.main(y) + self.down(y))  # two paths of one stride, different windows
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    gen = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_residual_network_bounds_the_same_on_windows(batch, monkeypatch):
+    import certkit.bounds.windows as windows
+
+    used = {"steps": set(), "merged": 0}
+    step, join = windows.backward, windows.merge
+
+    def counted_step(op, *args):
+        out = step(op, *args)
+        if out is not None:
+            used["steps"].add(type(op).__name__)
+        return out
+
+    def counted_merge(a, b):
+        out = join(a, b)
+        used["merged"] += out is not None
+        return out
+
+    monkeypatch.setattr(windows, "backward", counted_step)
+    monkeypatch.setattr(windows, "merge", counted_merge)
+    torch.manual_seed(0)
+    net = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), Residual(4),
+                                      nn.Flatten(), nn.Linear(4 * 4 * 4, 5)))
+    bm = BoundedModel(net, (3, 16, 16)).to(torch.float64)
+    _assert_same(*_both(bm, *_boxes((3, 16, 16), batch, 0.02)))
+    assert {"Conv2d", "ReLU", "Add"} <= used["steps"] and used["merged"] > 0  # the windows did the work
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 2), st.integers(0, 2), st.integers(1, 2),
+                          st.sampled_from(["relu", "sigmoid", "bn-relu"])), min_size=2, max_size=3),
+       st.integers(1, 3), st.integers(0, 1000))
+def test_random_convolution_stacks_bound_the_same_on_windows(layers, batch, seed):
+    torch.manual_seed(seed)
+    mods, c, size = [], 2, 14
+    for kernel, stride, padding, dilation, act in layers:
+        span = dilation * (kernel - 1) + 1
+        if size + 2 * padding < span:
+            continue
+        out = 2 + seed % 2
+        mods.append(nn.Conv2d(c, out, kernel, stride=stride, padding=padding, dilation=dilation))
+        size = (size + 2 * padding - span) // stride + 1
+        if act == "bn-relu":
+            mods.append(nn.BatchNorm2d(out))
+        mods.append(nn.Sigmoid() if act == "sigmoid" else nn.ReLU())
+        c = out
+    net = _randomise_bn(nn.Sequential(*mods, nn.Conv2d(c, 2, 1), nn.Flatten()))
+    bm = BoundedModel(net, (2, 14, 14)).to(torch.float64)
+    lo, up = _boxes((2, 14, 14), batch, 0.05, seed)
+    dense, windowed = _both(bm, lo, up)
+    _assert_same(dense, windowed)
+    with torch.no_grad():  # and sound: sampled outputs inside
+        pts = lo + (up - lo) * torch.rand(64, *lo.shape, dtype=torch.float64)
+        ys = bm(pts.reshape(-1, *lo.shape[1:])).reshape(64, batch, -1)
+    out_lo, out_up = windowed[bm.graph.output]
+    assert (ys >= out_lo.reshape(batch, -1) - 1e-9).all() and (ys <= out_up.reshape(batch, -1) + 1e-9).all()
+
+
+@pytest.mark.parametrize("network", ["cifar10_resnet_2021/onnx/resnet_2b.onnx", "oval21_2022/onnx/cifar_base_kw.onnx"])
+def test_real_networks_bound_the_same_on_windows(network, vnncomp_dir):
+    bm = BoundedModel(vnncomp_dir / network).to(torch.float64)
+    _assert_same(*_both(bm, *_boxes(bm.graph.input_shape, 2, 2 / 255)))
+
+
+def test_windows_cut_and_densify_like_slicing():
+    gen = torch.Generator().manual_seed(0)
+    C, H, W = 3, 7, 6
+    index = torch.tensor([[0 * 42 + 0, 1 * 42 + 3 * 6 + 5, 2 * 42 + 6 * 6 + 2]])
+    win = unit_rows(index, torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64), (C, H, W))
+    dense = win.dense()
+    expected = torch.zeros(1, 3, C * H * W, dtype=torch.float64)
+    expected[0, 0, 0], expected[0, 1, 42 + 23], expected[0, 2, 84 + 38] = 1.0, -1.0, 2.0
+    assert torch.equal(dense, expected.reshape(1, 3, C, H, W))
+    # a grown window (stride 2, pad 1, 3×3) cuts what slicing the zero-padded map gives
+    grown = Windows(torch.rand(1, 3, C, 3, 3, generator=gen, dtype=torch.float64), win.pos, (H, W), (2, 2), (1, 1),
+                    (C, 13, 12))
+    maps = torch.rand(1, C, 13, 12, generator=gen, dtype=torch.float64)
+    padded = torch.nn.functional.pad(maps, (1, 4, 1, 4))
+    cut = grown.cut(maps)
+    for s, (h, w) in enumerate(win.pos[0].tolist()):
+        assert torch.equal(cut[0, s], padded[0, :, 2 * h:2 * h + 3, 2 * w:2 * w + 3])
+    assert torch.allclose((grown.dense() * maps.unsqueeze(1)).flatten(2).sum(-1),
+                          (grown.A * cut).flatten(2).sum(-1))
+    other = Windows(torch.rand(1, 3, C, 1, 1, generator=gen, dtype=torch.float64), win.pos, (H, W), (2, 2), (0, 0),
+                    (C, 13, 12))
+    assert torch.allclose(merge(grown, other).dense(), grown.dense() + other.dense())
