@@ -76,9 +76,8 @@ class Windows:
         maps = maps.reshape(maps.shape[0], -1, H, W)
         C = maps.shape[1]
         ph, pw = self.pad
-        padded = F.pad(maps, (pw, pw + kw, ph, ph + kh))  # room for every window's far side
-        top, left = self._corners()
         if maps.shape[0] * self.grid[0] * self.grid[1] <= B * S:
+            padded = F.pad(maps, (pw, pw + kw, ph, ph + kh))  # room for every window's far side
             cols = F.unfold(padded, (kh, kw), stride=self.stride)  # (Bm, C·kh·kw, L), L on a grid
             per_row = (padded.shape[-1] - kw) // self.stride[1] + 1
             index = self.pos[..., 0] * per_row + self.pos[..., 1]  # (B, S)
@@ -86,10 +85,14 @@ class Windows:
                 return cols[0].T[index].reshape(B, S, C, kh, kw)
             picked = cols.gather(2, index.unsqueeze(1).expand(B, cols.shape[1], S))
             return picked.permute(0, 2, 1).reshape(B, S, C, kh, kw)
-        rows = (top[..., None] + torch.arange(kh, device=top.device))[..., :, None]  # (B, S, kh, 1)
-        cols = (left[..., None] + torch.arange(kw, device=top.device))[..., None, :]  # (B, S, 1, kw)
+        top, left = self._corners()
+        rows = top[..., None] - ph + torch.arange(kh, device=top.device)  # (B, S, kh), map coordinates
+        cols = left[..., None] - pw + torch.arange(kw, device=top.device)  # (B, S, kw)
+        on_map = ((rows >= 0) & (rows < H))[..., :, None] & ((cols >= 0) & (cols < W))[..., None, :]
         which = torch.arange(B if maps.shape[0] > 1 else 1, device=top.device)[:, None, None, None]
-        return padded[which, :, rows, cols].permute(0, 1, 4, 2, 3)  # (B, S, kh, kw, C) -> (B, S, C, kh, kw)
+        picked = maps[which, :, rows.clamp(0, H - 1)[..., :, None], cols.clamp(0, W - 1)[..., None, :]]
+        picked = picked * on_map.unsqueeze(-1).to(picked.dtype)  # (B, S, kh, kw, C), zero off the map
+        return picked.permute(0, 1, 4, 2, 3)
 
     def inside(self) -> Tensor:
         """1 where a window position lies on the map, 0 where it lies in the padding."""
@@ -171,14 +174,20 @@ def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
 
 
 def _activation(op: Activation, win: Windows, bounds: Interval):
+    # relaxations are per neuron: relaxing each window's intervals is relaxing the map's, cut
+    # (positions off the map get [0, 0], whose lines meet coefficients that are zero there);
+    # whichever holds fewer neurons is relaxed
     lo, up = bounds
-    a_l, b_l, a_u, b_u = op.relax(lo, up)
+    B, S = win.A.shape[:2]
+    if B * S * win.size[0] * win.size[1] <= lo.shape[0] * lo[0, 0].numel():
+        a_l, b_l, a_u, b_u = op.relax(win.cut(lo), win.cut(up))
+    else:
+        a_l, b_l, a_u, b_u = (None if t is None else win.cut(t) for t in op.relax(lo, up))
     A = win.A
-    positive = A >= 0
-    A_in = A * torch.where(positive, win.cut(a_l), win.cut(a_u))
-    bias = (A.clamp(max=0) * win.cut(b_u)).flatten(2).sum(-1)
+    A_in = A * torch.where(A >= 0, a_l, a_u)
+    bias = (A.clamp(max=0) * b_u).flatten(2).sum(-1)
     if b_l is not None:
-        bias = bias + (A.clamp(min=0) * win.cut(b_l)).flatten(2).sum(-1)
+        bias = bias + (A.clamp(min=0) * b_l).flatten(2).sum(-1)
     return [replace(win, A=A_in)], bias
 
 
