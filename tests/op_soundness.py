@@ -95,7 +95,8 @@ def check_op(op: Op, boxes: list[Box], points: int = 10_000, specs: int = 4, see
                 # a float32 sample past exp's range is inf; A·y mixing +inf and −inf outputs is NaN, a
                 # value the dtype cannot hold (no claim to check), and a bound of −inf claims nothing
                 claimless = vals.isnan() | (lb.unsqueeze(-1) == -torch.inf)
-                assert ((gap <= slack) | claimless).all(), f"CROWN bound (alpha={'set' if alpha is not None else 'none'}, " \
+                which = "set" if alpha is not None else "none"
+                assert ((gap <= slack) | claimless).all(), f"CROWN bound (alpha={which}, " \
                                              f"sign {sign}) violated by {gap.max():.3g}"
                 if alpha is None:
                     result["crown_lower" if sign == 1 else "crown_upper"] = (lb if sign == 1 else -lb)
