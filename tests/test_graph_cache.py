@@ -224,3 +224,29 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_solving_from_the_cache_imports_nothing_heavy(vnncomp_dir, tmp_path):
+    """verivital #7 (a convolution, average pooling; unsat by CROWN) solved in a fresh process
+    with its graph cached: no onnx, onnx2torch, torchvision or torch._dynamo (whose import,
+    once hidden behind torch.func in the pooling rule, took 2 s of the CROWN stage)."""
+    fam = vnncomp_dir / "verivital_2021"
+    onnx, prop = next(iter(__import__("csv").reader(open(fam / "instances.csv"))))[:2]
+    code = textwrap.dedent("""
+        import sys
+        from certkit.complete import Solver
+        from certkit.vnnlib import read_vnnlib
+        solver = Solver(sys.argv[1])
+        result = solver.solve(read_vnnlib(sys.argv[2]), 60)
+        heavy = ("onnx", "onnx2torch", "torchvision", "torch._dynamo")
+        print(solver.from_cache, result.status.vnncomp, [m for m in heavy if m in sys.modules])
+        """)
+    env = {**os.environ, "CERTKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "certkit.cli", "cache", str(fam / onnx)], env=env, cwd=REPO, check=True,
+                   capture_output=True)
+    out = subprocess.run([sys.executable, "-c", code, str(fam / onnx), str(fam / prop)], env=env, cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    cached, answer, heavy = out.stdout.strip().split(" ", 2)
+    assert cached == "True" and heavy == "[]", out.stdout
+    assert answer in ("sat", "unsat")

@@ -49,6 +49,17 @@ def batched_dot(A: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(A.reshape(B, S, -1), v).squeeze(-1)
 
 
+def adjoint(fn, out: Tensor, in_shape: Sequence[int]) -> Tensor:
+    """The transpose of the linear map ``fn`` (batched, inputs of per-sample ``in_shape``)
+    applied to ``out``: the vector-Jacobian product at 0, by autograd (differentiable when
+    gradients are on). Not ``torch.func.vjp``, whose first call imports torch._dynamo (~2 s)."""
+    outer = torch.is_grad_enabled()
+    with torch.enable_grad():
+        x = out.new_zeros(out.shape[0], *in_shape).requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(x), x, out, create_graph=outer)
+    return grad
+
+
 def bias_sum(A: Tensor, t: Tensor) -> Tensor:
     """sum over all non-(B, S) dims of ``A * t`` with t broadcast to one sample."""
     return (A * t).flatten(2).sum(-1)

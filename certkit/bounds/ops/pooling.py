@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from certkit.bounds.ops.base import Monotone
+from certkit.bounds.ops.base import Monotone, adjoint
 from certkit.bounds.ops.registry import Ctx, register
 
 
@@ -31,10 +31,7 @@ class AvgPool2d(Monotone):
 
     def backward(self, A, in_bounds, **kw):
         B, S = A.shape[:2]
-        flat = A.reshape(B * S, *A.shape[2:])
-        zeros = flat.new_zeros(B * S, *self.in_shape)
-        _, vjp = torch.func.vjp(self.forward, zeros)
-        (A_in,) = vjp(flat)
+        A_in = adjoint(self.forward, A.reshape(B * S, *A.shape[2:]), self.in_shape)
         return [A_in.reshape(B, S, *self.in_shape)], None
 
     def describe(self):

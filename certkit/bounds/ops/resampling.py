@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from certkit.bounds.ops.base import Monotone, Op, center_radius, dims
+from certkit.bounds.ops.base import Monotone, Op, adjoint, center_radius, dims
 from certkit.bounds.ops.registry import Ctx, register
 
 # ------------------------------------------------------------------ transposed convolution
@@ -152,9 +152,7 @@ class Resize(Monotone):
 
     def backward(self, A, in_bounds, **kw):
         B, S = A.shape[:2]
-        flat = A.reshape(B * S, *A.shape[2:])
-        _, vjp = torch.func.vjp(self.forward, flat.new_zeros(B * S, *self.in_shape))
-        (A_in,) = vjp(flat)
+        A_in = adjoint(self.forward, A.reshape(B * S, *A.shape[2:]), self.in_shape)
         return [A_in.reshape(B, S, *self.in_shape)], None
 
     def describe(self):
