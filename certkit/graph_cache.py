@@ -32,6 +32,7 @@ import torch
 
 from certkit.bounds.engine import BoundedModel
 from certkit.errors import InvalidModel
+from certkit.files import file_sha256
 
 CACHE_ENV = "CERTKIT_CACHE"
 _OFF = {"", "off", "0", "false", "no", "none"}
@@ -55,14 +56,6 @@ def cache_dir() -> Path | None:
         return None if value.strip().lower() in _OFF else Path(value)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "certkit" / "graphs"
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @functools.cache

@@ -13,7 +13,6 @@ argmax, far better conditioned margins); the results file records this in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from certkit.attack import pgd_attack
 from certkit.bounds import BoundedModel, margin_matrix
 from certkit.confirm import Oracle
 from certkit.errors import InvalidInput
-from certkit.files import check_array_file_size
+from certkit.files import check_array_file_size, file_sha256
 from certkit.memory import MemoryBudgetExceeded
 from certkit.results import STATUS, ResultsFile
 from certkit.settings import setting
@@ -86,14 +85,6 @@ class VerifyConfig:
         else:
             raise InvalidInput(f"unknown method {self.method!r}; choose auto or one of {', '.join(CASCADE)}")
         return methods + (["attack"] if self.attack else [])
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _confirm(oracle: Oracle, x: np.ndarray, labels: np.ndarray, lo: np.ndarray, up: np.ndarray,
@@ -305,7 +296,7 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     if nonfinite:
         logging.getLogger("certkit.verify").warning("every sample ends unknown: %s", nonfinite)
     attrs = {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
-             "model_path": str(onnx_path), "model_sha256": sha256(onnx_path), "eps": float(cfg.eps),
+             "model_path": str(onnx_path), "model_sha256": file_sha256(onnx_path), "eps": float(cfg.eps),
              "method": cfg.method, "dataset": dataset, "start": int(start), "n": int(len(x)),
              "options": json.dumps(asdict(cfg)), "bounded_output": bounded,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
