@@ -76,7 +76,9 @@ class Windows:
         maps = maps.reshape(maps.shape[0], -1, H, W)
         C = maps.shape[1]
         ph, pw = self.pad
-        if maps.shape[0] * self.grid[0] * self.grid[1] <= B * S:
+        top, left = self._corners()
+        on_grid = int(top.max()) <= H + 2 * ph and int(left.max()) <= W + 2 * pw  # unfold's grid holds them
+        if on_grid and maps.shape[0] * self.grid[0] * self.grid[1] <= B * S:
             padded = F.pad(maps, (pw, pw + kw, ph, ph + kh))  # room for every window's far side
             cols = F.unfold(padded, (kh, kw), stride=self.stride)  # (Bm, C·kh·kw, L), L on a grid
             per_row = (padded.shape[-1] - kw) // self.stride[1] + 1
@@ -85,7 +87,6 @@ class Windows:
                 return cols[0].T[index].reshape(B, S, C, kh, kw)
             picked = cols.gather(2, index.unsqueeze(1).expand(B, cols.shape[1], S))
             return picked.permute(0, 2, 1).reshape(B, S, C, kh, kw)
-        top, left = self._corners()
         rows = top[..., None] - ph + torch.arange(kh, device=top.device)  # (B, S, kh), map coordinates
         cols = left[..., None] - pw + torch.arange(kw, device=top.device)  # (B, S, kw)
         on_map = ((rows >= 0) & (rows < H))[..., :, None] & ((cols >= 0) & (cols < W))[..., None, :]
@@ -153,10 +154,10 @@ def backward(op, win: Windows, in_bounds: list[Interval], in_shapes: list[tuple[
 
 
 def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
-    w, b = op._params()
-    if not _spatial(in_shape):
-        return None
     s, p, d = op.stride, op.padding, op.dilation
+    if not _spatial(in_shape) or not all(isinstance(v, int) for v in (*s, *p, *d)):
+        return None  # (a padding given as a string, 'same', has no fixed offset here)
+    w, b = op._params()
     B, S, C, kh, kw = win.A.shape
     rows = win.A.reshape(B * S, C, kh, kw)
     if B * S > 2 * C * kh * kw:  # many rows: one matrix product with the window-to-window map
