@@ -17,8 +17,9 @@ parts:
   networks to fold, is not imported here, so it counts in load where it is used);
 - load: the property read and the network loaded (``Solver.load_seconds``: the graph read
   from the cache, or converted with ``--no-cache``; onnxruntime session);
-- attack, crown, alpha-crown: ``SolveResult.timings`` (the first PGD; CROWN on the whole box
-  with its margins; α-CROWN with the intermediate α-CROWN intervals);
+- crown-ibp, attack, crown, alpha-crown: ``SolveResult.timings`` (IBP's intervals with one
+  CROWN pass from the property's rows; the first PGD; CROWN on the whole box with its
+  margins; α-CROWN with the intermediate α-CROWN intervals);
 - exit: the wall time outside the child's own clock: the interpreter's start and the
   process's end (the child ends with ``os._exit`` after its result, as the worker does; the
   interpreter's shutdown, tearing torch and onnx2torch down, would add about a second);
@@ -53,7 +54,7 @@ from certkit.vnncomp.instance import SOLVE_MARGIN  # what the worker leaves befo
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DEFAULT = [  # stage at 1 thread: attack (sat), crown or alpha-crown (unsat)
+DEFAULT = [  # stage at 1 thread: attack (sat), crown-ibp, crown or alpha-crown (unsat)
     "acasxu:60",  # sat, attack
     "cifar10_resnet_2021:12",  # unsat, crown (ResNet-2b: CROWN ~1.2 s)
     "collins_rul_cnn_2022:4",  # unsat, crown
@@ -93,7 +94,7 @@ print(json.dumps({"answer": result.status.vnncomp, "stage": result.stage, "impor
 os._exit(0)  # as the worker ends: no interpreter shutdown
 """
 
-STAGES = ("attack", "crown", "alpha-crown")
+STAGES = ("crown-ibp", "attack", "crown", "alpha-crown")
 
 
 def parse_child(stdout: str) -> dict:

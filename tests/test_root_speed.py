@@ -42,8 +42,8 @@ def _property(threshold: float) -> Property:
 
 
 @pytest.mark.parametrize("threshold,status,stages", [
-    (1000.0, Status.FALSIFIED, {"attack"}),
-    (-1000.0, Status.VERIFIED, {"attack", "crown"}),
+    (1000.0, Status.FALSIFIED, {"crown-ibp", "attack"}),
+    (-1000.0, Status.VERIFIED, {"crown-ibp"}),  # refuted before any attack
 ])
 def test_timings_name_the_stages_run_and_fit_in_the_solve(tiny_solver, threshold, status, stages):
     start = time.perf_counter()
@@ -62,14 +62,14 @@ def test_parse_child_takes_the_last_json_line():
         root_speed.parse_child("no json here\n")
 
 
-def test_benchmark_child_on_a_real_instance_decided_by_crown(vnncomp_dir, capsys):
-    """rl_benchmarks_2022 #0 (cartpole, unsat): refuted by CROWN at the root; the child's parts
+def test_benchmark_child_on_a_real_instance_decided_by_crown_ibp(vnncomp_dir, capsys):
+    """rl_benchmarks_2022 #0 (cartpole, unsat): refuted by CROWN-IBP before any attack; the child's parts
     and the parent's wall time add up, and the table prints with α,β-CROWN's published time."""
     item = "rl_benchmarks_2022:0"
     cache = os.environ["CERTKIT_CACHE"]  # the test run's graph cache (conftest)
     root_speed.prepare(vnncomp_dir, [item], cache)
     r = root_speed.measure(vnncomp_dir, item, cache)
-    assert (r["answer"], r["stage"], r["cached"]) == ("unsat", "crown", True), r
+    assert (r["answer"], r["stage"], r["cached"]) == ("unsat", "crown-ibp", True), r
     parts = [r["imports"], r["load"], *r["timings"].values(), r["start+exit"], r["other"]]
     assert all(p >= 0 for p in parts), r
     assert r["imports"] + r["load"] + sum(r["timings"].values()) <= r["total"] <= r["wall"]
