@@ -119,7 +119,8 @@ def _convert(path: Path, dtype: torch.dtype, entry: Path | None) -> LoadedNetwor
 
     model = BoundedModel(path).to(dtype)
     nonfinite = nonfinite_weights_reason(path)
-    if entry is not None and not uses_external_data(path):
+    # stored only if the file still has the bytes its entry is named after (not rewritten meanwhile)
+    if entry is not None and not uses_external_data(path) and entry_path(path, dtype, entry.parent) == entry:
         _store(entry, model, nonfinite)
     return LoadedNetwork(model, nonfinite, False)
 
