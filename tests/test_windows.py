@@ -145,3 +145,19 @@ def test_windows_cut_and_densify_like_slicing():
     other = Windows(torch.rand(1, 3, C, 1, 1, generator=gen, dtype=torch.float64), win.pos, (H, W), (2, 2), (0, 0),
                     (C, 13, 12))
     assert torch.allclose(merge(grown, other).dense(), grown.dense() + other.dense())
+
+
+@pytest.mark.parametrize("name", ["groups", "rectangular"])
+def test_grouped_and_rectangular_convolutions_bound_the_same_on_windows(name):
+    torch.manual_seed(0)
+    if name == "groups":  # grouped and depthwise kernels, a 1×3 kernel with stride (1, 2), a non-square map
+        net, shape = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.ReLU(),
+                                   nn.Conv2d(8, 4, (1, 3), stride=(1, 2)), nn.ReLU(), nn.Flatten()), (4, 12, 18)
+    else:  # different kernels, strides, paddings and dilations per axis, and tanh
+        net, shape = nn.Sequential(nn.Conv2d(3, 6, (3, 5), stride=(2, 1), padding=(1, 2)), nn.ReLU(),
+                                   nn.Conv2d(6, 6, (5, 3), stride=(1, 2), padding=(2, 0), dilation=(1, 2)), nn.Tanh(),
+                                   nn.Conv2d(6, 3, 3), nn.ReLU(), nn.Flatten()), (3, 20, 16)
+    bm = BoundedModel(net.eval(), shape).to(torch.float64)
+    for batch in (1, 3):
+        _assert_same(*_both(bm, *_boxes(shape, batch, 0.05, batch)))
