@@ -201,7 +201,7 @@ def cache_cmd(models: tuple[str, ...], clear: bool) -> None:
         loaded = graph_cache.load_bounded(model, torch.float64, directory)
         if loaded.cached:
             state = "already stored"
-        elif graph_cache.entry_path(model, torch.float64, directory).is_file():
+        elif loaded.stored:
             state = "converted and stored"
         else:
             state = "converted, not storable (its graph holds what the format cannot; each run converts it)"

@@ -47,6 +47,7 @@ class LoadedNetwork:
     model: BoundedModel
     nonfinite: str  # why some weight is NaN/Inf ('' when all are finite)
     cached: bool  # read from the cache (False: converted now)
+    stored: bool  # the cache holds it now (read from it, or converted and written)
 
 
 def cache_dir() -> Path | None:
@@ -111,7 +112,7 @@ def _read(entry: Path, path: Path) -> LoadedNetwork | None:
         nonfinite = str(data["nonfinite"])
     except Exception:
         return None
-    return LoadedNetwork(BoundedModel.from_graph(graph, dtype, path), nonfinite, True)
+    return LoadedNetwork(BoundedModel.from_graph(graph, dtype, path), nonfinite, True, True)
 
 
 def _convert(path: Path, dtype: torch.dtype, entry: Path | None) -> LoadedNetwork:
@@ -120,14 +121,14 @@ def _convert(path: Path, dtype: torch.dtype, entry: Path | None) -> LoadedNetwor
     model = BoundedModel(path).to(dtype)
     nonfinite = nonfinite_weights_reason(path)
     # stored only if the file still has the bytes its entry is named after (not rewritten meanwhile)
-    if entry is not None and not uses_external_data(path) and entry_path(path, dtype, entry.parent) == entry:
-        _store(entry, model, nonfinite)
-    return LoadedNetwork(model, nonfinite, False)
+    stored = (entry is not None and not uses_external_data(path) and entry_path(path, dtype, entry.parent) == entry
+              and _store(entry, model, nonfinite))
+    return LoadedNetwork(model, nonfinite, False, stored)
 
 
-def _store(entry: Path, model: BoundedModel, nonfinite: str) -> None:
-    """Write the entry (atomically); a graph the format cannot hold, or a directory that
-    cannot be written, just stays uncached."""
+def _store(entry: Path, model: BoundedModel, nonfinite: str) -> bool:
+    """Write the entry (atomically); whether it was written (a graph the format cannot hold,
+    or a directory that cannot be written, just stays uncached)."""
     from certkit.bounds.frozen import Unfreezable, encode
     from certkit.files import write_atomically
 
@@ -135,7 +136,8 @@ def _store(entry: Path, model: BoundedModel, nonfinite: str) -> None:
         data = {"graph": encode(model.graph, model.dtype), "nonfinite": nonfinite}
         write_atomically(entry, lambda tmp: torch.save(data, tmp))
     except (Unfreezable, OSError):
-        pass
+        return False
+    return True
 
 
 def clear(directory: Path | None = None) -> int:

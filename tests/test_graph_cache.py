@@ -70,7 +70,8 @@ def test_a_cached_network_bounds_identically_and_loads_without_onnx(network, vnn
 def test_an_entry_follows_the_files_bytes(tmp_path):
     cache, net = tmp_path / "cache", tmp_path / "net.onnx"
     _export(_mlp(0), net)
-    assert not load_bounded(net, directory=cache).cached
+    first = load_bounded(net, directory=cache)
+    assert not first.cached and first.stored
     again = load_bounded(net, directory=cache)
     assert again.cached and again.model.module is None
     assert all(torch.equal(a, b) for a, b in zip(_bounds(again.model), _bounds(BoundedModel(net).to(torch.float64))))
@@ -130,7 +131,7 @@ def test_a_graph_the_format_cannot_hold_stays_uncached_and_still_loads(tmp_path,
 
     monkeypatch.setattr("certkit.bounds.frozen.encode", refuse)
     loaded = gc.load_bounded(net, directory=cache)
-    assert not loaded.cached
+    assert not loaded.cached and not loaded.stored
     assert not cache.exists() or not list(cache.glob("*.pt"))
     assert all(torch.equal(a, b) for a, b in zip(_bounds(loaded.model), _bounds(BoundedModel(net).to(torch.float64))))
 

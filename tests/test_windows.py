@@ -161,3 +161,24 @@ def test_grouped_and_rectangular_convolutions_bound_the_same_on_windows(name):
     bm = BoundedModel(net.eval(), shape).to(torch.float64)
     for batch in (1, 3):
         _assert_same(*_both(bm, *_boxes(shape, batch, 0.05, batch)))
+
+
+def test_a_batch_norm_that_stays_apart_bounds_the_same_on_windows(monkeypatch):
+    """A batch norm after a ReLU (not folded into a convolution) is cut per window too."""
+    import certkit.bounds.windows as windows
+
+    used, step = set(), windows.backward
+
+    def counted(op, *args):
+        out = step(op, *args)
+        if out is not None:
+            used.add(type(op).__name__)
+        return out
+
+    monkeypatch.setattr(windows, "backward", counted)
+    torch.manual_seed(0)
+    net = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4),
+                                      nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(), nn.Flatten()))
+    bm = BoundedModel(net, (3, 12, 12)).to(torch.float64)
+    _assert_same(*_both(bm, *_boxes((3, 12, 12), 2, 0.05)))
+    assert "BatchNorm" in used

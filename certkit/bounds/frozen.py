@@ -80,7 +80,7 @@ def _encode(value: Any, where: str) -> Any:
         return {"~": "fixed", "value": _encode(value.value, where)}
     if isinstance(value, Op):
         return _encode_op(value, where)
-    if isinstance(value, nn.Module) and type(value).__name__ in _BATCHNORMS and type(value) in _BATCHNORMS.values():
+    if type(value) in _BATCHNORMS.values():
         return {"~": "batchnorm", "class": type(value).__name__, "args": {a: getattr(value, a) for a in _BN_ARGS},
                 "state": {k: v.detach() for k, v in value.state_dict().items()}, "training": value.training}
     raise Unfreezable(f"node {where!r} holds a {type(value).__module__}.{type(value).__qualname__}")

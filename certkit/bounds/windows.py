@@ -142,11 +142,9 @@ def backward(op, win: Windows, in_bounds: list[Interval], in_shapes: list[tuple[
     if type(op).backward is Activation.backward and in_shapes[0] == win.map_shape:
         return _activation(op, win, in_bounds[0])
     if isinstance(op, ElementwiseAffine) and op.in_shape == win.map_shape:
-        scale, shift = op.scale, op.shift
-        return _affine(win, scale, shift)
+        return _affine(win, op.scale, op.shift)
     if isinstance(op, BatchNorm) and _spatial(win.map_shape):
-        scale, shift = op.scale_shift(4)
-        return _affine(win, scale[0] if scale.dim() == 4 else scale, shift[0] if shift.dim() == 4 else shift)
+        return _affine(win, *op.scale_shift(4))  # per channel, (C, 1, 1)
     if isinstance(op, Add) and all(tuple(s) == win.map_shape for s in op.in_shapes):
         other = win if op.sign > 0 else replace(win, A=-win.A)
         return [win, other], None

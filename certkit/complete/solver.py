@@ -75,10 +75,10 @@ class SolveResult:
     status: Status  # VERIFIED (unsat), FALSIFIED (sat), UNKNOWN or TIMEOUT
     x: np.ndarray | None = None
     y: np.ndarray | None = None
-    stage: str = ""  # what decided it: attack, crown, alpha-crown, milp-alpha-crown, input-split, relu-split
+    stage: str = ""  # what decided it: crown-ibp, attack, crown, alpha-crown, milp-alpha-crown, input-split, relu-split
     log: list[str] = field(default_factory=list)
-    # seconds per stage run: attack, crown, alpha-crown (with the intermediate α-CROWN
-    # intervals), pgd-corners (PGD from CROWN's minimisers), bab (branch and bound with MILP)
+    # seconds per stage run: crown-ibp, attack (both rounds), crown, alpha-crown (with the intermediate
+    # α-CROWN intervals), pgd-corners (PGD from CROWN's minimisers), bab (branch and bound with MILP)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -320,8 +320,10 @@ class Solver:
         if decided is not None:
             return decided
         decided, open_cases, root_stage = self._root_stage(cases, deadline, note, timings)
-        if decided is not None or not open_cases:
-            return decided or self._bab_stage([], root_stage, deadline, note)
+        if decided is not None:
+            return decided
+        if not open_cases:
+            return SolveResult(Status.VERIFIED, stage=root_stage)
         rest = (budget - timings.get("attack", 0.0)) / len(open_cases)
         if rest > 0:
             with timed(timings, "attack"):
