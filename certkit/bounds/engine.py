@@ -35,6 +35,9 @@ Interval = tuple[Tensor, Tensor]
 
 # Largest A tensor (elements) one backward pass may hold for intermediate bounds.
 _BACKWARD_BUDGET = 1 << 26
+# Loose (domain, neuron) pairs from which a ReLU's input gets its upper bounds in a pass of their
+# own first (below, the second pass's fixed cost outweighs the rows it saves: OVAL21 nets at batch 1).
+_UPPER_FIRST_FROM = 64
 
 
 @contextlib.contextmanager
@@ -251,6 +254,11 @@ class BoundedModel:
         ``name`` that IBP leaves unstable (every neuron with l < u when the node feeds a
         nonlinearity other than ReLU).
 
+        A node that feeds only ReLUs gets its upper bounds first and lower bounds only where the
+        new upper bound is still positive (with at least ``_UPPER_FIRST_FROM`` loose pairs): a ReLU
+        whose input is ≤ 0 outputs 0 whatever the lower bound, so every later bound is the same
+        with fewer rows (the CIFAR ResNets: a quarter to a third fewer, CROWN about 1.8× faster).
+
         Two batchings give the same bounds: every neuron loose in some domain, in every domain
         of the batch (:meth:`_refine_neurons`), or each loose (domain, neuron) pair on its own
         (:meth:`_refine_pairs`). The second wins when the domains' loose neurons differ, as in
@@ -261,16 +269,23 @@ class BoundedModel:
         CROWN outputs: at most 7e-4 tighter). ``per_pair`` forces one (None: per pair when that
         takes at most half the rows, the gathering of each pair's intervals being the price)."""
         B = lo.shape[0]
-        lf, uf = lo.reshape(B, -1), up.reshape(B, -1)
-        loose = ((lf < 0) & (uf > 0)) if name in self._relu_only else (lf < uf)
-        neurons = loose.any(0).nonzero().squeeze(1)
-        if neurons.numel() == 0:
-            return lo, up
-        pairs = loose.nonzero()  # (P, 2): domain, neuron
-        if per_pair is None:
-            per_pair = 2 * pairs.shape[0] <= B * neurons.numel()
-        args = (name, lo.shape[1:], lf.clone(), uf.clone(), bounds, alpha_iterations)
-        lf, uf = self._refine_pairs(pairs, *args) if per_pair else self._refine_neurons(neurons, *args)
+        lf, uf = lo.reshape(B, -1).clone(), up.reshape(B, -1).clone()
+        relu_only = name in self._relu_only
+        loose = ((lf < 0) & (uf > 0)) if relu_only else (lf < uf)
+        upper_first = relu_only and int(loose.sum()) >= _UPPER_FIRST_FROM
+        for signs in ((-1.0,), (1.0,)) if upper_first else ((1.0, -1.0),):
+            if signs == (1.0,):
+                loose = loose & (uf > 0)
+            neurons = loose.any(0).nonzero().squeeze(1)
+            if neurons.numel() == 0:
+                break
+            pairs = loose.nonzero()  # (P, 2): domain, neuron
+            pass_per_pair = 2 * pairs.shape[0] <= B * neurons.numel() if per_pair is None else per_pair
+            args = (name, signs, lo.shape[1:], lf, uf, bounds, alpha_iterations)
+            if pass_per_pair:
+                self._refine_pairs(pairs, *args)
+            else:
+                self._refine_neurons(neurons, *args)
         return lf.reshape(lo.shape), uf.reshape(up.shape)
 
     def _row_cost(self, name: str, alpha_iterations: int) -> int:
@@ -302,32 +317,33 @@ class BoundedModel:
         fit = rows_that_fit(cost * like.element_size(), self.memory_budget(like.device), what)
         return min(fit, max(1, _BACKWARD_BUDGET // cost)) if cap else fit
 
-    def _refine_neurons(self, neurons: Tensor, name: str, shape, lf: Tensor, uf: Tensor,
-                        bounds: dict[str, Interval], alpha_iterations: int) -> Interval:
-        """CROWN bounds of the given neurons in every domain, tightening lf, uf (B, n) in place.
+    def _refine_neurons(self, neurons: Tensor, name: str, signs: tuple[float, ...], shape, lf: Tensor,
+                        uf: Tensor, bounds: dict[str, Interval], alpha_iterations: int) -> None:
+        """CROWN bounds of the given neurons in every domain, tightening lf, uf (B, n) in place: the
+        lower bounds for sign 1, the upper bounds for sign -1.
 
         Chunks of neurons (and, when one neuron in every domain is over the memory budget, of
         domains) fit the budget; each (domain, neuron) row's bound is the same in any chunk."""
         B, n_flat = lf.shape
         rows = self._chunk_rows(self._row_cost(name, alpha_iterations), lf, f"the CROWN refinement of node {name!r}")
         group = min(B, rows)  # domains per chunk
+        m = len(signs)
         for d0 in range(0, B, group):
             dom = slice(d0, min(B, d0 + group))
             g = dom.stop - d0
             sub = bounds if g == B else self._domains(bounds, name, dom)
             for part in neurons.split(max(1, rows // g)):
                 k = part.numel()
-                A = self._windows(part.repeat(2).expand(g, 2 * k), [1.0] * k + [-1.0] * k, shape, lf,
-                                  alpha_iterations)
+                row_signs = [s for s in signs for _ in range(k)]
+                A = self._windows(part.repeat(m).expand(g, m * k), row_signs, shape, lf, alpha_iterations)
                 if A is None:
-                    eye = torch.zeros(k, n_flat, dtype=lf.dtype, device=lf.device)
-                    eye[torch.arange(k, device=lf.device), part] = 1
-                    A = torch.cat([eye, -eye]).expand(g, 2 * k, n_flat).reshape(g, 2 * k, *shape)
+                    A = torch.zeros(m * k, n_flat, dtype=lf.dtype, device=lf.device)
+                    A[torch.arange(m * k, device=lf.device), part.repeat(m)] = torch.tensor(row_signs).to(lf)
+                    A = A.expand(g, m * k, n_flat).reshape(g, m * k, *shape)
                 lb = self._backward(name, A, sub, stop_at_nonlinear=False)
                 lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
-                lf[dom, part] = torch.maximum(lf[dom, part], lb[:, :k])
-                uf[dom, part] = torch.minimum(uf[dom, part], -lb[:, k:])
-        return lf, uf
+                for j, s in enumerate(signs):
+                    _tighten(lf if s > 0 else uf, (dom, part), lb[:, j * k:(j + 1) * k], s)
 
     def _windows(self, index: Tensor, signs: list[float], shape, like: Tensor,
                  alpha_iterations: int) -> windows.Windows | None:
@@ -343,30 +359,29 @@ class BoundedModel:
         names = [a.name for a in self._ancestors_of(name) if a.name in bounds]
         return {a: (bounds[a][0][dom], bounds[a][1][dom]) for a in names}
 
-    def _refine_pairs(self, pairs: Tensor, name: str, shape, lf: Tensor, uf: Tensor,
-                      bounds: dict[str, Interval], alpha_iterations: int) -> Interval:
+    def _refine_pairs(self, pairs: Tensor, name: str, signs: tuple[float, ...], shape, lf: Tensor, uf: Tensor,
+                      bounds: dict[str, Interval], alpha_iterations: int) -> None:
         """CROWN bounds of the given (domain, neuron) pairs, each a batch element of its own with its
-        domain's intervals gathered, tightening lf, uf (B, n) in place."""
+        domain's intervals gathered, tightening lf, uf (B, n) in place (lower for sign 1, upper for -1)."""
         n_flat = lf.shape[1]
+        m = len(signs)
         names = [a.name for a in self._ancestors_of(name) if a.name in bounds]
         gathered = 2 * sum(bounds[a][0][0].numel() for a in names)
         per_chunk = self._chunk_rows(self._row_cost(name, alpha_iterations) + gathered, lf,
                                      f"the CROWN refinement of node {name!r}")
         for part in pairs.split(per_chunk):
             dom, neuron = part[:, 0], part[:, 1]
-            A = self._windows(neuron[:, None].expand(-1, 2), [1.0, -1.0], shape, lf, alpha_iterations)
+            A = self._windows(neuron[:, None].expand(-1, m), list(signs), shape, lf, alpha_iterations)
             if A is None:
-                rows = torch.arange(part.shape[0], device=lf.device)
-                A = torch.zeros(part.shape[0], 2, n_flat, dtype=lf.dtype, device=lf.device)
-                A[rows, 0, neuron] = 1
-                A[rows, 1, neuron] = -1
-                A = A.reshape(-1, 2, *shape)
+                A = torch.zeros(part.shape[0], m, n_flat, dtype=lf.dtype, device=lf.device)
+                for j, s in enumerate(signs):
+                    A[torch.arange(part.shape[0], device=lf.device), j, neuron] = s
+                A = A.reshape(-1, m, *shape)
             sub = {a: (bounds[a][0][dom], bounds[a][1][dom]) for a in names}
             lb = self._backward(name, A, sub, stop_at_nonlinear=False)
             lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
-            lf[dom, neuron] = torch.maximum(lf[dom, neuron], lb[:, 0])
-            uf[dom, neuron] = torch.minimum(uf[dom, neuron], -lb[:, 1])
-        return lf, uf
+            for j, s in enumerate(signs):
+                _tighten(lf if s > 0 else uf, (dom, neuron), lb[:, j], s)
 
     def _ancestors_of(self, name: str):
         if name not in self._ancestors:
@@ -593,6 +608,15 @@ class BoundedModel:
             out.append(torch.cat([fn(A[d, s0:s0 + step], sub, d, slice(s0, min(S, s0 + step)))
                                   for s0 in range(0, S, step)], 1))
         return torch.cat(out, 0)
+
+
+def _tighten(bound: Tensor, where: tuple, lb: Tensor, sign: float) -> None:
+    """Tighten ``bound[where]`` in place with a CROWN lower bound ``lb`` of sign·neuron: a lower
+    bound (sign 1) rises to lb, an upper bound (sign -1) falls to -lb."""
+    if sign > 0:
+        bound[where] = torch.maximum(bound[where], lb)
+    else:
+        bound[where] = torch.minimum(bound[where], -lb)
 
 
 def _cut_rows(tensors: dict[str, Tensor] | None, shape: tuple[int, int], d: slice, s: slice

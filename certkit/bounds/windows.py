@@ -101,18 +101,23 @@ class Windows:
         return self.cut(torch.ones(1, 1, H, W, dtype=self.A.dtype, device=self.A.device))
 
     def dense(self) -> Tensor:
-        """The coefficients as a dense (B, S, C, H, W) tensor."""
+        """The coefficients as a dense (B, S, C, H, W) tensor (window positions off the map, which
+        only padding reads, are dropped): one scatter into the flat result, positions off the map
+        sent to a slot past its end."""
         B, S, C, kh, kw = self.A.shape
         _, H, W = self.map_shape
-        ph, pw = self.pad
-        R = B * S
+        R, n = B * S, C * H * W
         top, left = (t.reshape(R) for t in self._corners())
-        rows = top[:, None] + torch.arange(kh, device=top.device)  # (R, kh)
-        cols = left[:, None] + torch.arange(kw, device=top.device)  # (R, kw)
-        out = self.A.new_zeros(R, H + 2 * ph + kh, W + 2 * pw + kw, C)
-        r = torch.arange(R, device=top.device)[:, None, None]
-        out = out.index_put((r, rows[:, :, None], cols[:, None, :]), self.A.reshape(R, C, kh, kw).permute(0, 2, 3, 1))
-        return out[:, ph:ph + H, pw:pw + W].permute(0, 3, 1, 2).reshape(B, S, C, H, W)
+        rows = top[:, None] - self.pad[0] + torch.arange(kh, device=top.device)  # (R, kh), map coordinates
+        cols = left[:, None] - self.pad[1] + torch.arange(kw, device=top.device)  # (R, kw)
+        on_map = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
+        spot = rows[:, :, None] * W + cols[:, None, :] + torch.arange(R, device=top.device)[:, None, None] * n
+        spot = torch.where(on_map, spot, R * n)  # (R, kh, kw)
+        channel = torch.arange(C, device=top.device)[None, :, None, None] * (H * W)
+        index = spot[:, None] + channel * on_map[:, None]  # (R, C, kh, kw)
+        out = self.A.new_zeros(R * n + 1)
+        out.index_put_((index.reshape(-1),), self.A.reshape(-1))
+        return out[:R * n].view(B, S, C, H, W)
 
 
 def unit_rows(index: Tensor, signs: Tensor, shape) -> Windows | None:
