@@ -363,10 +363,14 @@ def _names(text: str) -> tuple[str, ...]:
 @click.option("--trust-checkpoint", is_flag=True,
               help="With --resume: read a last.pt that only Python's full unpickler reads (an older certkit's); "
                    "this runs any code the file holds, so only for files you trust (docs/security.md).")
+@click.option("--nproc", type=int, default=None,
+              help="Data-parallel training in N local processes (DistributedDataParallel; gloo on the CPU with "
+                   "cores/N threads each, nccl with one GPU each): the run one process trains with the same "
+                   "--batch-size, up to rounding. Under torchrun leave it out (docs/training.md).")
 @friendly_errors
 def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size, lr, schedule, milestones, lam,
           ibp_init, regularizers, seed, device, compile_step, limit, val_size, eval_limit, data_dir, run_dir,
-          resume_dir, trust_checkpoint) -> None:
+          resume_dir, trust_checkpoint, nproc) -> None:
     """Certified robust training (IBP / CROWN-IBP) with the fast short-warmup method.
 
     \b
@@ -374,6 +378,8 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
       certkit train --preset mnist --model cnn-small          # the MNIST recipe on a CPU-sized model
       certkit train --preset cifar10 --method vanilla         # a row of the paper's table
       certkit train --resume runs/mnist-fast-cnn-small-s0     # continue an interrupted run
+      certkit train --preset mnist --nproc 2                  # data parallel, two local processes
+      torchrun --nproc-per-node 2 -m certkit train --preset mnist   # the same, started by torchrun
 
     Writes RUN_DIR/config.json, metrics.h5, last.pt and best.pt (best verified error at
     ε_max on a validation split carved from the training set).
@@ -384,9 +390,10 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
     from certkit.boxes import parse_eps
     from certkit.errors import InvalidInput
     from certkit.report import TrainProgress, console
+    from certkit.train.distributed import processes, train_in_processes
     from certkit.train.loop import TrainConfig, config_from
-    from certkit.train.loop import train as run_training
 
+    world, lead = processes(nproc)  # under torchrun: its world size, and whether this is rank 0
     if resume_dir is not None:
         cfg_path = Path(resume_dir) / "config.json"
         if not cfg_path.is_file():  # without last.pt (killed before its first epoch ended) it starts afresh
@@ -414,12 +421,14 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
         run_dir = run_dir or f"runs/{preset or cfg.dataset}-{cfg.method}-{cfg.model}-s{cfg.seed}"
         if (Path(run_dir) / "last.pt").exists():
             raise InvalidInput(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
-    console.print(f"[bold]certkit train[/] → {run_dir}: {cfg.method} {cfg.model} on {cfg.dataset}, "
-                  f"ε {cfg.eps:.4g} (eval {cfg.eps_test:.4g}), {cfg.epochs} epochs, batch {cfg.batch_size}, "
-                  f"ramp from epoch {cfg.schedule_start} for {cfg.schedule_length}", highlight=False)
-    last = run_training(cfg, run_dir, resume=resume_dir is not None, progress=TrainProgress(), log=console.print,
-                        trust_checkpoint=trust_checkpoint)
-    if last:
+    if lead:  # rank 0 alone prints
+        console.print(f"[bold]certkit train[/] → {run_dir}: {cfg.method} {cfg.model} on {cfg.dataset}, "
+                      f"ε {cfg.eps:.4g} (eval {cfg.eps_test:.4g}), {cfg.epochs} epochs, batch {cfg.batch_size}, "
+                      f"ramp from epoch {cfg.schedule_start} for {cfg.schedule_length}"
+                      + (f", {world} processes" if world > 1 else ""), highlight=False)
+    last = train_in_processes(cfg, run_dir, nproc, resume=resume_dir is not None, trust_checkpoint=trust_checkpoint,
+                              progress=TrainProgress() if lead else None, log=console.print)
+    if last and lead:
         console.print(f"[green]done[/]: test clean error {last['test_clean_err']:.2f}%, IBP verified error "
                       f"{last['test_verified_err']:.2f}% at ε={cfg.eps_test:.4g}; checkpoints in {run_dir}")
 
@@ -511,10 +520,17 @@ def _verify_settings(config_file: str | None, sets: tuple[str, ...], flags: dict
 @click.option("--timeout-per-sample", type=float, help="Seconds per sample; stages past the budget are skipped.")
 @click.option("--pixel-range", help="MIN,MAX of the input pixels for models without certkit metadata.")
 @click.option("--max-memory", help=MAX_MEMORY_HELP + " Skipped stages leave the reason in the results' `reason`.")
+@click.option("--workers", type=int, metavar="N",
+              help="Verify in N worker processes of a Ray cluster (a local one started for "
+              "the run, or --address's), shards of whole batches each, with the same answers as one process "
+              "(docs/scale-out.md; needs certkit[ray]). Default: this process alone.")
+@click.option("--address", metavar="ADDRESS",
+              help="Join the running Ray cluster at this address (auto, or ray://HOST:10001) "
+              "instead of starting a local one; use with --workers.")
 @config_options("verify")
 @friendly_errors
 def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_size, device, out, vnnlib_dir,
-           resume, timeout_per_sample, pixel_range, max_memory, config_file, sets) -> None:
+           resume, timeout_per_sample, pixel_range, max_memory, workers, address, config_file, sets) -> None:
     """Verify ℓ∞ robustness of an ONNX classifier on dataset samples.
 
     \b
@@ -523,6 +539,7 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
       certkit verify model.onnx --eps 8/255 --dataset cifar10 --method crown --out results.h5
       certkit verify model.onnx --eps 0.1 --dataset npz:mydata.npz --emit-vnnlib props/
       certkit verify model.onnx --config certkit.yaml --set pgd_restarts=20
+      certkit verify model.onnx --eps 8/255 --dataset cifar10 --workers 8 --out results.h5
 
     Each sample ends verified (all margin lower bounds > 0), falsified (a PGD point that
     onnxruntime confirms), misclassified, or unknown. Settings: defaults < --config's
@@ -538,8 +555,10 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
     from certkit.onnx_io import graph_input, read_proto
     from certkit.report import console, summary_table
     from certkit.results import read_results, summarize
+    from certkit.scale_out import check_options
     from certkit.verify import emit_vnnlib, load_verify_data, run_verify
 
+    check_options(workers, address)  # Ray missing, --address without --workers: one line before any work
     flags = {"eps": eps, "method": method, "attack": attack, "batch_size": batch_size, "device": device,
              "timeout_per_sample": timeout_per_sample, "pixel_range": pixel_range, "max_memory": max_memory}
     if eps is not None:
@@ -573,10 +592,11 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
             rate = st["done"] / max(time.perf_counter() - t0, 1e-9)
             bar.update(task, completed=st["done"], speed=f"{rate:.1f} samples/s",
                        info=f"[green]verified {st['verified']}[/] [red]falsified {st['falsified']}[/] "
-                            f"unknown {st['unknown']} misclassified {st['misclassified']}")
+                            f"unknown {st['unknown']} misclassified {st['misclassified']}"
+                            + (f" [bold red]error {st['error']}[/]" if st["error"] else ""))  # workers that died
 
         counts = run_verify(model, x, y, indices, cfg, dataset, start, out=out, resume=resume, progress=progress,
-                            model=bm)
+                            model=bm, workers=workers, address=address)
     if out:
         attrs, data = read_results(out)
         console.print(summary_table(summarize(attrs, data)))
@@ -584,7 +604,8 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
     else:
         n = sum(counts.values())
         console.print(f"verified {counts['verified']}/{n}, falsified {counts['falsified']}, unknown "
-                      f"{counts['unknown']}, misclassified {counts['misclassified']} (use --out for the full report)")
+                      f"{counts['unknown']}, misclassified {counts['misclassified']}"
+                      + (f", error {counts['error']}" if counts["error"] else "") + " (use --out for the full report)")
 
 
 @main.command()
@@ -684,10 +705,17 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, 
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help=DEVICE_HELP)
 @click.option("--max-memory", help=MAX_MEMORY_HELP + " Per instance; a stage over it answers unknown.")
+@click.option("--workers", type=int, metavar="N",
+              help="Solve N instances at a time in worker processes of a Ray cluster (a "
+              "local one started for the run, or --address's), each under its own deadline; the CSV and table "
+              "as from one process (docs/scale-out.md; needs certkit[ray]). Default: one at a time, here.")
+@click.option("--address", metavar="ADDRESS",
+              help="Join the running Ray cluster at this address (auto, or ray://HOST:10001) "
+              "instead of starting a local one; use with --workers.")
 @config_options("solver")
 @friendly_errors
 def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, families, device,
-                max_memory, config_file, sets) -> None:
+                max_memory, workers, address, config_file, sets) -> None:
     """Run a VNN-COMP benchmark and score it against the ground truth.
 
     \b
@@ -704,16 +732,20 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
     Example:
       certkit vnncomp ../shared/vnncomp --families acasxu,tllverifybench_2022 \\
           --timeout-scale 0.25 --out runs/vnncomp/results.csv
+      certkit vnncomp ../shared/vnncomp --families acasxu --workers 4 --out runs/acasxu/results.csv
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from certkit.device import resolve_device
     from certkit.report import console, vnncomp_table
+    from certkit.scale_out import check_options
     from certkit.settings import solver_config
     from certkit.vnncomp.runner import config_file as recorded_config
     from certkit.vnncomp.runner import discover, run_benchmark, summarize
 
-    resolve_device(device)
+    check_options(workers, address)  # Ray missing, --address without --workers: one line before any work
+    if workers is None:
+        resolve_device(device)  # with workers: the cluster's GPUs count, checked when it is joined
     config = solver_config(config_file, sets)
     budget = _max_memory(max_memory)
     fams = [f.strip() for f in families.split(",") if f.strip()] if families else None
@@ -730,7 +762,8 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
                             last=f"#{inst.index} {outcome.status.vnncomp}{mark} ({outcome.seconds:.1f}s)")
 
         outcomes = run_benchmark(insts, out_csv, out_csv.parent, Path(h5) if h5 else None, timeout_scale, on_done,
-                                 device=device, max_memory=budget, config=config)
+                                 device=device, max_memory=budget, config=config, workers=workers,
+                                 address=address)
     summary = summarize(insts, outcomes)
     console.print(vnncomp_table(summary))
     console.print(f"results: {out_csv}" + (f", {h5}" if h5 else "") + f"; settings: {recorded_config(out_csv)}")

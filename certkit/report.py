@@ -116,6 +116,8 @@ def summary_table(s: dict) -> Table:
     t.add_row("PGD-robust accuracy (upper bound)", f"{s['pgd_robust_accuracy']:.2f}%")
     t.add_row("falsified (confirmed by onnxruntime)", f"{s['falsified']:.2f}%", style="red")
     t.add_row("unknown", f"{s['unknown']:.2f}%")
+    if "error" in s:
+        t.add_row("error (the worker kept dying; see `reason`)", f"{s['error']:.2f}%", style="bold red")
     for stage, sec in s["time_by_stage"].items():
         t.add_row(f"time in {stage}", f"{sec:.2f} s")
     t.add_row("total time", f"{s['time_total']:.2f} s ({s['time_total'] / s['samples']:.3f} s/sample)")

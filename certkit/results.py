@@ -30,6 +30,9 @@ from certkit.status import HDF5_CODES
 
 STATUS = tuple(s.value for s in HDF5_CODES)  # the status dataset's codes, as named in the file
 IDENTITY_ATTRS = ("model_sha256", "eps", "method", "dataset", "start", "n")
+# how the last run that wrote the file ran (sharded runs only: certkit.scale_out); not identity: the
+# rows do not depend on them, so a resumed run may change them and records its own
+RUN_ATTRS = ("workers", "cluster_address")
 
 
 class ResultsFile:
@@ -59,10 +62,15 @@ class ResultsFile:
                         raise InvalidInput(f"{self.path}: cannot resume, it was written for {k}="
                                            f"{_plain(f.attrs.get(k))!r}, not {attrs[k]!r}")
                 done, lengths = committed_rows(f)
+                stale = {k: attrs.get(k) for k in RUN_ATTRS if _plain(f.attrs.get(k)) != _plain(attrs.get(k))}
+                names = f.attrs.get("status_names")
         except OSError as e:
             raise InvalidInput(f"{self.path}: cannot resume, not a readable results file ({e})") from None
-        if any(n != done for n in lengths.values()):
-            self._rewrite(lambda f: _truncate(f, done))
+        if names != json.dumps(STATUS):  # an older certkit's, without the codes added since
+            stale["status_names"] = json.dumps(STATUS)
+        torn = any(n != done for n in lengths.values())
+        if torn or stale:
+            self._rewrite(lambda f: _update(f, done if torn else None, stale))
         return done
 
     def _rewrite(self, change: Callable[[h5py.File], None]) -> None:
@@ -133,6 +141,17 @@ def _truncate(f: h5py.File, rows: int) -> None:
     f.attrs["rows_committed"] = rows
 
 
+def _update(f: h5py.File, rows: int | None, attrs: dict[str, Any]) -> None:
+    """Cut the datasets to ``rows`` (None: leave them) and set ``attrs`` (None: delete)."""
+    if rows is not None:
+        _truncate(f, rows)
+    for k, v in attrs.items():
+        if v is None:
+            f.attrs.pop(k, None)
+        else:
+            f.attrs[k] = v
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, (np.floating, float)):
         return round(float(v), 12)
@@ -178,13 +197,16 @@ def summarize(attrs: dict[str, Any], data: dict[str, np.ndarray]) -> dict[str, A
     if n == 0:
         return out
     pct = lambda k: 100.0 * float(k) / n  # noqa: E731
-    out["clean_accuracy"] = pct((status != STATUS.index("misclassified")).sum())
+    error = status == STATUS.index("error")  # a sharded run's samples whose worker kept dying: no prediction
+    out["clean_accuracy"] = pct(((status != STATUS.index("misclassified")) & ~error).sum())
     verified = status == STATUS.index("verified")
     out["verified_accuracy"] = pct(verified.sum())
     out["verified_by_stage"] = {s: pct((verified & (data["stage"] <= i)).sum()) for i, s in enumerate(stages)
                                 if s != "attack"}
     out["falsified"] = pct((status == STATUS.index("falsified")).sum())
     out["unknown"] = pct((status == STATUS.index("unknown")).sum())
+    if error.any():
+        out["error"] = pct(error.sum())
     out["pgd_robust_accuracy"] = out["clean_accuracy"] - out["falsified"]
     out["time_total"] = float(np.nansum(data["times"]))
     out["time_by_stage"] = {s: float(np.nansum(data["times"][:, i])) for i, s in enumerate(stages)}

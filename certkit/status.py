@@ -37,5 +37,8 @@ _FROM_VNNCOMP = {"unsat": Status.VERIFIED, "holds": Status.VERIFIED, "sat": Stat
                  "violated": Status.FALSIFIED, "unknown": Status.UNKNOWN, "timeout": Status.TIMEOUT,
                  "error": Status.ERROR}
 
-# The integer codes of the HDF5 results' ``status`` dataset (docs/results-format.md), in order.
-HDF5_CODES: tuple[Status, ...] = (Status.VERIFIED, Status.FALSIFIED, Status.UNKNOWN, Status.MISCLASSIFIED)
+# The integer codes of the HDF5 results' ``status`` dataset (docs/results-format.md), in order. ERROR
+# (code 4, added last so that older files keep their codes) marks the samples of a sharded run whose
+# worker kept dying (certkit.scale_out); a run in one process never writes it.
+HDF5_CODES: tuple[Status, ...] = (Status.VERIFIED, Status.FALSIFIED, Status.UNKNOWN, Status.MISCLASSIFIED,
+                                  Status.ERROR)

@@ -13,10 +13,11 @@ argmax, far better conditioned margins); the results file records this in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,10 @@ from certkit.status import HDF5_CODES, Status
 from certkit.vnnlib import robustness_case
 
 CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
-# the results file's integer codes (the status array is int8, one entry per sample)
-VERIFIED, FALSIFIED, UNKNOWN, MISCLASSIFIED = (HDF5_CODES.index(s) for s in (
-    Status.VERIFIED, Status.FALSIFIED, Status.UNKNOWN, Status.MISCLASSIFIED))
+# the results file's integer codes (the status array is int8, one entry per sample); ERROR only for
+# the samples of a shard whose worker kept dying (certkit.scale_out)
+VERIFIED, FALSIFIED, UNKNOWN, MISCLASSIFIED, ERROR = (HDF5_CODES.index(s) for s in (
+    Status.VERIFIED, Status.FALSIFIED, Status.UNKNOWN, Status.MISCLASSIFIED, Status.ERROR))
 
 
 def _eps(value: Any) -> float:
@@ -200,6 +202,18 @@ def verify_batch(bm: BoundedModel, oracle: Oracle | None, x: Tensor, y: Tensor, 
             "reason": rows.reasons}
 
 
+def error_rows(y: np.ndarray, indices: np.ndarray, stages: list[str], num_outputs: int, input_size: int,
+               reason: str) -> dict[str, np.ndarray]:
+    """Rows of samples that could not be verified at all (a sharded run's samples whose worker kept
+    dying): status ``error``, prediction −1, no stage, the reason."""
+    rows = _Rows.empty(len(y), len(stages), num_outputs, input_size)
+    rows.status[:] = ERROR
+    rows.reasons[:] = reason
+    return {"label": np.asarray(y), "prediction": np.full(len(y), -1, np.int64), "status": rows.status,
+            "stage": rows.stage_of, "margins": rows.margins, "times": rows.times, "counterexample": rows.cex,
+            "reason": rows.reasons, "index": np.asarray(indices)}
+
+
 def _bound_stage(bm: BoundedModel, stage: str, lo: Tensor, up: Tensor, C: Tensor, todo: np.ndarray,
                  cache: dict[str, Any]) -> Tensor:
     """Margin lower bounds of the samples ``todo`` by one bound stage.
@@ -235,15 +249,20 @@ def _note(reasons: np.ndarray, samples: np.ndarray, text: str) -> None:
         reasons[i] = f"{reasons[i]}; {text}" if reasons[i] else text
 
 
-def _bounded_model(onnx_path: Path, model: BoundedModel | None, x: Tensor, y: Tensor) -> tuple[BoundedModel, str]:
+def bounded_model(onnx_path: Path, model: BoundedModel | None = None) -> tuple[BoundedModel, str]:
     """The model whose margins are bounded (the logits before an output softmax: same argmax, far
-    better conditioned margins), and what the results file records as ``bounded_output``. The data
-    must fit it: samples of its input shape, labels among its outputs."""
+    better conditioned margins), and what the results file records as ``bounded_output``."""
     bm = BoundedModel(onnx_path) if model is None else model
-    bounded = "outputs"
     logits = bm.logits_model()
     if logits is not None:
-        bm, bounded = logits, f"logits before the output softmax (node {bm.graph.output!r})"
+        return logits, f"logits before the output softmax (node {bm.graph.output!r})"
+    return bm, "outputs"
+
+
+def _bounded_model(onnx_path: Path, model: BoundedModel | None, x: Tensor, y: Tensor) -> tuple[BoundedModel, str]:
+    """:func:`bounded_model`, and a check that the data fits it: samples of its input shape, labels
+    among its outputs."""
+    bm, bounded = bounded_model(onnx_path, model)
     if tuple(x.shape[1:]) != bm.graph.input_shape:
         raise InvalidInput(f"the data has samples of shape {tuple(x.shape[1:])} but the model expects "
                            f"{bm.graph.input_shape}")
@@ -270,53 +289,114 @@ def _open_results(out: str | Path | None, attrs: dict[str, Any], stages: list[st
     return writer, writer.done, counts
 
 
+@dataclass
+class Verifier:
+    """What verifying a batch needs besides the data: the bounded model on its device, the
+    onnxruntime oracle that confirms counterexamples (None without the attack stage) and the
+    reason every sample ends unknown when the weights hold NaN/Inf ('' otherwise). The single
+    process and every worker of a sharded run (:mod:`certkit.scale_out`) build it the same way."""
+
+    bm: BoundedModel
+    oracle: Oracle | None
+    nonfinite: str
+    device: torch.device
+
+    @classmethod
+    def load(cls, onnx_path: Path, bm: BoundedModel, cfg: VerifyConfig, device: torch.device) -> Verifier:
+        """``bm``: ``onnx_path``'s bounded model (see :func:`_bounded_model`)."""
+        from certkit.onnx_io import nonfinite_weights_reason
+
+        bm.to(device)
+        if cfg.max_memory is not None:
+            bm.max_memory = cfg.max_memory
+        oracle = Oracle(onnx_path, bm.graph.input_shape) if "attack" in cfg.stages() else None
+        return cls(bm, oracle, nonfinite_weights_reason(onnx_path), device)
+
+    def batches(self, x: Tensor, y: Tensor, indices: np.ndarray, cfg: VerifyConfig, first: int = 0
+                ) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of the batches of ``cfg.batch_size`` samples from ``first`` on, one dict per batch.
+
+        The attack's randomness depends only on the seed and the index of the batch's first sample,
+        so a resumed run, or a worker given whole batches of the same run, computes the same rows."""
+        stages = cfg.stages()
+        for b in range(first, len(x), cfg.batch_size):
+            xb = x[b:b + cfg.batch_size].to(self.device)
+            yb = y[b:b + cfg.batch_size].to(self.device)
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(indices[b]))
+            rows = verify_batch(self.bm, self.oracle, xb, yb, cfg, stages, generator,
+                                nonfinite_weights=self.nonfinite)
+            rows["index"] = indices[b:b + cfg.batch_size]
+            yield rows
+
+
 def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray, cfg: VerifyConfig,
                dataset: str, start: int, out: str | Path | None = None, resume: bool = False,
                progress: Callable[[dict[str, Any]], None] | None = None,
-               model: BoundedModel | None = None) -> dict[str, Any]:
+               model: BoundedModel | None = None, workers: int | None = None,
+               address: str | None = None) -> dict[str, Any]:
     """Verify samples ``x`` (N, *input shape, pixels) with labels ``y``; stream rows to ``out``.
 
     Returns the counts per status. ``progress`` is called after every batch with the counts
     so far and the number of samples done. ``model`` is ``onnx_path`` already loaded, if the
     caller has it. The results file records ``cfg`` (the effective settings) as ``options``.
-    """
-    from certkit.device import resolve_device
-    from certkit.onnx_io import nonfinite_weights_reason
 
+    ``workers`` (or ``address``) shards the batches over that many worker processes of a Ray
+    cluster (:mod:`certkit.scale_out`): a local one started here, or the one at ``address``
+    (``auto``, ``ray://HOST:10001``). The rows are the same as in one process; the file also
+    records ``workers`` and ``cluster_address``.
+    """
     onnx_path = Path(onnx_path)
     stages = cfg.stages()
-    device = resolve_device(cfg.device)
     bm, bounded = _bounded_model(onnx_path, model, x, y)
     K = int(np.prod(bm.graph.output_shape))
-    bm.to(device)
-    if cfg.max_memory is not None:
-        bm.max_memory = cfg.max_memory
-    nonfinite = nonfinite_weights_reason(onnx_path)
-    oracle = Oracle(onnx_path, bm.graph.input_shape) if "attack" in stages else None
-    if nonfinite:
-        logging.getLogger("certkit.verify").warning("every sample ends unknown: %s", nonfinite)
-    attrs = {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
-             "model_path": str(onnx_path), "model_sha256": file_sha256(onnx_path), "eps": float(cfg.eps),
-             "method": cfg.method, "dataset": dataset, "start": int(start), "n": int(len(x)),
-             "options": json.dumps(asdict(cfg)), "bounded_output": bounded,
-             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    writer, done, counts = _open_results(out, attrs, stages, K - 1, int(np.prod(x.shape[1:])), resume)
-    for b in range(done, len(x), cfg.batch_size):
-        xb = x[b:b + cfg.batch_size].to(device)
-        yb = y[b:b + cfg.batch_size].to(device)
-        # the attack's randomness depends only on the seed and the batch, so a resumed run matches
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(indices[b]))
-        rows = verify_batch(bm, oracle, xb, yb, cfg, stages, generator, nonfinite_weights=nonfinite)
-        rows["index"] = indices[b:b + cfg.batch_size]
-        for i, name in enumerate(STATUS):
-            counts[name] += int((rows["status"] == i).sum())
-        if writer is not None:
-            writer.append(rows)
-        if progress is not None:
-            progress({"done": min(b + cfg.batch_size, len(x)), "total": len(x), **counts})
+    with _executor(cfg, workers, address) as (device, run_attrs, sharded):
+        attrs = {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
+                 "model_path": str(onnx_path), "model_sha256": file_sha256(onnx_path), "eps": float(cfg.eps),
+                 "method": cfg.method, "dataset": dataset, "start": int(start), "n": int(len(x)),
+                 "options": json.dumps(asdict(cfg)), "bounded_output": bounded,
+                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **run_attrs}
+        if sharded is None:
+            verifier = Verifier.load(onnx_path, bm, cfg, device)
+            nonfinite = verifier.nonfinite
+        else:
+            from certkit.onnx_io import nonfinite_weights_reason
+
+            nonfinite = nonfinite_weights_reason(onnx_path)  # the workers find the same
+        if nonfinite:
+            logging.getLogger("certkit.verify").warning("every sample ends unknown: %s", nonfinite)
+        writer, done, counts = _open_results(out, attrs, stages, K - 1, int(np.prod(x.shape[1:])), resume)
+        if sharded is None:
+            chunks = verifier.batches(x, y, indices, cfg, done)
+        else:
+            chunks = sharded.verify(onnx_path, x, y, indices, cfg, done, K)
+        with contextlib.closing(chunks):  # a failed write stops the workers before the cluster goes
+            for rows in chunks:
+                for i, name in enumerate(STATUS):
+                    counts[name] += int((rows["status"] == i).sum())
+                if writer is not None:
+                    writer.append(rows)
+                done += len(rows["index"])
+                if progress is not None:
+                    progress({"done": done, "total": len(x), **counts})
     if writer is not None:
         writer.mark_complete()
     return counts
+
+
+@contextlib.contextmanager
+def _executor(cfg: VerifyConfig, workers: int | None, address: str | None
+              ) -> Iterator[tuple[Any, dict[str, Any], Any]]:
+    """Where the batches run: (device, attributes the results file records about the run, None)
+    in this process, or (the workers' device, their count and cluster address, the Ray cluster)."""
+    if workers is None and address is None:
+        from certkit.device import resolve_device
+
+        yield resolve_device(cfg.device), {}, None
+        return
+    from certkit.scale_out import Cluster
+
+    with Cluster(workers, address, cfg.device) as cluster:
+        yield cluster.device, {"workers": cluster.workers, "cluster_address": cluster.address}, cluster
 
 
 def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:

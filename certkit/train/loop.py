@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,11 @@ from certkit.train.data import augment, load_dataset, to_float
 from certkit.train.init import ibp_init
 from certkit.train.metrics import MetricsFile
 from certkit.train.models import DATASETS, build_model
-from certkit.train.regularizers import robust_loss, warmup_regularizers
+from certkit.train.regularizers import robust_loss, sharded_warmup_regularizers, warmup_regularizers
 from certkit.train.schedule import SmoothedEps
+
+if TYPE_CHECKING:
+    from certkit.train.distributed import Replica
 
 METHODS = ("fast", "vanilla", "crown-ibp")
 REGULARIZERS = ("tightness", "relu")
@@ -181,12 +184,18 @@ def compiled(fn: Callable, device: torch.device) -> Callable:
 
 
 class Trainer:
-    """Holds the model, its bound graph, the optimiser, schedules and RNG of one run."""
+    """Holds the model, its bound graph, the optimiser, schedules and RNG of one run.
 
-    def __init__(self, cfg: TrainConfig, splits: Splits):
+    With a ``replica`` (data-parallel training, :mod:`certkit.train.distributed`) it is one
+    of several processes that together take the single-process steps: it draws the same global
+    batches and keeps its rows of them, its batch norms and batch reductions are global, and the
+    step's loss runs inside DistributedDataParallel, which averages the gradients."""
+
+    def __init__(self, cfg: TrainConfig, splits: Splits, replica: Replica | None = None):
         self.cfg = cfg
         self.splits = splits
-        self.device = resolve_device(cfg.device)
+        self.replica = replica
+        self.device = resolve_device(cfg.device) if replica is None else replica.device
         if self.device.type == "cuda":
             # cuDNN's fastest convolution backward sums with atomics in a varying order: deterministic
             # algorithms keep a resumed run bit-for-bit equal to an uninterrupted one
@@ -199,6 +208,19 @@ class Trainer:
         graph = self.bm.graph
         if cfg.use_ibp_init:
             ibp_init(self.model, graph)
+        if replica is not None:
+            from certkit.train.distributed import sync_batch_norms
+
+            n, last = len(splits.train[0]), (len(splits.train[0]) - 1) % cfg.batch_size + 1
+            if min(cfg.batch_size, n, last) < replica.world:  # a replica without rows cannot bound them
+                raise InvalidInput(f"{replica.world} processes need at least {replica.world} images in every "
+                                   f"batch, but the last of an epoch has {min(cfg.batch_size, n, last)} ({n} "
+                                   f"training images, batch size {cfg.batch_size}): change --batch-size or "
+                                   "--limit, or use fewer processes")
+            if cfg.compile:
+                raise InvalidInput("--compile is not supported with data-parallel training: the sums over "
+                                   "processes inside the step would split the compiled graph; use --no-compile")
+            sync_batch_norms(graph, replica)
         self.relu_inputs = [n.inputs[0] for n in graph.relus]
         self.input_node = self._normalised_input(graph)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
@@ -207,8 +229,11 @@ class Trainer:
         self.eps_sched = SmoothedEps(cfg.eps, cfg.schedule_start, cfg.schedule_length, self.batches)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self._eps = torch.zeros((), device=self.device)
-        self.compiled = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.compiled = cfg.compile if cfg.compile is not None else self.device.type == "cuda" and replica is None
         self._losses = compiled(self._eager_losses, self.device) if self.compiled else self._eager_losses
+        if replica is not None:
+            self._losses = replica.data_parallel(self.model, self._eager_losses)
+        self._rows = 0  # images in the current global batch (a replica holds some of them)
         self.epoch = 0  # epochs completed
         self.best_val = math.inf
 
@@ -264,22 +289,25 @@ class Trainer:
         ``warm``: the regularisers join the loss. Only ``eps`` varies from step to step."""
         cfg = self.cfg
         logits = self.bm(x)
-        stats: dict[str, Tensor] = {"clean_err": (logits.argmax(1) != y).float().mean().detach()}
+        stats: dict[str, Tensor] = {"clean_err": self._batch_mean((logits.argmax(1) != y).float()).detach()}
         bounds = self.bm.intervals((x - eps).clamp(0, 1), (x + eps).clamp(0, 1), "ibp")
         if robust:
             C = margin_matrix(y, self.info.num_classes)
             lb, _ = self.bm.spec_bounds(bounds, C, "ibp", bound_upper=False)
-            stats["ibp_err"] = ((lb <= 0).any(1) | (logits.argmax(1) != y)).float().mean().detach()
+            stats["ibp_err"] = self._batch_mean(((lb <= 0).any(1) | (logits.argmax(1) != y)).float()).detach()
             if mix:
                 f = 1 - eps / cfg.eps
                 lb_crown, _ = self.bm.spec_bounds(bounds, C, "crown-ibp", bound_upper=False, intersect=False)
                 lb = f * lb_crown + (1 - f) * lb
-            loss = robust_loss(lb)
+            loss = robust_loss(lb) if self.replica is None else self._share(robust_loss(lb, "sum"))
         else:
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y) if self.replica is None else self._share(
+                F.cross_entropy(logits, y, reduction="sum"))
             stats["ibp_err"] = torch.full_like(stats["clean_err"], math.nan)
         with torch.set_grad_enabled(warm):
-            reg = warmup_regularizers(bounds[self.input_node], [bounds[n] for n in self.relu_inputs], cfg.tau)
+            boxes = bounds[self.input_node], [bounds[n] for n in self.relu_inputs]
+            reg = (warmup_regularizers(*boxes, cfg.tau) if self.replica is None
+                   else sharded_warmup_regularizers(*boxes, cfg.tau, self.replica.total))
         if warm:
             terms = {"tightness": reg.tightness, "relu": reg.relu}
             decay = 1 - eps / cfg.eps if cfg.eps > 0 and robust else 1
@@ -288,21 +316,41 @@ class Trainer:
                      fractions=reg.fractions)
         return loss, stats
 
+    def _share(self, total: Tensor) -> Tensor:
+        """A replica's loss from the sum over its rows: N × its share of the global batch mean,
+        so that DDP's average over the N replicas is the single-process mean."""
+        return total * (self.replica.world / self._rows)
+
+    def _batch_mean(self, values: Tensor) -> Tensor:
+        """The mean of per-row values over the batch (a replica: its share, as :meth:`_share`)."""
+        return values.mean() if self.replica is None else self._share(values.sum())
+
     def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Images and labels of the global batch ``idx`` (a replica: its rows of it, after the
+        augmentation of the whole batch, which draws from the run's generator as one process does)."""
         x, y = self.splits.train
-        xb = to_float(x[idx])
+        self._rows = len(idx)
         pad = AUGMENT_PAD[self.cfg.dataset]
+        if self.replica is not None and not pad:
+            idx = self.replica.shard(idx)
+        xb, yb = to_float(x[idx]), y[idx]
         if pad:
             xb = augment(xb, pad, self.gen)
-        return xb.to(self.device), y[idx].to(self.device)
+            if self.replica is not None:
+                xb, yb = self.replica.shard(xb), self.replica.shard(yb)
+        return xb.to(self.device), yb.to(self.device)
 
     # -- evaluation ------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self, split: tuple[Tensor, Tensor], batch_size: int = 500) -> dict[str, float]:
-        """Clean error and IBP-verified error (%) at the evaluation ε, in eval mode."""
+        """Clean error and IBP-verified error (%) at the evaluation ε, in eval mode (a replica
+        evaluates its rows of the split, and the counts are added)."""
         self.model.eval()
         x_all, y_all = split
+        n = len(x_all)
+        if self.replica is not None:
+            x_all, y_all = self.replica.shard(x_all), self.replica.shard(y_all)
         wrong = unverified = 0
         eps = self.cfg.eps_test
         for i in range(0, len(x_all), batch_size):
@@ -314,7 +362,8 @@ class Trainer:
             ok = (pred == y) & (lb > 0).all(1) & torch.isfinite(lb).all(1)
             wrong += int((pred != y).sum())
             unverified += int((~ok).sum())
-        n = len(x_all)
+        if self.replica is not None:
+            wrong, unverified = (sum(col) for col in zip(*self.replica.gather([wrong, unverified])))
         return {"clean_err": 100 * wrong / n, "verified_err": 100 * unverified / n}
 
 
@@ -323,10 +372,15 @@ STATS_EVERY = 16
 _SCALARS = ("clean_err", "ibp_err", "loss", "tightness", "relu")
 
 
-def _read_stats(pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The steps' device statistics as Python numbers, read in one transfer."""
-    scalars = torch.stack([torch.stack([r[k].float() for k in _SCALARS]) for r in pending]).tolist()
-    fractions = torch.stack([r["fractions"].float() for r in pending]).tolist()
+def _read_stats(pending: list[dict[str, Any]], replica: Replica | None = None) -> list[dict[str, Any]]:
+    """The steps' device statistics as Python numbers, read in one transfer (data parallel:
+    averaged over the replicas, each of which holds its share of the global batch's)."""
+    scalars = torch.stack([torch.stack([r[k].float() for k in _SCALARS]) for r in pending])
+    fractions = torch.stack([r["fractions"].float() for r in pending])
+    if replica is not None:
+        both = replica.mean(torch.cat([scalars.flatten(), fractions.flatten()]))
+        scalars, fractions = both[:scalars.numel()].view_as(scalars), both[scalars.numel():].view_as(fractions)
+    scalars, fractions = scalars.tolist(), fractions.tolist()
     out = []
     for r, vals, frac in zip(pending, scalars, fractions):
         row = dict(zip(_SCALARS, vals), eps=r["eps"])
@@ -360,7 +414,7 @@ def _train_epoch(trainer: Trainer, cfg: TrainConfig, epoch: int, n: int, progres
         stats["eps"] = eps
         pending.append(stats)
         if len(pending) == STATS_EVERY or b == trainer.batches - 1:
-            done = _read_stats(pending)
+            done = _read_stats(pending, trainer.replica)
             pending = []
             rows.extend(done)
             if progress is not None:
@@ -387,7 +441,7 @@ def _epoch_metrics(trainer: Trainer, epoch: int, rows: list[dict[str, Any]], tes
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: Any = None,
-          log: Any = print, trust_checkpoint: bool = False) -> dict[str, Any]:
+          log: Any = print, trust_checkpoint: bool = False, replica: Replica | None = None) -> dict[str, Any]:
     """Train (or continue) a run in ``run_dir``; returns the last epoch's metrics.
 
     ``resume`` continues from ``last.pt`` (written atomically after every epoch, after the
@@ -398,43 +452,87 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     and ``end_epoch()`` (the CLI passes a rich progress bar); ``log`` prints one line per epoch.
     ``trust_checkpoint`` lets ``resume`` read a ``last.pt`` that needs the unsafe unpickler
     (see :mod:`certkit.checkpoints`).
+
+    ``replica``: this process is one of a data-parallel run (:mod:`certkit.train.distributed`).
+    Rank 0 alone writes the run directory and calls ``progress`` and ``log``; with ``resume``
+    every rank reads ``last.pt``, which must be the same file for all (one run directory,
+    shared between nodes).
     """
     run_dir = Path(run_dir)
+    lead = replica is None or replica.lead
     splits = load_splits(cfg)  # fails on missing data before anything is written
-    trainer = Trainer(cfg, splits)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "last.pt", "best.pt"):  # what a killed run left half-written
-        remove_stale_temporaries(run_dir / name)
-    if resume and (run_dir / "last.pt").is_file():  # else killed before its first checkpoint: start afresh
-        # on the CPU: RNG states must stay CPU tensors; the model and optimiser copy theirs to the device
-        trainer.load_state(load_checkpoint_state(run_dir / "last.pt", "cpu", trust=trust_checkpoint))
-    else:
-        write_atomically(run_dir / "config.json",
-                         lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2)))
-    metrics = MetricsFile(run_dir / "metrics.h5")
-    metrics.truncate(trainer.epoch)
+    trainer = Trainer(cfg, splits, replica)
+    if replica is not None:
+        from certkit.train.distributed import check_same_job, job_fingerprint
+
+        check_same_job(replica, job_fingerprint(cfg, [len(splits.train[0]), len(splits.val[0]),
+                                                      len(splits.test[0])], splits.train[1]))
+    _open_run(trainer, cfg, run_dir, resume, trust_checkpoint)
+    metrics = MetricsFile(run_dir / "metrics.h5") if lead else None
+    if metrics is not None:
+        metrics.truncate(trainer.epoch)
     x_train = splits.train[0]
     last: dict[str, Any] = {}
     for epoch in range(trainer.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        rows = _train_epoch(trainer, cfg, epoch, len(x_train), progress)
+        rows = _train_epoch(trainer, cfg, epoch, len(x_train), progress if lead else None)
         trainer.lr_sched.step()
         train_time = time.perf_counter() - t0
         test = trainer.evaluate(splits.test)
         val = trainer.evaluate(splits.val)
         trainer.epoch = epoch
         last = _epoch_metrics(trainer, epoch, rows, test, val, train_time)
+        best = val["verified_err"] < trainer.best_val
+        if best:
+            trainer.best_val = val["verified_err"]
+        if not lead:
+            continue
         metrics.append(last)
         state = trainer.state()
-        if val["verified_err"] < trainer.best_val:
-            trainer.best_val = val["verified_err"]
-            state["best_val"] = trainer.best_val
+        if best:
             _save(state, run_dir / "best.pt")
         _save(state, run_dir / "last.pt")
         log(f"epoch {epoch}/{cfg.epochs}  ε {last['eps']:.4g}  loss {last['loss']:.4f}  "
             f"test clean {test['clean_err']:.2f}%  verified {test['verified_err']:.2f}% (ε={cfg.eps_test:.4g})  "
             f"val verified {val['verified_err']:.2f}%  {train_time:.1f}s")
     return last
+
+
+def _open_run(trainer: Trainer, cfg: TrainConfig, run_dir: Path, resume: bool, trust_checkpoint: bool) -> None:
+    """Create the run directory (config.json, no stale temporaries) or load ``last.pt`` into
+    ``trainer`` (every rank of a data-parallel run, which must all read the same file)."""
+    replica = trainer.replica
+    lead = replica is None or replica.lead
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "last.pt", "best.pt"):  # what a killed run left half-written
+            remove_stale_temporaries(run_dir / name)
+    resuming = resume and (run_dir / "last.pt").is_file()  # else killed before its first checkpoint: start afresh
+    if replica is not None:
+        resuming = _agree_on_resume(replica, resuming, run_dir) if resume else False
+    if resuming:
+        # on the CPU: RNG states must stay CPU tensors; the model and optimiser copy theirs to the device
+        trainer.load_state(load_checkpoint_state(run_dir / "last.pt", "cpu", trust=trust_checkpoint))
+        if replica is not None:
+            epochs = [e for (e,) in replica.gather([trainer.epoch])]
+            if len(set(epochs)) > 1:
+                raise InvalidInput(f"{run_dir / 'last.pt'}: the training processes read different checkpoints "
+                                   f"(epochs {epochs} by rank); resume from one run directory shared by all")
+    elif lead:
+        write_atomically(run_dir / "config.json",
+                         lambda tmp: Path(tmp).write_text(json.dumps(dataclasses.asdict(cfg), indent=2)))
+
+
+def _agree_on_resume(replica: Replica, found: bool, run_dir: Path) -> bool:
+    """Whether a data-parallel run resumes: rank 0's ``last.pt`` decides, and every rank must
+    see it (one run directory for all: on several nodes, a shared file system)."""
+    seen = [f for (f,) in replica.gather([int(found)])]
+    if seen[0]:
+        missing = [rank for rank, f in enumerate(seen) if not f]
+        if missing:
+            raise InvalidInput(f"{run_dir / 'last.pt'}: training process {missing[0]} cannot read it; --resume "
+                               "needs the run directory on a file system every node shares")
+    return bool(seen[0])
 
 
 def _save(state: dict[str, Any], path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +12,11 @@ from torch import Tensor
 Interval = tuple[Tensor, Tensor]
 
 
-def robust_loss(lb: Tensor) -> Tensor:
-    """mean over the batch of log(1 + Σ_j exp(−lb_j)) for margin lower bounds lb (B, K−1)."""
+def robust_loss(lb: Tensor, reduction: str = "mean") -> Tensor:
+    """mean over the batch of log(1 + Σ_j exp(−lb_j)) for margin lower bounds lb (B, K−1)
+    (``reduction="sum"``: the sum, for a replica holding part of a batch)."""
     logits = torch.cat([torch.zeros_like(lb[:, :1]), -lb], 1)
-    return F.cross_entropy(logits, torch.zeros(lb.shape[0], dtype=torch.long, device=lb.device))
+    return F.cross_entropy(logits, torch.zeros(lb.shape[0], dtype=torch.long, device=lb.device), reduction=reduction)
 
 
 def _balance(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
@@ -68,5 +70,50 @@ def warmup_regularizers(input_box: Interval, relu_inputs: list[Interval], tau: f
     # the where is finite, so the masked branch leaks no NaN gradient
     relu = torch.where(defined.all(1) & torch.isfinite(terms), terms, terms.new_zeros(())).sum()
     act_inact = torch.stack(counts).to(input_box[0].dtype)
+    fractions = torch.cat([act_inact, 1 - act_inact.sum(1, keepdim=True)], 1)
+    return RegularizerTerms(tight / m, relu / m, fractions.detach())
+
+
+def sharded_warmup_regularizers(input_box: Interval, relu_inputs: list[Interval], tau: float,
+                                total: Callable[[Tensor], Tensor]) -> RegularizerTerms:
+    """:func:`warmup_regularizers` of a batch split across data-parallel replicas, each holding
+    the bounds of its rows: the same terms as one process computes on the whole batch.
+
+    Both terms are nonlinear in batch-level sums and means (Δ̂ is a mean over the batch, α and β
+    ratios of sums over it), so averaging per-replica terms would differ from the single-process
+    value. Instead every batch reduction is a local sum passed through ``total`` (a sum over the
+    replicas that gradients flow back through, :meth:`certkit.train.distributed.Replica.total`),
+    divided by the global element count, which travels in the same sum: two reductions per
+    step, the second for the spreads around the global centre mean. Every replica then holds
+    the identical global terms."""
+    m = len(relu_inputs)
+    if m == 0:
+        return warmup_regularizers(input_box, relu_inputs, tau)
+    lo0, up0 = input_box
+    first = [((up0 - lo0) / 2).sum(), lo0.new_tensor(float(lo0.numel()))]
+    centres = []
+    for lo, up in relu_inputs:
+        c, d = (up + lo) / 2, (up - lo) / 2
+        centres.append(c)
+        first += [d.sum(), c.sum(), c.new_tensor(float(c.numel()))]
+    g = total(torch.stack(first))
+    delta0 = g[0] / g[1]
+    per_layer = g[2:].reshape(m, 3)
+    widths, c_means, numel = per_layer[:, 0] / per_layer[:, 2], per_layer[:, 1] / per_layer[:, 2], per_layer[:, 2]
+    second = []
+    for (lo, up), c, c_mean in zip(relu_inputs, centres, c_means):
+        active, inactive = lo > 0, up < 0
+        zero = c.new_zeros(())
+        spread = (c - c_mean) ** 2
+        second.append(torch.stack([torch.where(active, c, zero).sum(), torch.where(inactive, -c, zero).sum(),
+                                   torch.where(active, spread, zero).sum(), torch.where(inactive, spread, zero).sum(),
+                                   active.sum().to(c.dtype), inactive.sum().to(c.dtype)]))
+    G = total(torch.stack(second))
+    tight = (F.relu(tau - delta0 / widths.clamp(min=1e-12)) / tau).sum()
+    S = G[:, :4]
+    ratio, defined = _balance(S[:, 0::2], S[:, 1::2])
+    terms = F.relu(tau - ratio).sum(1) / tau
+    relu = torch.where(defined.all(1) & torch.isfinite(terms), terms, terms.new_zeros(())).sum()
+    act_inact = (G[:, 4:] / numel[:, None]).to(lo0.dtype)
     fractions = torch.cat([act_inact, 1 - act_inact.sum(1, keepdim=True)], 1)
     return RegularizerTerms(tight / m, relu / m, fractions.detach())

@@ -16,6 +16,7 @@ Scoring as in VNN-COMP since 2022: +10 per correct ``sat``/``unsat``, −150 per
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -321,16 +322,31 @@ def record_config(out_csv: Path, config: SolverConfig, resuming: bool) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _result_file(inst: Instance, results_dir: Path) -> Path:
+    """Where ``inst``'s competition result file goes (its log beside it, ``.log``)."""
+    name = f"{inst.index:04d}_{Path(inst.onnx).stem}__{Path(inst.vnnlib).stem}.txt"
+    result_file = results_dir / inst.family / name
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(result_file)
+    return result_file
+
+
 def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h5: Path | None = None,
                   timeout_scale: float = 1.0, on_done: Callable[[Instance, Outcome, bool], None] | None = None,
                   device: str = "cpu", max_memory: int | None = None,
-                  config: SolverConfig | None = None) -> list[Outcome]:
+                  config: SolverConfig | None = None, workers: int | None = None,
+                  address: str | None = None) -> list[Outcome]:
     """Run every instance not yet in ``out_csv`` (bounds on ``device``: cpu, cuda or auto, within
     ``max_memory`` bytes per bound pass, see :mod:`certkit.memory`) with the solver settings
     ``config`` (None: the defaults); returns the outcomes of all instances run so far.
 
     The settings are recorded in config.yaml beside ``out_csv`` and in ``h5``'s ``config``
-    attribute; resuming a CSV that was run with other settings is refused."""
+    attribute; resuming a CSV that was run with other settings is refused.
+
+    ``workers`` (or ``address``) spreads the instances over that many worker processes of a Ray
+    cluster (:mod:`certkit.scale_out`), each instance under its own deadline as here. Rows are
+    appended as instances finish; at the end the CSV and the summary hold them in instance order,
+    as a run in one process writes them."""
     from certkit.complete.config import SolverConfig
 
     if timeout_scale <= 0:
@@ -341,30 +357,95 @@ def run_benchmark(instances: list[Instance], out_csv: Path, results_dir: Path, h
     if h5 is not None:
         remove_stale_temporaries(h5)  # what a killed run left half-written
     done = {(o.family, o.index): o for o in outcomes}
-    for inst in instances:
-        key = (inst.family, inst.index)
-        if key in done:
-            if on_done:
-                on_done(inst, done[key], True)
-            continue
-        base = Path(inst.directory)
-        name = f"{inst.index:04d}_{Path(inst.onnx).stem}__{Path(inst.vnnlib).stem}.txt"
-        result_file = results_dir / inst.family / name
-        result_file.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(result_file)
-        start = time.monotonic()
-        status = run_instance(base / inst.onnx, base / inst.vnnlib, inst.timeout * timeout_scale, result_file,
-                              category=inst.family, log_file=result_file.with_suffix(".log"), device=device,
-                              max_memory=max_memory, config=config)
+    sharded = workers is not None or address is not None
+    if sharded:
+        from certkit.scale_out import check_options
+
+        check_options(workers, address)  # before any instance runs
+    order = {(inst.family, inst.index): i for i, inst in enumerate(instances)}
+
+    def finish(inst: Instance, status: Status, seconds: float, result_file: Path) -> None:
         outcome = Outcome(inst.family, inst.index, inst.onnx, inst.vnnlib, inst.timeout * timeout_scale, status,
-                          round(time.monotonic() - start, 3), inst.ground_truth,
-                          verdict(status, inst.ground_truth), str(result_file))
+                          round(seconds, 3), inst.ground_truth, verdict(status, inst.ground_truth), str(result_file))
         _append(out_csv, outcome)
         outcomes.append(outcome)
+        if sharded:  # finished in any order; the summary lists them in instance order
+            outcomes.sort(key=lambda o: order.get((o.family, o.index), len(order)))
         if h5 is not None:
             write_h5(h5, outcomes, summarize(instances, outcomes), config)
         if on_done:
             on_done(inst, outcome, False)
+
+    todo = _pending(instances, done, on_done)
+    if not sharded:
+        _run_here(todo, results_dir, timeout_scale, device, max_memory, config, finish)
+    else:
+        remove_stale_temporaries(out_csv)  # a killed rewrite's (below)
+        _run_sharded(todo, results_dir, timeout_scale, device, max_memory, config, workers, address, finish)
+        outcomes.sort(key=lambda o: order.get((o.family, o.index), len(order)))
+        _rewrite_in_order(out_csv, outcomes)
     if h5 is not None:  # also when a killed run had appended its last row but not yet rewritten the summary
         write_h5(h5, outcomes, summarize(instances, outcomes), config)
     return outcomes
+
+
+def _pending(instances: list[Instance], done: dict[tuple[str, int], Outcome],
+             on_done: Callable[[Instance, Outcome, bool], None] | None) -> list[Instance]:
+    """The instances not ``done`` yet (``on_done`` is told about the others)."""
+    todo = []
+    for inst in instances:
+        key = (inst.family, inst.index)
+        if key not in done:
+            todo.append(inst)
+        elif on_done:
+            on_done(inst, done[key], True)
+    return todo
+
+
+def _run_here(todo: list[Instance], results_dir: Path, timeout_scale: float, device: str, max_memory: int | None,
+              config: SolverConfig, finish: Callable[[Instance, Status, float, Path], None]) -> None:
+    """Solve ``todo`` one after the other in this process (each in its child), then ``finish`` each."""
+    for inst in todo:
+        result_file = _result_file(inst, results_dir)
+        base = Path(inst.directory)
+        start = time.monotonic()
+        status = run_instance(base / inst.onnx, base / inst.vnnlib, inst.timeout * timeout_scale, result_file,
+                              category=inst.family, log_file=result_file.with_suffix(".log"), device=device,
+                              max_memory=max_memory, config=config)
+        finish(inst, status, time.monotonic() - start, result_file)
+
+
+def _run_sharded(todo: list[Instance], results_dir: Path, timeout_scale: float, device: str,
+                 max_memory: int | None, config: SolverConfig, workers: int | None, address: str | None,
+                 finish: Callable[[Instance, Status, float, Path], None]) -> None:
+    """Solve ``todo`` on Ray workers; write each one's result file and log as it comes back, then
+    ``finish`` it."""
+    from certkit.scale_out import Cluster
+    from certkit.vnncomp.instance import write_result
+
+    if not todo:
+        return
+    with Cluster(workers, address, device) as cluster:
+        jobs = [(i, Path(inst.directory) / inst.onnx, Path(inst.directory) / inst.vnnlib,
+                 inst.timeout * timeout_scale, inst.family) for i, inst in enumerate(todo)]
+        solved = cluster.solve(jobs, max_memory, config)
+        with contextlib.closing(solved):  # a failed write stops the workers before the cluster goes
+            for i, status, seconds, result, log in solved:
+                inst = todo[i]
+                result_file = _result_file(inst, results_dir)
+                write_atomically(result_file.with_suffix(".log"), lambda tmp: Path(tmp).write_text(log))  # noqa: B023
+                write_result(result_file, result)
+                finish(inst, Status.from_vnncomp(status) or Status.ERROR, seconds, result_file)
+
+
+def _rewrite_in_order(out_csv: Path, outcomes: list[Outcome]) -> None:
+    """Rewrite the CSV (atomically) with ``outcomes``' rows in their order, unless it holds them so."""
+    if not out_csv.is_file() or [(o.family, o.index) for o in read_outcomes(out_csv)] == \
+            [(o.family, o.index) for o in outcomes]:
+        return
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow([f.name for f in fields(Outcome)])
+    for o in outcomes:
+        w.writerow(o.row())
+    write_atomically(out_csv, lambda tmp: Path(tmp).write_bytes(buf.getvalue().encode()))
