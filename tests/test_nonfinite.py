@@ -84,7 +84,7 @@ def test_nan_weights_make_every_sample_unknown(tmp_path, one_thread):
     # a NaN in the last layer's bias only: IBP would still see finite margins for the other classes
     path, name = _poisoned(tmp_path, (np.nan,), which=-1)
     counts, data = _run(path, x, y, idx, tmp_path, "nan", attack=True)
-    assert counts == {"verified": 0, "falsified": 0, "unknown": 4, "misclassified": 0}
+    assert counts == {"verified": 0, "falsified": 0, "unknown": 4, "misclassified": 0, "error": 0}
     assert all("weights contain NaN or Inf" in r and name in r for r in data["reason"])
 
 
@@ -127,7 +127,7 @@ def test_overflowing_weights_never_verify(tmp_path, one_thread):
     with torch.no_grad():
         y = BoundedModel(path)(x).reshape(2, -1).argmax(1)  # labels it predicts: the bounds decide
     counts, data = _run(path, x, y, idx, tmp_path, "huge")
-    assert counts == {"verified": 0, "falsified": 0, "unknown": 2, "misclassified": 0}
+    assert counts == {"verified": 0, "falsified": 0, "unknown": 2, "misclassified": 0, "error": 0}
     assert all("bounds are NaN or Inf" in r for r in data["reason"])
 
 
