@@ -255,9 +255,12 @@ class BoundedModel:
         nonlinearity other than ReLU).
 
         A node that feeds only ReLUs gets its upper bounds first and lower bounds only where the
-        new upper bound is still positive (with at least ``_UPPER_FIRST_FROM`` loose pairs): a ReLU
-        whose input is ≤ 0 outputs 0 whatever the lower bound, so every later bound is the same
-        with fewer rows (the CIFAR ResNets: a quarter to a third fewer, CROWN about 1.8× faster).
+        new upper bound is still positive: a ReLU whose input is ≤ 0 outputs 0 whatever the lower
+        bound, so every later bound is the same with fewer rows (the CIFAR ResNets: a quarter to a
+        half fewer, CROWN about 1.8× faster on ResNet-4B). Only with at least ``_UPPER_FIRST_FROM``
+        loose pairs, batched per neuron: per (domain, neuron) pair, each pass pays the gathering
+        of its pairs' intervals again, which cost more than the rows saved on the small CIFAR
+        nets of benchmarks/crown_vs_auto_lirpa.py.
 
         Two batchings give the same bounds: every neuron loose in some domain, in every domain
         of the batch (:meth:`_refine_neurons`), or each loose (domain, neuron) pair on its own
@@ -272,8 +275,9 @@ class BoundedModel:
         lf, uf = lo.reshape(B, -1).clone(), up.reshape(B, -1).clone()
         relu_only = name in self._relu_only
         loose = ((lf < 0) & (uf > 0)) if relu_only else (lf < uf)
-        upper_first = relu_only and int(loose.sum()) >= _UPPER_FIRST_FROM
-        for signs in ((-1.0,), (1.0,)) if upper_first else ((1.0, -1.0),):
+        passes = [(1.0, -1.0)]
+        while passes:
+            signs = passes.pop(0)
             if signs == (1.0,):
                 loose = loose & (uf > 0)
             neurons = loose.any(0).nonzero().squeeze(1)
@@ -281,6 +285,8 @@ class BoundedModel:
                 break
             pairs = loose.nonzero()  # (P, 2): domain, neuron
             pass_per_pair = 2 * pairs.shape[0] <= B * neurons.numel() if per_pair is None else per_pair
+            if signs == (1.0, -1.0) and relu_only and not pass_per_pair and pairs.shape[0] >= _UPPER_FIRST_FROM:
+                signs, passes = (-1.0,), [(1.0,)]
             args = (name, signs, lo.shape[1:], lf, uf, bounds, alpha_iterations)
             if pass_per_pair:
                 self._refine_pairs(pairs, *args)
