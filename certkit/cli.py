@@ -230,6 +230,9 @@ def _warn_nonfinite(model: str) -> None:
 MAX_MEMORY_HELP = ("Memory for the largest linear-coefficient tensor of a bound pass, e.g. 2G or 512M; passes are "
                    "split into chunks that fit (same bounds), and a stage whose smallest chunk does not fit is "
                    "skipped (default: half the memory free now, or the GPU's free memory).")
+ADDRESS_OPTION = click.option(
+    "--address", metavar="ADDRESS", help="Join the running Ray cluster at this address (auto, or "
+    "ray://HOST:10001) instead of starting a local one; use with --workers.")
 
 
 def _max_memory(text: str | None) -> int | None:
@@ -524,9 +527,7 @@ def _verify_settings(config_file: str | None, sets: tuple[str, ...], flags: dict
               help="Verify in N worker processes of a Ray cluster (a local one started for "
               "the run, or --address's), shards of whole batches each, with the same answers as one process "
               "(docs/scale-out.md; needs certkit[ray]). Default: this process alone.")
-@click.option("--address", metavar="ADDRESS",
-              help="Join the running Ray cluster at this address (auto, or ray://HOST:10001) "
-              "instead of starting a local one; use with --workers.")
+@ADDRESS_OPTION
 @config_options("verify")
 @friendly_errors
 def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_size, device, out, vnnlib_dir,
@@ -709,9 +710,7 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, 
               help="Solve N instances at a time in worker processes of a Ray cluster (a "
               "local one started for the run, or --address's), each under its own deadline; the CSV and table "
               "as from one process (docs/scale-out.md; needs certkit[ray]). Default: one at a time, here.")
-@click.option("--address", metavar="ADDRESS",
-              help="Join the running Ray cluster at this address (auto, or ray://HOST:10001) "
-              "instead of starting a local one; use with --workers.")
+@ADDRESS_OPTION
 @config_options("solver")
 @friendly_errors
 def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, families, device,
