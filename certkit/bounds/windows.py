@@ -67,6 +67,16 @@ class Windows:
         """Each row's window's first map row and column, in the map padded by ``pad`` (B, S)."""
         return self.pos[..., 0] * self.stride[0], self.pos[..., 1] * self.stride[1]
 
+    def _map_coordinates(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row's window's map rows (B, S, kh) and columns (B, S, kw), and whether each window
+        position lies on the map (B, S, kh, kw) rather than in the padding."""
+        (kh, kw), (_, H, W) = self.size, self.map_shape
+        top, left = self._corners()
+        rows = top[..., None] - self.pad[0] + torch.arange(kh, device=top.device)
+        cols = left[..., None] - self.pad[1] + torch.arange(kw, device=top.device)
+        on_map = ((rows >= 0) & (rows < H))[..., :, None] & ((cols >= 0) & (cols < W))[..., None, :]
+        return rows, cols, on_map
+
     def cut(self, maps: Tensor) -> Tensor:
         """Each row's window of ``maps`` (B or 1, C or 1, H, W): (B, S, C or 1, kh, kw), zero
         outside the map. Windows of every grid position are cut once (``unfold``) when there
@@ -87,9 +97,7 @@ class Windows:
                 return cols[0].T[index].reshape(B, S, C, kh, kw)
             picked = cols.gather(2, index.unsqueeze(1).expand(B, cols.shape[1], S))
             return picked.permute(0, 2, 1).reshape(B, S, C, kh, kw)
-        rows = top[..., None] - ph + torch.arange(kh, device=top.device)  # (B, S, kh), map coordinates
-        cols = left[..., None] - pw + torch.arange(kw, device=top.device)  # (B, S, kw)
-        on_map = ((rows >= 0) & (rows < H))[..., :, None] & ((cols >= 0) & (cols < W))[..., None, :]
+        rows, cols, on_map = self._map_coordinates()
         which = torch.arange(B if maps.shape[0] > 1 else 1, device=top.device)[:, None, None, None]
         picked = maps[which, :, rows.clamp(0, H - 1)[..., :, None], cols.clamp(0, W - 1)[..., None, :]]
         picked = picked * on_map.unsqueeze(-1).to(picked.dtype)  # (B, S, kh, kw, C), zero off the map
@@ -107,13 +115,10 @@ class Windows:
         B, S, C, kh, kw = self.A.shape
         _, H, W = self.map_shape
         R, n = B * S, C * H * W
-        top, left = (t.reshape(R) for t in self._corners())
-        rows = top[:, None] - self.pad[0] + torch.arange(kh, device=top.device)  # (R, kh), map coordinates
-        cols = left[:, None] - self.pad[1] + torch.arange(kw, device=top.device)  # (R, kw)
-        on_map = ((rows >= 0) & (rows < H))[:, :, None] & ((cols >= 0) & (cols < W))[:, None, :]
-        spot = rows[:, :, None] * W + cols[:, None, :] + torch.arange(R, device=top.device)[:, None, None] * n
+        rows, cols, on_map = (t.reshape(R, *t.shape[2:]) for t in self._map_coordinates())
+        spot = rows[:, :, None] * W + cols[:, None, :] + torch.arange(R, device=rows.device)[:, None, None] * n
         spot = torch.where(on_map, spot, R * n)  # (R, kh, kw)
-        channel = torch.arange(C, device=top.device)[None, :, None, None] * (H * W)
+        channel = torch.arange(C, device=rows.device)[None, :, None, None] * (H * W)
         index = spot[:, None] + channel * on_map[:, None]  # (R, C, kh, kw)
         out = self.A.new_zeros(R * n + 1)
         out.index_put_((index.reshape(-1),), self.A.reshape(-1))

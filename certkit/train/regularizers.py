@@ -61,15 +61,20 @@ def warmup_regularizers(input_box: Interval, relu_inputs: list[Interval], tau: f
         sums.append(torch.stack([torch.where(active, c, zero).sum(), torch.where(inactive, -c, zero).sum(),
                                  torch.where(active, spread, zero).sum(), torch.where(inactive, spread, zero).sum()]))
         counts.append(torch.stack([active.sum(), inactive.sum()]) / lo.numel())
-    # the rest runs once for all layers: (m,) and (m, 2) tensors, columns α and β
-    tight = (F.relu(tau - delta0 / torch.stack(widths).clamp(min=1e-12)) / tau).sum()
-    S = torch.stack(sums)
-    ratio, defined = _balance(S[:, 0::2], S[:, 1::2])
+    return _terms(delta0, torch.stack(widths), torch.stack(sums), torch.stack(counts).to(input_box[0].dtype), tau)
+
+
+def _terms(delta0: Tensor, widths: Tensor, sums: Tensor, act_inact: Tensor, tau: float) -> RegularizerTerms:
+    """The terms from the batch statistics, once for all m layers: the input's mean half-width,
+    the ReLU inputs' (m,), the active/inactive sums of centres and spreads (m, 4) and the
+    active/inactive fractions (m, 2)."""
+    m = len(widths)
+    tight = (F.relu(tau - delta0 / widths.clamp(min=1e-12)) / tau).sum()
+    ratio, defined = _balance(sums[:, 0::2], sums[:, 1::2])  # columns α and β
     terms = F.relu(tau - ratio).sum(1) / tau
     # an undefined ratio (or NaN/Inf bounds) skips the layer; with finite bounds every value reaching
     # the where is finite, so the masked branch leaks no NaN gradient
     relu = torch.where(defined.all(1) & torch.isfinite(terms), terms, terms.new_zeros(())).sum()
-    act_inact = torch.stack(counts).to(input_box[0].dtype)
     fractions = torch.cat([act_inact, 1 - act_inact.sum(1, keepdim=True)], 1)
     return RegularizerTerms(tight / m, relu / m, fractions.detach())
 
@@ -109,11 +114,4 @@ def sharded_warmup_regularizers(input_box: Interval, relu_inputs: list[Interval]
                                    torch.where(active, spread, zero).sum(), torch.where(inactive, spread, zero).sum(),
                                    active.sum().to(c.dtype), inactive.sum().to(c.dtype)]))
     G = total(torch.stack(second))
-    tight = (F.relu(tau - delta0 / widths.clamp(min=1e-12)) / tau).sum()
-    S = G[:, :4]
-    ratio, defined = _balance(S[:, 0::2], S[:, 1::2])
-    terms = F.relu(tau - ratio).sum(1) / tau
-    relu = torch.where(defined.all(1) & torch.isfinite(terms), terms, terms.new_zeros(())).sum()
-    act_inact = (G[:, 4:] / numel[:, None]).to(lo0.dtype)
-    fractions = torch.cat([act_inact, 1 - act_inact.sum(1, keepdim=True)], 1)
-    return RegularizerTerms(tight / m, relu / m, fractions.detach())
+    return _terms(delta0, widths, G[:, :4], (G[:, 4:] / numel[:, None]).to(lo0.dtype), tau)

@@ -204,20 +204,25 @@ def read_outcomes(path: Path) -> list[Outcome]:
     return out
 
 
+def _csv_bytes(outcomes: list[Outcome], header: bool) -> bytes:
+    """The CSV lines of ``outcomes`` (after the header line when ``header``)."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    if header:
+        w.writerow([f.name for f in fields(Outcome)])
+    w.writerows(o.row() for o in outcomes)
+    return buf.getvalue().encode()
+
+
 def _append(path: Path, outcome: Outcome) -> None:
     """Add one row (the header first in a new file) after the last complete line, in one write,
     flushed to disk."""
     keep = len(_committed(path))
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    if keep == 0:
-        w.writerow([f.name for f in fields(Outcome)])
-    w.writerow(outcome.row())
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "r+b" if path.is_file() else "wb") as f:
         f.truncate(keep)  # a torn line of a killed run
         f.seek(keep)
-        f.write(buf.getvalue().encode())
+        f.write(_csv_bytes([outcome], header=keep == 0))
         f.flush()
         os.fsync(f.fileno())
 
@@ -443,9 +448,5 @@ def _rewrite_in_order(out_csv: Path, outcomes: list[Outcome]) -> None:
     if not out_csv.is_file() or [(o.family, o.index) for o in read_outcomes(out_csv)] == \
             [(o.family, o.index) for o in outcomes]:
         return
-    buf = io.StringIO(newline="")
-    w = csv.writer(buf)
-    w.writerow([f.name for f in fields(Outcome)])
-    for o in outcomes:
-        w.writerow(o.row())
-    write_atomically(out_csv, lambda tmp: Path(tmp).write_bytes(buf.getvalue().encode()))
+    text = _csv_bytes(outcomes, header=True)
+    write_atomically(out_csv, lambda tmp: Path(tmp).write_bytes(text))
