@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -182,3 +183,35 @@ def test_a_batch_norm_that_stays_apart_bounds_the_same_on_windows(monkeypatch):
     bm = BoundedModel(net, (3, 12, 12)).to(torch.float64)
     _assert_same(*_both(bm, *_boxes((3, 12, 12), 2, 0.05)))
     assert "BatchNorm" in used
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 6), st.integers(1, 5), st.integers(1, 3), st.integers(0, 2),
+       st.integers(1, 2), st.integers(4, 9), st.integers(0, 2))
+def test_the_convolution_adjoint_equals_the_transposed_convolution(c_out, c_in, k, stride, pad, dil, size, extra):
+    """conv2d_adjoint (a flipped convolution without stride, a pixel shuffle with one) is
+    conv_transpose2d, for every stride, padding, dilation and output padding a backward pass meets."""
+    _check_adjoint(c_out, c_in, k, stride, pad, dil, size, extra)
+
+
+@pytest.mark.parametrize("k, stride, pad, extra", [(2, 2, 0, 0), (4, 2, 1, 0), (4, 2, 1, 1), (4, 2, 2, 2),
+                                                   (6, 3, 1, 0), (3, 3, 0, 2), (6, 2, 2, 1)])
+def test_the_strided_adjoint_by_pixel_shuffle_equals_the_transposed_convolution(k, stride, pad, extra):
+    _check_adjoint(8, 3, k, stride, pad, 1, 9, extra)
+
+
+def _check_adjoint(c_out, c_in, k, stride, pad, dil, size, extra):
+    from certkit.bounds.ops.linear import conv2d_adjoint
+
+    g = torch.Generator().manual_seed(c_out * 1000 + k * 100 + size)
+    w = torch.randn(c_out, c_in, k, k + extra % 2, generator=g, dtype=torch.float64)  # square: the pixel shuffle
+    x = torch.randn(2, c_in, size + extra, size, generator=g, dtype=torch.float64)
+    if min(x.shape[2:]) + 2 * pad < dil * k + 1:
+        return
+    y = F.conv2d(x, w, None, stride, pad, dil)
+    A = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    out_pad = tuple((x.shape[2 + d] + 2 * pad - dil * (w.shape[2 + d] - 1) - 1) % stride for d in range(2))
+    want = F.conv_transpose2d(A, w, None, stride, pad, out_pad, 1, dil)
+    got = conv2d_adjoint(A, w, (stride, stride), (pad, pad), out_pad, 1, (dil, dil))
+    assert got.shape == want.shape == x.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from certkit.bounds.ops import Activation, Add, BatchNorm, Conv2d, ElementwiseAffine
+from certkit.bounds.ops.linear import conv2d_adjoint
 
 Interval = tuple[Tensor, Tensor]
 
@@ -170,10 +171,10 @@ def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
     rows = win.A.reshape(B * S, C, kh, kw)
     if B * S > 2 * C * kh * kw:  # many rows: one matrix product with the window-to-window map
         basis = torch.eye(C * kh * kw, dtype=rows.dtype, device=rows.device).reshape(-1, C, kh, kw)
-        T = F.conv_transpose2d(basis, w, None, s, 0, 0, op.groups, d)
+        T = conv2d_adjoint(basis, w, s, (0, 0), (0, 0), op.groups, d)
         A_in = (rows.reshape(B * S, -1) @ T.reshape(T.shape[0], -1)).reshape(B, S, *T.shape[1:])
     else:
-        A_in = F.conv_transpose2d(rows, w, None, s, 0, 0, op.groups, d)
+        A_in = conv2d_adjoint(rows, w, s, (0, 0), (0, 0), op.groups, d)
         A_in = A_in.reshape(B, S, *A_in.shape[1:])
     grown = Windows(A_in, win.pos, win.grid, (win.stride[0] * s[0], win.stride[1] * s[1]),
                     (win.pad[0] * s[0] + p[0], win.pad[1] * s[1] + p[1]), tuple(in_shape))

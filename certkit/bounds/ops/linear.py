@@ -92,6 +92,53 @@ class Linear(_Weighted):
         return f"{w.shape[1]}→{w.shape[0]}" + (" +BN" if self.bn is not None else "")
 
 
+# A's channels up to which a strided adjoint runs as one convolution and a pixel shuffle: oneDNN's
+# transposed convolution is 2–3× slower than that on so few channels, and about as fast on more
+_SHUFFLE_MAX_CHANNELS = 8
+
+
+def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups: int, dilation) -> Tensor:
+    """The adjoint (transpose) of ``conv2d(·, w, stride, padding, dilation, groups)`` applied to A
+    (N, C_out, H, W): ``conv_transpose2d(A, w, …)``, computed by the cheapest equivalent on a CPU.
+
+    The backward pass of CROWN runs this on every row of coefficients; PyTorch's transposed
+    convolution is the slow one of its convolutions on the small channel counts of verified
+    networks. Without a stride it is a convolution with the kernel flipped and its in/out channels
+    swapped, padded by d·(k−1)−p (2–4× faster on 8 channels, never slower measured). With a
+    stride s that divides the kernel, output position q·s + r sums the kernel taps r, r + s, …:
+    one convolution with the s² sub-kernels as output channels, then ``pixel_shuffle`` puts
+    phase r at every s-th position and the padding p is cut off (used on few channels only,
+    where it is ~2× faster). The same sums in another order: equal up to float rounding."""
+    if groups != 1 or A.device.type != "cpu":
+        return F.conv_transpose2d(A, w, None, stride, padding, output_padding, groups, dilation)
+    k = w.shape[2:]
+    if tuple(stride) == (1, 1):
+        pad = [d * (kk - 1) - p for d, kk, p in zip(dilation, k, padding)]
+        if min(pad) >= 0:
+            return F.conv2d(A, w.transpose(0, 1).flip(2, 3), None, 1, pad, dilation)
+    elif tuple(dilation) == (1, 1) and all(kk % s == 0 for kk, s in zip(k, stride)) \
+            and stride[0] == stride[1] and A.shape[1] <= _SHUFFLE_MAX_CHANNELS:
+        return _strided_adjoint(A, w, stride[0], padding, output_padding)
+    return F.conv_transpose2d(A, w, None, stride, padding, output_padding, groups, dilation)
+
+
+def _strided_adjoint(A: Tensor, w: Tensor, s: int, padding, output_padding) -> Tensor:
+    """``conv_transpose2d(A, w, stride=s, …)`` for a kernel size divisible by s: one convolution
+    with the s² phase sub-kernels (flipped, as output channels ordered (out, r_h, r_w)), a
+    ``pixel_shuffle``, then the padding cut (and the output padding, all zeros, added)."""
+    c_in, c_out, kh, kw = w.shape
+    Lh, Lw = kh // s, kw // s
+    sub = w.reshape(c_in, c_out, Lh, s, Lw, s).permute(1, 3, 5, 0, 2, 4).flip(4, 5)
+    sub = sub.reshape(c_out * s * s, c_in, Lh, Lw)
+    full = F.pixel_shuffle(F.conv2d(A, sub, None, 1, (Lh - 1, Lw - 1)), s)
+    H = (A.shape[2] - 1) * s - 2 * padding[0] + kh + output_padding[0]
+    W = (A.shape[3] - 1) * s - 2 * padding[1] + kw + output_padding[1]
+    out = full[:, :, padding[0]:padding[0] + H, padding[1]:padding[1] + W]
+    if out.shape[2] < H or out.shape[3] < W:
+        out = F.pad(out, (0, W - out.shape[3], 0, H - out.shape[2]))
+    return out
+
+
 class Conv2d(_Weighted):
     """2-D convolution with zero padding (any stride, dilation, groups). A folded batch norm
     is folded into the (small) kernel: W·s and b·s + t per output channel."""
@@ -131,7 +178,7 @@ class Conv2d(_Weighted):
             self.in_shape[1 + d] - ((size - 1) * self.stride[d] - 2 * self.padding[d]
                                     + self.dilation[d] * (w.shape[2 + d] - 1) + 1)
             for d, size in enumerate((h_out, w_out)))
-        A_in = F.conv_transpose2d(out, w, None, self.stride, self.padding, pad, self.groups, self.dilation)
+        A_in = conv2d_adjoint(out, w, self.stride, self.padding, pad, self.groups, self.dilation)
         A_in = A_in.reshape(B, S, *A_in.shape[1:])
         bias = None if b is None else A.sum((-2, -1)).matmul(b)
         return [A_in], bias
