@@ -1,63 +1,197 @@
-"""Vanilla IBP vs the fast method on the same short budget: real MNIST, cnn-small, ε = 0.3 (train 0.4).
+"""Vanilla IBP vs the fast method on the same short budget, seed by seed, on real MNIST.
 
-    python benchmarks/short_warmup.py [--epochs 30] [--schedule 1,10] [--milestones 20,25] [--seeds 0,1,2]
-                                      [--out runs/short_warmup]
+    python benchmarks/short_warmup.py [--protocol cnn-small|cnn7-cpu] [--model M] [--width W]
+                                      [--depth D] [--hidden H] [--epochs N] [--schedule START,LENGTH]
+                                      [--milestones A,B] [--eps E] [--eps-eval E] [--seeds 0,1,2]
+                                      [--limit N] [--eval-limit N] [--out DIR]
 
-Both methods train with the same budget (epochs, ε ramp, lr schedule, seeds, data), each run
-about 15 minutes on a 2-core CPU at 30 epochs. Prints clean and IBP-verified test errors (%)
-side by side per seed, at the last epoch and at the epoch the validation split picks, and
-their means over the seeds: on this small model one seed can differ from the next by 10
-points of verified error, so single runs decide nothing. Runs (OUT/METHOD-sSEED) are
-resumable: rerunning the command continues unfinished runs and reuses finished ones, so
-seeds can also run at once as separate commands (``--seeds 1``) before one that prints all.
+Protocols (every option overrides its value):
+
+- ``cnn-small`` (default): cnn-small, ε 0.4 for training and 0.3 for the test, 30 epochs,
+  ramp 1,10, lr ×0.2 at 20 and 25 (about 15 minutes a run on a 2-core CPU);
+- ``cnn7-cpu``: the GPU CNN-7 protocol of docs/benchmarks.md scaled to a CPU: CNN-7 at
+  ``--width 8`` (channels 8, 8, 16, 16, 16, a 128-unit linear layer, 410k parameters),
+  ε 0.4 for training and test, 15 epochs, ramp 1,8 (ε reaches 0.4 at the end of epoch 8),
+  lr ×0.2 at 11 and 13.
+
+Both methods train with the same budget (epochs, ε ramp, lr schedule, seeds, data). Prints,
+per seed and as mean ± std over the seeds: clean and IBP-verified test error (%) after the
+last epoch and at the epoch the validation split picks; the paired per-seed difference
+fast − vanilla and its mean ± std (the seeds share data order and initial draw, so the
+difference is the comparison with the smaller spread); L_tightness and L_relu in the ramp's
+last epoch (metrics.h5; logged for both methods, in the loss of the fast one only); minutes of
+training and wall time (training and evaluation) per run; and per ReLU layer the mean IBP
+interval width of its input relative to the input box's, before training and after the ramp
+(metrics.h5's notes): the widths the fast method's initialisation and L_tightness keep
+small. Runs (OUT/METHOD-sSEED) are resumable: rerunning the command continues unfinished runs
+and reuses finished ones (a run directory of another configuration is refused), so seeds can
+run at once as separate commands (``--seeds 1``) before one that prints all.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from certkit.train.loop import config_from, train
+from certkit.train.loop import TrainConfig, config_from, train
 from certkit.train.metrics import MetricsFile
+from certkit.train.models import model_label
+from certkit.train.widths import widths_of
+
+METHODS = ("vanilla", "fast")
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "cnn-small": dict(model="cnn-small", eps=0.4, eps_eval=0.3, epochs=30, schedule_start=1, schedule_length=10,
+                      milestones=(20, 25)),
+    "cnn7-cpu": dict(model="cnn7", width=8, eps=0.4, eps_eval=0.4, epochs=15, schedule_start=1, schedule_length=8,
+                     milestones=(11, 13)),
+}
+# the table's error columns: summary key, heading
+ERRORS = (("clean", "clean (last)"), ("verified", "verified (last)"), ("picked_clean", "clean (picked)"),
+          ("picked_verified", "verified (picked)"))
+
+
+def run_config(protocol: str, seed: int, method: str, **overrides: Any) -> TrainConfig:
+    """The configuration of one run: the protocol's values, ``overrides`` (None: not given); another
+    model than the protocol's drops the protocol's sizes (``--width`` 8 is CNN-7's)."""
+    base = dict(PROTOCOLS[protocol])
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("model", base["model"]) != base["model"]:
+        base = {k: v for k, v in base.items() if k not in ("width", "depth", "hidden")}
+    return config_from("mnist", method=method, seed=seed, **{**base, **given})
+
+
+def train_run(cfg: TrainConfig, run: Path) -> None:
+    """Train (or continue, or reuse) the run in ``run``, refusing one of another configuration."""
+    saved = run / "config.json"
+    if saved.exists():
+        theirs = TrainConfig.from_dict(json.loads(saved.read_text()))
+        ignore = dict(data_dir=cfg.data_dir, device=cfg.device, compile=cfg.compile, epochs=cfg.epochs)
+        if dataclasses.replace(theirs, **ignore) != cfg:
+            raise SystemExit(f"{run} holds a run of another configuration: pass another --out")
+    train(cfg, run, resume=(run / "last.pt").exists(),
+          log=lambda line: print(f"[{cfg.method} s{cfg.seed}] {line}", flush=True))
+
+
+def summarize_run(run: str | Path) -> dict[str, Any]:
+    """One run's numbers for the table: :meth:`MetricsFile.summary`, the wall time, L_tightness
+    and L_relu in the ramp's last epoch (NaN before it) and the ReLU layers' relative interval
+    widths (``widths_init``, ``widths_ramp``; None where not recorded)."""
+    run = Path(run)
+    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    metrics = MetricsFile(run / "metrics.h5")
+    m = metrics.read()
+    ramp_end = cfg.schedule_start + cfg.schedule_length - 1
+    at_ramp_end = np.flatnonzero(m["epoch"] == ramp_end)
+    out: dict[str, Any] = dict(metrics.summary())
+    wall = metrics.notes().get("wall_time", {})  # runs from before wall times were noted: NaN
+    out["wall_min"] = sum(wall.values()) / 60 if len(wall) == len(m["epoch"]) else math.nan
+    for key in ("tightness", "relu"):
+        out[key] = float(m[key][at_ramp_end[0]]) if len(at_ramp_end) else math.nan
+    widths = widths_of(run)
+    out["widths_init"] = widths[0].relative if 0 in widths else None
+    out["widths_ramp"] = widths[ramp_end].relative if ramp_end in widths else None
+    out["ramp_end"] = ramp_end
+    return out
+
+
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """'mean ± std' (sample std, over the seeds), or the value alone for one seed."""
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.{digits}f}" + ("" if len(v) == 1 else f" ± {v.std(ddof=1):.{digits}f}")
+
+
+def _row(label: str, cells: Sequence[str], widths: Sequence[int]) -> str:
+    return f"{label:14s}" + "".join(f" {c:>{w}s}" for c, w in zip(cells, widths))
+
+
+def error_table(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int]) -> list[str]:
+    """Per method: a row per seed and the mean ± std of errors (%), the ramp's L terms and times;
+    then the paired differences fast − vanilla per seed and their mean ± std."""
+    columns = [(k, h, 2) for k, h in ERRORS] + [("tightness", "L_tight", 3), ("relu", "L_relu", 3),
+                                                  ("train_min", "train min", 1), ("wall_min", "wall min", 1)]
+    widths = [max(len(h), 15) for _, h, _ in columns]
+    lines = [_row("method  seed", [h for _, h, _ in columns], widths)]
+    for method in METHODS:
+        rows = [results[method, s] for s in seeds]
+        for seed, r in zip(seeds, rows):
+            lines.append(_row(f"{method:8s} {seed:5d}", [f"{r[k]:.{d}f}" for k, _, d in columns], widths))
+        lines.append(_row(f"{method:8s}  mean", [mean_std([r[k] for r in rows], d) for k, _, d in columns], widths))
+    lines += ["", "paired difference fast − vanilla (points; negative: fast is better)"]
+    lines.append(_row("seed", [h for _, h in ERRORS], widths))
+    diffs = {k: [results["fast", s][k] - results["vanilla", s][k] for s in seeds] for k, _ in ERRORS}
+    for i, seed in enumerate(seeds):
+        lines.append(_row(f"{seed}", [f"{diffs[k][i]:+.2f}" for k, _ in ERRORS], widths))
+    lines.append(_row("mean", [mean_std(diffs[k]) for k, _ in ERRORS], widths))
+    return lines
+
+
+def width_table(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int]) -> list[str]:
+    """Per method, before training and after the ramp: every ReLU layer's mean IBP interval
+    width relative to the input box's (mean over the seeds that recorded it)."""
+    lines = []
+    for method in METHODS:
+        for key, when in (("widths_init", "init"), ("widths_ramp", f"epoch {results[method, seeds[0]]['ramp_end']}")):
+            got = [results[method, s][key] for s in seeds if results[method, s][key] is not None]
+            if not got:
+                continue
+            mean = np.mean(np.array(got), 0)
+            lines.append(f"{method:8s} {when:9s} " + " ".join(f"{w:9.3g}" for w in mean))
+    if not lines:
+        return []
+    layers = len(next(r for r in results.values() if r["widths_init"] is not None)["widths_init"])
+    return [f"{'method':8s} {'when':9s} " + " ".join(f"{'ReLU ' + str(i + 1):>9s}" for i in range(layers)), *lines]
+
+
+def report(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int], cfg: TrainConfig) -> str:
+    """The whole printout for runs of configuration ``cfg`` (any seed's)."""
+    title = (f"MNIST, {model_label(cfg.model, **cfg.arch)}, eps {cfg.eps_test:g} (train {cfg.eps:g}), "
+             f"{cfg.epochs} epochs, ramp start {cfg.schedule_start} length {cfg.schedule_length}, "
+             f"lr x{cfg.lr_decay:g} at {', '.join(map(str, cfg.milestones))}; errors in % on the test images; "
+             f"L_tight and L_relu in the ramp's last epoch (epoch {cfg.schedule_start + cfg.schedule_length - 1})")
+    lines = [title, *error_table(results, seeds)]
+    widths = width_table(results, seeds)
+    if widths:
+        lines += ["", f"ReLU input interval width / input box width (IBP at eps {cfg.eps:g}, mean over seeds)",
+                  *widths]
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--schedule", default="1,10")
-    ap.add_argument("--milestones", default="20,25")
+    ap.add_argument("--protocol", choices=list(PROTOCOLS), default="cnn-small")
+    ap.add_argument("--model")
+    for name in ("width", "depth", "hidden", "epochs", "limit", "eval_limit"):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int)
+    ap.add_argument("--eps", type=float)
+    ap.add_argument("--eps-eval", type=float)
+    ap.add_argument("--schedule", help="START,LENGTH")
+    ap.add_argument("--milestones", help="A,B")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data-dir")
-    ap.add_argument("--out", default="runs/short_warmup")
+    ap.add_argument("--out", help="default: runs/short_warmup (cnn-small), runs/short_warmup-PROTOCOL")
     args = ap.parse_args()
-    start, length = (int(v) for v in args.schedule.split(","))
-    milestones = tuple(int(v) for v in args.milestones.split(","))
+    start, length = (int(v) for v in args.schedule.split(",")) if args.schedule else (None, None)
+    overrides = dict(model=args.model, width=args.width, depth=args.depth, hidden=args.hidden, epochs=args.epochs,
+                     eps=args.eps, eps_eval=args.eps_eval, schedule_start=start, schedule_length=length,
+                     milestones=tuple(int(v) for v in args.milestones.split(",")) if args.milestones else None,
+                     limit=args.limit, eval_limit=args.eval_limit, data_dir=args.data_dir)
     seeds = [int(v) for v in args.seeds.split(",")]
+    out = Path(args.out or ("runs/short_warmup" if args.protocol == "cnn-small" else
+                            f"runs/short_warmup-{args.protocol}"))
     results = {}
     for seed in seeds:
-        for method in ("vanilla", "fast"):
-            cfg = config_from("mnist", model="cnn-small", method=method, eps=0.4, eps_eval=0.3, epochs=args.epochs,
-                              schedule_start=start, schedule_length=length, milestones=milestones, seed=seed,
-                              data_dir=args.data_dir)
-            run = Path(args.out) / f"{method}-s{seed}"
-            resume = (run / "last.pt").exists()
-            train(cfg, run, resume=resume, log=lambda line, m=method, s=seed: print(f"[{m} s{s}] {line}", flush=True))
-            r = MetricsFile(run / "metrics.h5").summary()
-            results[method, seed] = tuple(r[k] for k in ("clean", "verified", "picked_clean", "picked_verified",
-                                                         "picked_epoch", "train_min"))
-    print(f"\nMNIST, cnn-small, eps 0.3 (train 0.4), {args.epochs} epochs, ramp start {start} length {length}, "
-          f"lr x0.2 at {milestones}; errors in % on the 10,000 test images")
-    print(f"{'method':8s} {'seed':>5s} {'clean (last)':>13s} {'verified (last)':>16s} {'clean (best)':>13s} "
-          f"{'verified (best)':>16s} {'best epoch':>10s} {'train min':>10s}")
-    for method in ("vanilla", "fast"):
-        rows = [results[method, seed] for seed in seeds]
-        for seed, r in zip(seeds, rows):
-            print(f"{method:8s} {seed:5d} {r[0]:13.2f} {r[1]:16.2f} {r[2]:13.2f} {r[3]:16.2f} {int(r[4]):10d} "
-                  f"{r[5]:10.1f}")
-        mean = np.mean(np.array(rows), 0)
-        print(f"{method:8s} {'mean':>5s} {mean[0]:13.2f} {mean[1]:16.2f} {mean[2]:13.2f} {mean[3]:16.2f}")
+        for method in METHODS:
+            cfg = run_config(args.protocol, seed, method, **overrides)
+            train_run(cfg, out / f"{method}-s{seed}")
+            results[method, seed] = summarize_run(out / f"{method}-s{seed}")
+    print("\n" + report(results, seeds, cfg))
 
 
 if __name__ == "__main__":

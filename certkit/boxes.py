@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,69 @@ def parse_eps(text: str | float) -> float:
     if value == 0 and nonzero:
         raise InvalidInput(f"bad epsilon {_shown(text)}: too small to represent (it rounds to 0)")
     return value + 0.0  # -0.0 → 0.0
+
+
+MAX_RADII = 1000  # a sweep longer than this is a typo in a range (a step far too small), not a plan
+
+
+def parse_eps_list(text: str | float | Sequence[str | float]) -> tuple[float, ...]:
+    """The radii of ``--eps``, ascending: one radius (``8/255``), a comma-separated list
+    (``0.1,0.2,0.3``), ranges ``START:STOP:STEP`` (``1/255:8/255:1/255``: START, START + STEP, ...
+    up to STOP, which is included when a whole number of steps reaches it within rounding), or a
+    mix (``0.1,2/255:4/255:1/255``); a YAML list of such items too. Every number follows
+    :func:`parse_eps`. A radius given twice, an empty item and an empty or one-radius range are
+    refused: each would be a typo that a sweep silently absorbs."""
+    items = [text] if isinstance(text, (int, float, str)) else list(text)
+    if not items or (isinstance(text, str) and not text.strip()):
+        raise InvalidInput("no epsilon given: expected a radius, a list 0.1,0.2 or a range START:STOP:STEP")
+    given: dict[float, str] = {}
+    for item in items:
+        parts = [item] if isinstance(item, (int, float)) else str(item).split(",")
+        for part in parts:
+            for value in _eps_item(part, text):
+                if value in given:
+                    raise InvalidInput(f"bad epsilon list {_shown(text)}: radius {value!r} is given twice "
+                                       f"({given[value]!r} and {str(part).strip()!r})")
+                given[value] = str(part).strip()
+    return tuple(sorted(given))
+
+
+def _eps_item(part: str | float, whole: object) -> list[float]:
+    """The radii of one item of an ε list: a number, or a range START:STOP:STEP."""
+    if isinstance(part, (int, float)):
+        return [parse_eps(part)]
+    if not part.strip():
+        raise InvalidInput(f"bad epsilon list {_shown(whole)}: an empty item (two commas, or one at an end)")
+    if ":" not in part:
+        return [parse_eps(part)]
+    fields = part.split(":")
+    if len(fields) != 3:
+        raise InvalidInput(f"bad epsilon range {_shown(part.strip())}: expected START:STOP:STEP, "
+                           "e.g. 1/255:8/255:1/255")
+    start, stop, step = (_exact(f) for f in fields)
+    if step == 0:
+        raise InvalidInput(f"bad epsilon range {_shown(part.strip())}: STEP must be > 0")
+    if stop <= start:
+        what = "a single radius: write it without a range" if stop == start else "empty: STOP is below START"
+        raise InvalidInput(f"bad epsilon range {_shown(part.strip())}: {what}")
+    slack = step / 10**9  # rounding: STOP counts when a whole number of steps reaches it within this
+    count = math.floor((stop - start + slack) / step) + 1
+    if count > MAX_RADII:
+        raise InvalidInput(f"bad epsilon range {_shown(part.strip())}: {count:,} radii; a sweep may have at "
+                           f"most {MAX_RADII}")
+    values = [start + k * step for k in range(count)]
+    if stop - values[-1] <= slack:
+        values[-1] = stop
+    return [float(v) + 0.0 for v in values]
+
+
+def _exact(text: str) -> Fraction:
+    """A number of :func:`parse_eps`'s syntax as an exact fraction (checked by parse_eps first), so
+    that a range's radii are START + k·STEP rounded once: 0.1:0.3:0.1 gives 0.3 itself, not
+    0.30000000000000004, and 1/255:8/255:1/255 gives the same floats as 3/255, 4/255, ..."""
+    parse_eps(text)
+    num, _, den = text.strip().partition("/")
+    return Fraction(num.strip()) / Fraction(den.strip() or 1)
 
 
 def load_array(path: str | Path) -> np.ndarray:

@@ -335,7 +335,14 @@ def _names(text: str) -> tuple[str, ...]:
               help="Every hyper-parameter of a paper recipe (ALGORITHMS.md §8); options below override it.")
 @click.option("--method", type=click.Choice(["fast", "vanilla", "crown-ibp"]), default="fast", show_default=True,
               help="fast: IBP init + BN + warmup regularisers; vanilla: plain IBP; crown-ibp: CROWN-IBP mixing.")
+@click.option("--loss-fusion/--no-loss-fusion", default=None,
+              help="crown-ibp: bound the cross-entropy with one CROWN-IBP row per sample instead of the K-1 "
+                   "margins (default: on for crown-ibp).")
 @click.option("--model", help="cnn7 (preset default), wide-resnet, resnext, cnn-small, mlp.")
+@click.option("--width", type=int, help="cnn7's channel multiplier: convs W, W, 2W, 2W, 2W and a linear layer of "
+                                        "max(128, 8W) units (default 64, the paper's CNN-7).")
+@click.option("--depth", type=int, help="mlp's number of hidden layers (default 2).")
+@click.option("--hidden", type=int, help="mlp's units per hidden layer (default 256).")
 @click.option("--dataset", type=click.Choice(["mnist", "cifar10", "tinyimagenet"]), help="Without a preset.")
 @click.option("--bn/--no-bn", default=True, show_default=True, help="Batch norm after every hidden layer.")
 @click.option("--epochs", type=int)
@@ -371,15 +378,16 @@ def _names(text: str) -> tuple[str, ...]:
                    "cores/N threads each, nccl with one GPU each): the run one process trains with the same "
                    "--batch-size, up to rounding. Under torchrun leave it out (docs/training.md).")
 @friendly_errors
-def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size, lr, schedule, milestones, lam,
-          ibp_init, regularizers, seed, device, compile_step, limit, val_size, eval_limit, data_dir, run_dir,
-          resume_dir, trust_checkpoint, nproc) -> None:
+def train(preset, method, loss_fusion, model, width, depth, hidden, dataset, bn, epochs, eps, eps_eval, batch_size,
+          lr, schedule, milestones, lam, ibp_init, regularizers, seed, device, compile_step, limit, val_size,
+          eval_limit, data_dir, run_dir, resume_dir, trust_checkpoint, nproc) -> None:
     """Certified robust training (IBP / CROWN-IBP) with the fast short-warmup method.
 
     \b
     Examples:
       certkit train --preset mnist --model cnn-small          # the MNIST recipe on a CPU-sized model
       certkit train --preset cifar10 --method vanilla         # a row of the paper's table
+      certkit train --preset mnist --model cnn7 --width 8     # CNN-7 at 1/8 of the channels (410k params)
       certkit train --resume runs/mnist-fast-cnn-small-s0     # continue an interrupted run
       certkit train --preset mnist --nproc 2                  # data parallel, two local processes
       torchrun --nproc-per-node 2 -m certkit train --preset mnist   # the same, started by torchrun
@@ -395,6 +403,7 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
     from certkit.report import TrainProgress, console
     from certkit.train.distributed import processes, train_in_processes
     from certkit.train.loop import TrainConfig, config_from
+    from certkit.train.models import model_label
 
     world, lead = processes(nproc)  # under torchrun: its world size, and whether this is rank 0
     if resume_dir is not None:
@@ -414,20 +423,23 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
         if preset is None and dataset is None:
             raise InvalidInput("give --preset or --dataset")
         cfg = config_from(
-            preset, method=method, model=model or ("cnn7" if preset else "cnn-small"), dataset=dataset, bn=bn,
+            preset, method=method, loss_fusion=loss_fusion, model=model or ("cnn7" if preset else "cnn-small"),
+            width=width, depth=depth, hidden=hidden, dataset=dataset, bn=bn,
             epochs=epochs, eps=None if eps is None else parse_eps(eps),
             eps_eval=None if eps_eval is None else parse_eps(eps_eval), batch_size=batch_size, lr=lr,
             schedule_start=sched[0] if sched else None, schedule_length=sched[1] if sched else None,
             milestones=_pair(milestones, "--milestones"), lam=lam, ibp_init=ibp_init,
             regularizers=None if regularizers is None else _names(regularizers), seed=seed, device=device,
             compile=compile_step, limit=limit, val_size=val_size, eval_limit=eval_limit, data_dir=data_dir)
-        run_dir = run_dir or f"runs/{preset or cfg.dataset}-{cfg.method}-{cfg.model}-s{cfg.seed}"
+        run_dir = run_dir or (f"runs/{preset or cfg.dataset}-{cfg.method}-{model_label(cfg.model, **cfg.arch)}"
+                              f"-s{cfg.seed}")
         if (Path(run_dir) / "last.pt").exists():
             raise InvalidInput(f"{run_dir} already holds a run: use --resume {run_dir} or another --out")
     if lead:  # rank 0 alone prints
-        console.print(f"[bold]certkit train[/] → {run_dir}: {cfg.method} {cfg.model} on {cfg.dataset}, "
-                      f"ε {cfg.eps:.4g} (eval {cfg.eps_test:.4g}), {cfg.epochs} epochs, batch {cfg.batch_size}, "
-                      f"ramp from epoch {cfg.schedule_start} for {cfg.schedule_length}"
+        console.print(f"[bold]certkit train[/] → {run_dir}: {cfg.method}"
+                      f"{' (loss fusion)' if cfg.use_loss_fusion else ''} {model_label(cfg.model, **cfg.arch)} on "
+                      f"{cfg.dataset}, ε {cfg.eps:.4g} (eval {cfg.eps_test:.4g}), {cfg.epochs} epochs, "
+                      f"batch {cfg.batch_size}, ramp from epoch {cfg.schedule_start} for {cfg.schedule_length}"
                       + (f", {world} processes" if world > 1 else ""), highlight=False)
     last = train_in_processes(cfg, run_dir, nproc, resume=resume_dir is not None, trust_checkpoint=trust_checkpoint,
                               progress=TrainProgress() if lead else None, log=console.print)
@@ -437,14 +449,39 @@ def train(preset, method, model, dataset, bn, epochs, eps, eps_eval, batch_size,
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR [RUN_DIR ...]",
+                type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for the figures (default for one run: RUN_DIR/plots; needed for several).")
+@click.option("--label", "labels", multiple=True, metavar="RUN_DIR=NAME",
+              help="Name a run's line (repeatable); runs given one name make one line. Default: by setting, "
+                   "seeds of one setting together.")
+@click.option("--json", "as_json", is_flag=True, help="Print the overlay's data (per line and epoch) as JSON; "
+                                                       "draw nothing.")
 @friendly_errors
-def plot(run_dir) -> None:
-    """Draw PNGs of a training run's curves (regularisers, ReLU ratios, ε, errors) into RUN_DIR/plots/."""
-    from certkit.report import console
-    from certkit.train.plot import plot_run
+def plot(run_dirs, out_dir, labels, as_json) -> None:
+    """Draw training runs' curves as PNG and SVG.
 
-    for p in plot_run(run_dir):
+    \b
+    One run: regularisers, ReLU ratios, ε and errors, into RUN_DIR/plots/.
+    Several: one overlay (clean and verified error, loss, L_tightness, L_relu, ε, the ε
+    ramp shaded) with a line per setting: the mean over its seeds, a band from min to max.
+
+    \b
+    Examples:
+      certkit plot runs/tour
+      certkit plot runs/mnist-fast-s0 runs/mnist-fast-s1 runs/mnist-vanilla-s0 --out runs/compare
+    """
+    from certkit.report import console
+    from certkit.train.plot import parse_labels, plot_runs, training_series
+
+    names = parse_labels(labels)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(training_series(run_dirs, names), indent=2))
+        return
+    for p in plot_runs(run_dirs, out_dir, names):
         console.print(f"wrote {p}")
 
 
@@ -500,10 +537,43 @@ def _verify_settings(config_file: str | None, sets: tuple[str, ...], flags: dict
     return resolved.build()
 
 
+def _sweep_table(summaries: list[dict]):
+    """A sweep's summaries (:func:`certkit.results.summarize` per ε, ascending) as one table, a column per ε."""
+    from rich.table import Table
+
+    first = summaries[0]
+    incomplete = [f"{s['eps']:.6g}" for s in summaries if not s["complete"]]
+    t = Table(title=f"certkit verify: ε sweep, method {first['method']}, {first['requested']} samples"
+                    + (f" (incomplete at ε {', '.join(incomplete)})" if incomplete else ""), title_justify="left")
+    t.add_column("measure")
+    for s in summaries:
+        t.add_column(f"ε = {s['eps']:.4g}", justify="right")
+    if first.get("bounded_output", "outputs") != "outputs":
+        t.caption = f"margins bounded on the {first['bounded_output']}"
+
+    def row(label: str, key: str, fmt: str = "{:.2f}%", style: str | None = None) -> None:
+        t.add_row(label, *(fmt.format(s[key]) if key in s else "" for s in summaries), style=style)
+
+    row("samples", "samples", "{}")
+    row("clean accuracy", "clean_accuracy")
+    for stage in first.get("verified_by_stage", {}):
+        t.add_row(f"verified accuracy after {stage}",
+                  *(f"{s['verified_by_stage'][stage]:.2f}%" if s["samples"] else "" for s in summaries), style="green")
+    row("PGD-robust accuracy (upper bound)", "pgd_robust_accuracy")
+    row("falsified (confirmed by onnxruntime)", "falsified", style="red")
+    row("unknown", "unknown")
+    if any("error" in s for s in summaries):
+        row("error (the worker kept dying; see `reason`)", "error", style="bold red")
+    row("answer carried over from another ε", "reused")
+    row("total time", "time_total", "{:.2f} s")
+    return t
+
+
 @main.command(cls=SettingsCommand, section="verify")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--eps", help="ℓ∞ radius in pixel units of [0,1]: 8/255, 0.031, 2e-3 (required, here or in the "
-              "settings).")
+              "settings). Several make a sweep into one results file, a group per ε: a list 0.1,0.2,0.3, a "
+              "range START:STOP:STEP such as 1/255:8/255:1/255 (STOP included), or both mixed.")
 @click.option("--dataset", help="mnist, cifar10, tinyimagenet or npz:FILE (arrays x, y). Default: the "
               "model's metadata.")
 @click.option("--data-dir", type=click.Path(file_okay=False))
@@ -518,7 +588,7 @@ def _verify_settings(config_file: str | None, sets: tuple[str, ...], flags: dict
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Default: the settings', auto.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Results file (HDF5; docs/results-format.md).")
 @click.option("--emit-vnnlib", "vnnlib_dir", type=click.Path(file_okay=False),
-              help="Also write one VNN-LIB property per sample and instances.csv to this folder.")
+              help="Also write one VNN-LIB property per sample (and ε) and instances.csv to this folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted --out file.")
 @click.option("--timeout-per-sample", type=float, help="Seconds per sample; stages past the budget are skipped.")
 @click.option("--pixel-range", help="MIN,MAX of the input pixels for models without certkit metadata.")
@@ -541,29 +611,36 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
       certkit verify model.onnx --eps 0.1 --dataset npz:mydata.npz --emit-vnnlib props/
       certkit verify model.onnx --config certkit.yaml --set pgd_restarts=20
       certkit verify model.onnx --eps 8/255 --dataset cifar10 --workers 8 --out results.h5
+      certkit verify models/mnist_cnn_small_eps0.3.onnx --eps 0.1,0.2,0.3 -n 100 --out sweep.h5
+      certkit verify model.onnx --eps 1/255:8/255:1/255 --dataset cifar10 --out sweep.h5
 
     Each sample ends verified (all margin lower bounds > 0), falsified (a PGD point that
     onnxruntime confirms), misclassified, or unknown. Settings: defaults < --config's
     verify: section < --set < the flags given here; the results file records the effective
     ones (attribute `options`).
+
+    Several radii (a sweep) carry answers between them: a sample falsified at some ε is
+    falsified at every larger one (its counterexample lies in the larger box), one verified
+    at some ε is verified at every smaller one, a misclassified one is so at every ε; such
+    rows record the ε they come from in `reused_from` (docs/results-format.md).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from certkit.bounds import BoundedModel
-    from certkit.boxes import parse_eps
+    from certkit.boxes import parse_eps_list
     from certkit.errors import InvalidInput
     from certkit.export import pixel_range_of, read_metadata
     from certkit.onnx_io import graph_input, read_proto
     from certkit.report import console, summary_table
-    from certkit.results import read_results, summarize
+    from certkit.results import read_sweep, summarize
     from certkit.scale_out import check_options
-    from certkit.verify import emit_vnnlib, load_verify_data, run_verify
+    from certkit.verify import emit_vnnlib, load_verify_data, run_sweep, run_verify
 
     check_options(workers, address)  # Ray missing, --address without --workers: one line before any work
     flags = {"eps": eps, "method": method, "attack": attack, "batch_size": batch_size, "device": device,
              "timeout_per_sample": timeout_per_sample, "pixel_range": pixel_range, "max_memory": max_memory}
     if eps is not None:
-        parse_eps(eps)  # a bad --eps is reported before the model is read
+        parse_eps_list(eps)  # a bad --eps is reported before the model is read
     proto = read_proto(model)
     meta = read_metadata(proto)
     dataset = dataset or meta.get("dataset")
@@ -582,49 +659,139 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
                       "(the same argmax)")
     if vnnlib_dir:
         csv = emit_vnnlib(model, vnnlib_dir, x, y, indices, cfg, int(np.prod(bm.graph.output_shape)))
-        console.print(f"wrote {len(x)} VNN-LIB properties and {csv}")
-    columns = (TextColumn("[bold]verify"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TextColumn("{task.fields[speed]}"), TimeRemainingColumn())
-    t0 = time.perf_counter()
+        console.print(f"wrote {len(x) * len(cfg.radii())} VNN-LIB properties and {csv}")
+    sweep = len(cfg.radii()) > 1
+    columns = (TextColumn("[bold]verify[/]{task.fields[radius]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TextColumn("{task.fields[speed]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task("", total=len(x), info="", speed="")
+        tasks = {}  # a bar per ε of a sweep: (task, when its ε started)
+        last = [time.perf_counter()]
 
         def progress(st):
-            rate = st["done"] / max(time.perf_counter() - t0, 1e-9)
+            radius = st.get("eps")
+            if radius not in tasks:
+                tasks[radius] = (bar.add_task("", total=st["total"], info="", speed="",
+                                              radius="" if radius is None else f" ε={radius:.4g}"), last[0])
+            task, t0 = tasks[radius]
+            last[0] = time.perf_counter()
+            rate = st["done"] / max(last[0] - t0, 1e-9)
             bar.update(task, completed=st["done"], speed=f"{rate:.1f} samples/s",
                        info=f"[green]verified {st['verified']}[/] [red]falsified {st['falsified']}[/] "
                             f"unknown {st['unknown']} misclassified {st['misclassified']}"
                             + (f" [bold red]error {st['error']}[/]" if st["error"] else ""))  # workers that died
 
-        counts = run_verify(model, x, y, indices, cfg, dataset, start, out=out, resume=resume, progress=progress,
-                            model=bm, workers=workers, address=address)
+        run = run_sweep if sweep else run_verify
+        counts = run(model, x, y, indices, cfg, dataset, start, out=out, resume=resume, progress=progress,
+                     model=bm, workers=workers, address=address)
     if out:
-        attrs, data = read_results(out)
-        console.print(summary_table(summarize(attrs, data)))
+        summaries = [summarize(attrs, data) for attrs, data in read_sweep(out)]
+        console.print(_sweep_table(summaries) if sweep else summary_table(summaries[0]))
         console.print(f"results in {out}")
     else:
-        n = sum(counts.values())
-        console.print(f"verified {counts['verified']}/{n}, falsified {counts['falsified']}, unknown "
-                      f"{counts['unknown']}, misclassified {counts['misclassified']}"
-                      + (f", error {counts['error']}" if counts["error"] else "") + " (use --out for the full report)")
+        for radius, c in (counts.items() if sweep else [(cfg.eps, counts)]):
+            n = sum(c.values())
+            console.print(f"{f'ε={radius:.4g}: ' if sweep else ''}verified {c['verified']}/{n}, falsified "
+                          f"{c['falsified']}, unknown {c['unknown']}, misclassified {c['misclassified']}"
+                          + (f", error {c['error']}" if c["error"] else "") + " (use --out for the full report)")
 
 
 @main.command()
-@click.argument("results", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.argument("results", nargs=-1, required=True, metavar="RESULTS.h5 [MORE.h5 ...]",
+                type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON (a list, one per ε, for a sweep); with several files, --plots or "
+                   "--html, an object with every file's summaries, the notes and the series behind each figure.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False),
+              help="Write the figures into this folder, each as PNG and SVG (docs/reports.md).")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False),
+              help="Write one self-contained HTML page: figures inline, provenance, summaries and a sortable "
+                   "table of every sample; nothing is fetched from the network.")
+@click.option("--max-counterexamples", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Counterexamples per file in the grid (first ones, ascending ε).")
+@click.option("--allow-mixed", is_flag=True,
+              help="Compare files of different data slices or ε sets (with a note) instead of refusing.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Folder with MNIST/ or cifar-10-batches-py/, for the counterexamples' originals (as verify's).")
+@click.option("--ground-truth", "bench_dir", type=click.Path(),
+              help="For a VNN-COMP results CSV: the benchmark folder the run used (or a family's folder, or a "
+                   "ground_truth.csv in one), whose published winner's times become the cactus plot's second line.")
 @friendly_errors
-def report(results, as_json) -> None:
-    """Print the summary of a `certkit verify --out` results file."""
+def report(results, as_json, plots_dir, html_file, max_counterexamples, allow_mixed, data_dir, bench_dir) -> None:
+    """Summarise `certkit verify --out` results files, or a `certkit vnncomp` results CSV;
+    draw figures and an HTML page.
+
+    \b
+    Examples:
+      certkit report results.h5                                  # the summary table
+      certkit report sweep.h5 --plots plots/ --html report.html  # figures (PNG, SVG), one HTML page
+      certkit report model_a.h5 model_b.h5 --plots plots/        # two models: same samples and ε
+      certkit report model_a.h5 model_b.h5 --json > report.json  # summaries and every figure's numbers
+      certkit report vnncomp_results/results.csv --ground-truth ../shared/vnncomp --plots plots/
+
+    Figures: accuracies against ε, the share of samples each stage decided, the best margin
+    lower bounds, time per stage, and a grid of counterexamples with the model's scores
+    (onnxruntime, on the file at the results' model_path). Files are compared only when they
+    cover the same samples and ε (else an error; --allow-mixed draws them anyway). For a
+    VNN-COMP results CSV: the per-family table with the competition's score, and with
+    --plots the cactus plot (solved instances against time, per family and overall). See
+    docs/reports.md.
+    """
     import json
 
-    from certkit.report import console, summary_table
-    from certkit.results import read_results, summarize
+    from rich.markup import escape
 
-    summary = summarize(*read_results(results))
+    if any(str(r).lower().endswith(".csv") for r in results):
+        _report_vnncomp(results, as_json, plots_dir, html_file, bench_dir)
+        return
+    if bench_dir is not None:
+        raise CertkitError("--ground-truth goes with a VNN-COMP results CSV, not with verify results files")
+
+    from certkit.figures import draw_figures, load_runs, report_json, report_series, save_figures
+    from certkit.report import console, summary_table
+
+    runs, notes = load_runs(results, allow_mixed)
+    series = report_series(runs, max_counterexamples, data_dir) if plots_dir or html_file or len(runs) > 1 else None
+    figures = draw_figures(series) if plots_dir or html_file else {}
+    written = [f"{len(save_figures(figures, plots_dir))} figure files in {plots_dir}"] if plots_dir else []
+    if html_file:
+        from certkit.html_report import write_html
+
+        write_html(html_file, runs, series, figures, notes)
+        written.append(f"the HTML report {html_file}")
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    else:
-        console.print(summary_table(summary))
+        click.echo(json.dumps(report_json(runs, series, notes), indent=2))
+        return
+    grid_notes = [f"{p['model']}: {p['note']}" for p in (series or {}).get("counterexamples", []) if p["note"]]
+    for note in notes + grid_notes:
+        console.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
+    for run in runs:
+        if len(runs) > 1:
+            console.print(f"[bold]{escape(run.name)}[/]: {escape(str(run.path))}", highlight=False)
+        summaries = run.summaries()
+        console.print(_sweep_table(summaries) if len(summaries) > 1 else summary_table(summaries[0]))
+    if written:
+        console.print(escape(f"wrote {' and '.join(written)}"), highlight=False)
+
+
+def _report_vnncomp(results: tuple[str, ...], as_json: bool, plots_dir: str | None, html_file: str | None,
+                    bench_dir: str | None) -> None:
+    """`certkit report RESULTS.csv`: the per-family table and score of a VNN-COMP run, its cactus plot."""
+    import json
+
+    from certkit.report import console
+    from certkit.vnncomp.figures import report_csv, summary_table
+
+    if len(results) != 1:
+        raise CertkitError("give one VNN-COMP results CSV (or verify results files, without a CSV among them)")
+    if html_file:
+        raise CertkitError("--html is for verify results files; for a VNN-COMP results CSV use --plots or --json")
+    series = report_csv(results[0], plots_dir, bench_dir)
+    if as_json:
+        click.echo(json.dumps(series, indent=2))
+        return
+    console.print(summary_table(series))
+    for path in series.get("plots", []):
+        console.print(f"wrote {path}", highlight=False)
 
 
 DEVICE_HELP = ("Where bounds and branch and bound run: cpu, cuda (TF32 off; the MILP refinement and "
@@ -703,6 +870,9 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, 
 @click.option("--timeout-scale", type=float, default=1.0, show_default=True,
               help="Multiply every published timeout by this factor.")
 @click.option("--families", help="Comma-separated families to run (BENCH_DIR holding several).")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False),
+              help="After the run, draw the cactus plot (certkit and the published winner, α,β-CROWN, under the "
+                   "same timeouts) into DIR/cactus.png and .svg, and show the table with the winner's counts.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
               help=DEVICE_HELP)
 @click.option("--max-memory", help=MAX_MEMORY_HELP + " Per instance; a stage over it answers unknown.")
@@ -713,7 +883,7 @@ def run_instance_cmd(model, prop, timeout, results, category, threads, pidfile, 
 @ADDRESS_OPTION
 @config_options("solver")
 @friendly_errors
-def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, families, device,
+def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, families, plots_dir, device,
                 max_memory, workers, address, config_file, sets) -> None:
     """Run a VNN-COMP benchmark and score it against the ground truth.
 
@@ -726,11 +896,13 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
     the solved count next to the ground truth's, and times. The solver settings used are
     written to config.yaml beside the CSV (and to the --h5 file's `config` attribute);
     resuming a CSV with other settings is refused, naming the settings that differ.
+    With --plots DIR the table also counts the winner's (α,β-CROWN's) published answers
+    within each instance's timeout of this run, and DIR gets the cactus plot.
 
     \b
     Example:
       certkit vnncomp ../shared/vnncomp --families acasxu,tllverifybench_2022 \\
-          --timeout-scale 0.25 --out runs/vnncomp/results.csv
+          --timeout-scale 0.25 --out runs/vnncomp/results.csv --plots runs/vnncomp/plots
       certkit vnncomp ../shared/vnncomp --families acasxu --workers 4 --out runs/acasxu/results.csv
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -764,7 +936,14 @@ def vnncomp_cmd(bench_dir, instances, ground_truth, out_csv, h5, timeout_scale, 
                                  device=device, max_memory=budget, config=config, workers=workers,
                                  address=address)
     summary = summarize(insts, outcomes)
-    console.print(vnncomp_table(summary))
+    if plots_dir is None:
+        console.print(vnncomp_table(summary))
+    else:
+        from certkit.vnncomp.figures import run_series, summary_table, write_vnncomp_plots
+
+        series = run_series(insts, outcomes)
+        console.print(summary_table(series))
+        console.print(f"cactus plot: {', '.join(map(str, write_vnncomp_plots(series, plots_dir)))}")
     console.print(f"results: {out_csv}" + (f", {h5}" if h5 else "") + f"; settings: {recorded_config(out_csv)}")
     if any(s.wrong for s in summary):
         sys.exit(1)

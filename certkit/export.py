@@ -132,12 +132,13 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, data_dir: str | None = 
     (``trust_checkpoint``: ``--trust-checkpoint``, read a checkpoint that needs the unsafe unpickler)."""
     from certkit.train.data import load_dataset, to_float
     from certkit.train.loop import load_checkpoint
-    from certkit.train.models import DATASETS
+    from certkit.train.models import DATASETS, model_args
 
     model, cfg, _ = load_checkpoint(ckpt, trust=trust_checkpoint)
     info = DATASETS[cfg.dataset]
     x, _ = load_dataset(cfg.dataset, data_dir if data_dir is not None else cfg.data_dir, "test")
     meta = {"dataset": cfg.dataset, "eps": cfg.eps_test, "eps_train": cfg.eps, "training_method": cfg.method,
-            "model": cfg.model, "class_names": CLASS_NAMES.get(cfg.dataset, [str(i) for i in range(info.num_classes)]),
+            "model": cfg.model, "model_args": model_args(cfg.model, **cfg.arch),  # sizes: {"width": 8}, …
+            "class_names": CLASS_NAMES.get(cfg.dataset, [str(i) for i in range(info.num_classes)]),
             "mean": list(info.mean), "std": list(info.std)}
     return export_onnx(model, out, info.shape, meta, to_float(x[:check_samples]), cfg.eps_test)

@@ -15,7 +15,9 @@ What is sharded, and why the answers do not depend on it:
   batch is therefore the same batch, bounded together with the same samples and attacked with the
   same seed (per batch start index) as in one process, so every row is the same (bit for bit with
   the same number of threads: another sums in another order); bounds may depend on which samples
-  share a batch, which is why shards never split one. A worker loads the model once.
+  share a batch, which is why shards never split one. A worker loads the model once, for every
+  radius of a sweep (``--eps 0.1,0.2``), which runs its radii one after the other, each sharded so
+  (a job carries its ε), over the samples whose answer is not carried over from another ε.
   The driver writes the rows in index order, appending the contiguous prefix of finished shards and
   holding later ones back, so the results file stays what ``--resume`` expects (rows before
   ``rows_committed`` are done, the rest is redone): a driver killed at any moment loses only the
@@ -158,9 +160,9 @@ class VerifyWorker(_Worker):
         torch.set_num_threads(threads)
         self.threads = threads
 
-    def verify(self, x: Any, y: Any, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The rows of a shard (its batches' rows, concatenated)."""
-        return _concat(list(self.verifier.batches(x, y, indices, self.cfg)))
+    def verify(self, x: Any, y: Any, indices: np.ndarray, eps: float) -> dict[str, np.ndarray]:
+        """The rows of a shard at radius ``eps`` (its batches' rows, concatenated)."""
+        return _concat(list(self.verifier.batches(x, y, indices, replace(self.cfg, eps=eps))))
 
 
 class InstanceWorker(_Worker):
@@ -376,6 +378,7 @@ class Cluster:
         self.device = "cpu"
         self._environ: dict[str, str | None] = {}
         self._files: dict[str, Shipped] = {}
+        self._verify_pool: _Pool | None = None  # verify's workers, kept for every radius of a sweep
 
     def __enter__(self) -> Cluster:
         import warnings
@@ -391,6 +394,9 @@ class Cluster:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._verify_pool is not None:
+            self._verify_pool.close()
+            self._verify_pool = None
         self._files.clear()
         if self.ray is not None and self.ray.is_initialized():
             self.ray.shutdown()
@@ -457,18 +463,25 @@ class Cluster:
 
     def verify(self, onnx_path: Path, x: Any, y: Any, indices: np.ndarray, cfg: Any, first: int,
                num_outputs: int) -> Iterator[dict[str, np.ndarray]]:
-        """The rows of samples ``first``… of ``x``, in index order, in runs of finished shards."""
+        """The rows of samples ``first``… of ``x`` at radius ``cfg.eps``, in index order, in runs of
+        finished shards.
+
+        The workers start on the first call and serve the later ones of the run (a sweep's other
+        radii, with the same model and settings but ε); they stop with the cluster, or at once when
+        a call is abandoned (an error while its rows are written)."""
         from certkit.verify import error_rows
 
-        jobs = [_Job((s, e), (x[s:e].clone(), y[s:e].clone(), indices[s:e]))  # clone: not the whole storage
+        jobs = [_Job((s, e), (x[s:e].clone(), y[s:e].clone(), indices[s:e], cfg.eps))  # clone: not the whole storage
                 for s, e in shards(first, len(x), cfg.batch_size, self.workers)]
         if not jobs:
             return
-        pool = _Pool(self, VerifyWorker, (self.ship(onnx_path), cfg, self.device))
+        if self._verify_pool is None:
+            self._verify_pool = _Pool(self, VerifyWorker, (self.ship(onnx_path), cfg, self.device))
         done: dict[int, dict[str, np.ndarray]] = {}
         nxt = first
+        finished = False
         try:
-            for job, rows in pool.run(jobs, "verify"):
+            for job, rows in self._verify_pool.run(jobs, "verify"):
                 s, e = job.key
                 if isinstance(rows, Failed):
                     rows = error_rows(y[s:e].numpy(), indices[s:e], cfg.stages(), num_outputs,
@@ -480,8 +493,11 @@ class Cluster:
                     nxt += len(ready[-1]["index"])
                 if ready:
                     yield _concat(ready)
+            finished = True
         finally:
-            pool.close()
+            if not finished:  # jobs may still run: stop them now, not when the cluster goes
+                self._verify_pool.close()
+                self._verify_pool = None
 
     # ----------------------------------------------------------------------------------- vnncomp
 

@@ -9,6 +9,10 @@ class scores strictly higher at a point inside the box. Everything else is ``unk
 A classifier ending in Softmax or LogSoftmax is bounded on the logits before it (the same
 argmax, far better conditioned margins); the results file records this in
 ``bounded_output``.
+
+Several radii (``--eps 0.1,0.2,0.3``) make a sweep (:func:`run_sweep`): one results file with
+a group per ε, where an answer that holds at other radii is carried over instead of computed
+again (a counterexample lies in every larger box, a proof covers every smaller one).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,7 @@ from certkit.confirm import Oracle
 from certkit.errors import InvalidInput
 from certkit.files import check_array_file_size, file_sha256
 from certkit.memory import MemoryBudgetExceeded
-from certkit.results import STATUS, ResultsFile
+from certkit.results import STATUS, ResultsFile, SweepFile, read_results
 from certkit.settings import setting
 from certkit.status import HDF5_CODES, Status
 from certkit.vnnlib import robustness_case
@@ -45,10 +49,12 @@ VERIFIED, FALSIFIED, UNKNOWN, MISCLASSIFIED, ERROR = (HDF5_CODES.index(s) for s 
     Status.VERIFIED, Status.FALSIFIED, Status.UNKNOWN, Status.MISCLASSIFIED, Status.ERROR))
 
 
-def _eps(value: Any) -> float:
-    from certkit.boxes import parse_eps
+def _eps(value: Any) -> float | tuple[float, ...]:
+    """One radius as a float; several (a sweep) as their ascending tuple."""
+    from certkit.boxes import parse_eps_list
 
-    return parse_eps(value)
+    radii = parse_eps_list(value)
+    return radii[0] if len(radii) == 1 else radii
 
 
 def _memory(value: Any) -> int:
@@ -63,7 +69,9 @@ class VerifyConfig:
     flags, when given, win over the file). Which samples, where the results go and the dataset
     are options of the command, not settings."""
 
-    eps: float = setting(help="ℓ∞ radius in pixel units of [0,1]: 8/255, 0.031, 2e-3 (--eps)", parse=_eps)
+    eps: float | tuple[float, ...] = setting(
+        help="ℓ∞ radius in pixel units of [0,1]: 8/255, 0.031, 2e-3; several make a sweep in one results file: "
+             "0.1,0.2,0.3 or START:STOP:STEP such as 1/255:8/255:1/255 (--eps)", parse=_eps)
     method: str = setting("auto", "auto (IBP, CROWN-IBP, CROWN, α-CROWN in turn, stopping per sample at the first "
                                   "proof) or one of them (--method)", choices=("auto", *CASCADE))
     attack: bool = setting(True, "PGD on undecided samples, confirmed by onnxruntime (--attack/--no-attack)")
@@ -87,6 +95,10 @@ class VerifyConfig:
         else:
             raise InvalidInput(f"unknown method {self.method!r}; choose auto or one of {', '.join(CASCADE)}")
         return methods + (["attack"] if self.attack else [])
+
+    def radii(self) -> tuple[float, ...]:
+        """The radii to verify, ascending: one, or a sweep's."""
+        return self.eps if isinstance(self.eps, tuple) else (self.eps,)
 
 
 def _confirm(oracle: Oracle, x: np.ndarray, labels: np.ndarray, lo: np.ndarray, up: np.ndarray,
@@ -281,11 +293,7 @@ def _open_results(out: str | Path | None, attrs: dict[str, Any], stages: list[st
         return None, 0, counts
     writer = ResultsFile(out, attrs, stages, num_specs, input_size, resume=resume)
     if writer.done:
-        from certkit.results import read_results
-
-        _, data = read_results(out)
-        for i, name in enumerate(STATUS):
-            counts[name] = int((data["status"] == i).sum())
+        _count(counts, read_results(out)[1]["status"])
     return writer, writer.done, counts
 
 
@@ -339,48 +347,290 @@ def run_verify(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
     Returns the counts per status. ``progress`` is called after every batch with the counts
     so far and the number of samples done. ``model`` is ``onnx_path`` already loaded, if the
     caller has it. The results file records ``cfg`` (the effective settings) as ``options``.
+    ``cfg.eps`` is one radius; several are a sweep, for :func:`run_sweep`.
 
     ``workers`` (or ``address``) shards the batches over that many worker processes of a Ray
     cluster (:mod:`certkit.scale_out`): a local one started here, or the one at ``address``
     (``auto``, ``ray://HOST:10001``). The rows are the same as in one process; the file also
     records ``workers`` and ``cluster_address``.
     """
+    if isinstance(cfg.eps, tuple):
+        raise InvalidInput(f"run_verify takes one ε, not {len(cfg.eps)}: verify a sweep with run_sweep")
     onnx_path = Path(onnx_path)
-    stages = cfg.stages()
     bm, bounded = _bounded_model(onnx_path, model, x, y)
     K = int(np.prod(bm.graph.output_shape))
     with _executor(cfg, workers, address) as (device, run_attrs, sharded):
-        attrs = {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
-                 "model_path": str(onnx_path), "model_sha256": file_sha256(onnx_path), "eps": float(cfg.eps),
-                 "method": cfg.method, "dataset": dataset, "start": int(start), "n": int(len(x)),
-                 "options": json.dumps(asdict(cfg)), "bounded_output": bounded,
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **run_attrs}
-        if sharded is None:
-            verifier = Verifier.load(onnx_path, bm, cfg, device)
-            nonfinite = verifier.nonfinite
-        else:
-            from certkit.onnx_io import nonfinite_weights_reason
-
-            nonfinite = nonfinite_weights_reason(onnx_path)  # the workers find the same
-        if nonfinite:
-            logging.getLogger("certkit.verify").warning("every sample ends unknown: %s", nonfinite)
-        writer, done, counts = _open_results(out, attrs, stages, K - 1, int(np.prod(x.shape[1:])), resume)
-        if sharded is None:
-            chunks = verifier.batches(x, y, indices, cfg, done)
-        else:
-            chunks = sharded.verify(onnx_path, x, y, indices, cfg, done, K)
-        with contextlib.closing(chunks):  # a failed write stops the workers before the cluster goes
-            for rows in chunks:
-                for i, name in enumerate(STATUS):
-                    counts[name] += int((rows["status"] == i).sum())
-                if writer is not None:
-                    writer.append(rows)
-                done += len(rows["index"])
-                if progress is not None:
-                    progress({"done": done, "total": len(x), **counts})
+        attrs = {**_provenance(onnx_path, cfg, device, dataset, start, len(x), bounded, run_attrs),
+                 "eps": float(cfg.eps), "options": json.dumps(asdict(cfg))}
+        rows_of = _row_source(onnx_path, bm, cfg, device, sharded, K)
+        writer, done, counts = _open_results(out, attrs, cfg.stages(), K - 1, int(np.prod(x.shape[1:])), resume)
+        _stream(rows_of(cfg, (x, y, indices), done), done, len(x), counts, progress, writer)
     if writer is not None:
         writer.mark_complete()
     return counts
+
+
+def run_sweep(onnx_path: str | Path, x: Tensor, y: Tensor, indices: np.ndarray, cfg: VerifyConfig,
+              dataset: str, start: int, out: str | Path | None = None, resume: bool = False,
+              progress: Callable[[dict[str, Any]], None] | None = None,
+              model: BoundedModel | None = None, workers: int | None = None,
+              address: str | None = None) -> dict[float, dict[str, int]]:
+    """Verify the samples at every radius of ``cfg.radii()``, into one results file with a group
+    per ε (:class:`certkit.results.SweepFile`); returns the counts per status of each ε.
+
+    Order: the smallest ε, the largest, then the others ascending (:func:`sweep_order` says why).
+    Each radius uses every finished one (:func:`_carry_over`): a sample falsified at a smaller ε
+    is falsified here (its counterexample, confirmed by onnxruntime, lies in this larger box: both
+    are [x − ε, x + ε] clipped to the same pixel range), one verified at a larger ε is verified
+    here, a misclassified one is misclassified at every ε. Such a row records the ε it was computed
+    at in ``reused_from`` (NaN where computed here), its deciding stage there, its
+    counterexample, no margins and no time. The other samples are computed together, in batches of
+    their own (the attack seeded by each batch's first index, as in any run): bounds do not depend
+    on a sample's batch mates (but for rounding), the attack's random starting points do, so a
+    computed sample may end falsified where a single-ε run left it unknown, or the reverse; never
+    verified against falsified. At the end, a row left unknown at an ε computed before the radius
+    that decided it (the largest ε before the middle ones) takes that answer too (:func:`_settle`),
+    keeping its margins and time: in the file, a sample falsified at some ε is falsified at every
+    larger one, one verified at some ε verified at every smaller one.
+
+    ``progress`` gets what :func:`run_verify` gives, plus ``eps``. ``resume``: groups already
+    complete are read, not computed again; a partial one continues after its committed rows.
+    ``workers``/``address`` shard each radius in turn as :func:`run_verify` does, on one cluster.
+    """
+    onnx_path = Path(onnx_path)
+    bm, bounded = _bounded_model(onnx_path, model, x, y)
+    K = int(np.prod(bm.graph.output_shape))
+    radii = cfg.radii()
+    with _executor(cfg, workers, address) as (device, run_attrs, sharded):
+        attrs = {**_provenance(onnx_path, cfg, device, dataset, start, len(x), bounded, run_attrs),
+                 "eps": list(radii), "options": json.dumps(asdict(cfg))}
+        groups = {e: {"eps": e, "options": json.dumps(asdict(replace(cfg, eps=e)))} for e in radii}
+        file = None if out is None else SweepFile(out, attrs, groups, cfg.stages(), K - 1,
+                                                  int(np.prod(x.shape[1:])), resume)
+        rows_of = _row_source(onnx_path, bm, cfg, device, sharded, K)
+        layout = (len(cfg.stages()), K, int(np.prod(x.shape[1:])))
+        finished: list[_Answers] = []
+        for e in (radii[i] for i in sweep_order(len(radii))):
+            finished.append(_sweep_radius(replace(cfg, eps=e), rows_of, (x, y, indices), layout, file, finished,
+                                          progress))
+        _settle(finished, file)
+    if file is not None:
+        file.mark_complete()
+    return {a.eps: a.counts for a in sorted(finished, key=lambda a: a.eps)}
+
+
+def _provenance(onnx_path: Path, cfg: VerifyConfig, device: Any, dataset: str, start: int, n: int, bounded: str,
+                run_attrs: dict[str, Any]) -> dict[str, Any]:
+    """The results file's attributes about the run, besides ``eps`` and ``options``."""
+    return {"certkit_version": __version__, "torch_version": str(torch.__version__), "device": str(device),
+            "model_path": str(onnx_path), "model_sha256": file_sha256(onnx_path), "method": cfg.method,
+            "dataset": dataset, "start": int(start), "n": int(n), "bounded_output": bounded,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **run_attrs}
+
+
+Samples = tuple[Tensor, Tensor, np.ndarray]  # (x, y, indices)
+RowSource = Callable[[VerifyConfig, Samples, int], Iterator[dict[str, np.ndarray]]]
+
+
+def _row_source(onnx_path: Path, bm: BoundedModel, cfg: VerifyConfig, device: Any, sharded: Any,
+                num_outputs: int) -> RowSource:
+    """``rows_of(cfg, (x, y, indices), first)``: the rows of those samples from ``first`` on at
+    radius ``cfg.eps``, one dict per batch or run of batches; computed in this process, or sharded
+    over the cluster's workers (``sharded``). Warns once when the weights hold NaN/Inf."""
+    if sharded is None:
+        verifier = Verifier.load(onnx_path, bm, cfg, device)
+        nonfinite = verifier.nonfinite
+    else:
+        from certkit.onnx_io import nonfinite_weights_reason
+
+        nonfinite = nonfinite_weights_reason(onnx_path)  # the workers find the same
+    if nonfinite:
+        logging.getLogger("certkit.verify").warning("every sample ends unknown: %s", nonfinite)
+
+    def rows_of(c: VerifyConfig, data: Samples, first: int) -> Iterator[dict[str, np.ndarray]]:
+        if sharded is None:
+            return verifier.batches(*data, c, first)
+        return sharded.verify(onnx_path, *data, c, first, num_outputs)
+
+    return rows_of
+
+
+def _count(counts: dict[str, int], status: np.ndarray) -> None:
+    for i, name in enumerate(STATUS):
+        counts[name] += int((status == i).sum())
+
+
+def _stream(chunks: Iterator[dict[str, np.ndarray]], done: int, total: int, counts: dict[str, int],
+            progress: Callable[[dict[str, Any]], None] | None, writer: Any = None,
+            record: Callable[[dict[str, np.ndarray], int], None] | None = None,
+            extra: dict[str, Any] | None = None) -> None:
+    """Count the rows of ``chunks`` (samples ``done``, ...), append them to ``writer`` and pass them
+    to ``record`` (either may be None), then report ``progress`` (with ``extra``)."""
+    with contextlib.closing(chunks):  # a failed write stops the workers before the cluster goes
+        for rows in chunks:
+            _count(counts, rows["status"])
+            if writer is not None:
+                writer.append(rows)
+            if record is not None:
+                record(rows, done)
+            done += len(rows["index"])
+            if progress is not None:
+                progress({**(extra or {}), "done": done, "total": total, **counts})
+
+
+def sweep_order(n: int) -> list[int]:
+    """The order in which a sweep computes its ``n`` radii (indices, ascending ε): the smallest, the
+    largest, then the others ascending: 0, 2, 1 for three; 0, 4, 1, 2, 3 for five.
+
+    Carrying a counterexample up saves a sample's whole cascade and its attack at the larger ε
+    (falsified and unknown samples are the costly ones), carrying a proof down mostly saves the
+    cheap stage that would verify it again; so every radius but the largest has every smaller one
+    finished, and the largest comes second so that the middle ones also take its proofs."""
+    return [0] if n == 1 else [0, n - 1, *range(1, n - 1)]
+
+
+@dataclass
+class _Answers:
+    """What one radius of a sweep decided, for the radii after it: per sample the status code, the
+    deciding stage, the ε the answer was computed at (this one, or the one it was carried from),
+    the counterexamples of the falsified samples (by position), and the counts per status."""
+
+    eps: float
+    status: np.ndarray
+    stage: np.ndarray
+    prediction: np.ndarray
+    origin: np.ndarray
+    cex: dict[int, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATUS, 0))
+
+    @classmethod
+    def empty(cls, eps: float, n: int) -> _Answers:
+        return cls(eps, np.full(n, UNKNOWN, np.int8), np.full(n, -1, np.int8), np.full(n, -1, np.int64),
+                   np.full(n, np.nan))
+
+    def add(self, rows: dict[str, np.ndarray], first: int) -> None:
+        """Record the rows of samples ``first``, ``first + 1``, ... (a batch, or a file's committed rows)."""
+        at = slice(first, first + len(rows["status"]))
+        self.status[at], self.stage[at], self.prediction[at] = rows["status"], rows["stage"], rows["prediction"]
+        self.origin[at] = np.where(np.isnan(rows["reused_from"]), self.eps, rows["reused_from"])
+        for i in np.flatnonzero(rows["status"] == FALSIFIED):
+            self.cex[first + i] = np.array(rows["counterexample"][i])
+
+
+def _carry_over(eps: float, finished: list[_Answers], n: int) -> _Answers:
+    """The answers radius ``eps`` takes from the finished ones (status UNKNOWN: none, compute it):
+    misclassified from any, falsified from a smaller ε, verified from a larger one, each from the
+    nearest radius that has it. A confirmed counterexample wins over a proof from a larger ε (the
+    two contradict each other, which only a bug makes possible: a warning says so)."""
+    carried = _Answers.empty(eps, n)
+    nearest = sorted(finished, key=lambda a: abs(a.eps - eps))
+    for code, usable in ((MISCLASSIFIED, lambda e: True), (FALSIFIED, lambda e: e < eps),
+                         (VERIFIED, lambda e: e > eps)):
+        for a in filter(lambda a: usable(a.eps), nearest):
+            if code == VERIFIED:
+                _warn_contradiction(eps, a, np.flatnonzero((a.status == VERIFIED) & (carried.status == FALSIFIED)))
+            take = np.flatnonzero((a.status == code) & (carried.status == UNKNOWN))
+            carried.status[take], carried.stage[take], carried.origin[take] = code, a.stage[take], a.origin[take]
+            carried.prediction[take] = a.prediction[take]
+            carried.cex.update((i, a.cex[i]) for i in take if code == FALSIFIED)
+    return carried
+
+
+def _settle(finished: list[_Answers], file: SweepFile | None) -> None:
+    """Give the rows that a radius left unknown the answer another radius found later (as
+    :func:`_carry_over` would have, had that one been first), in ``finished`` and, in one atomic
+    change, in ``file``. A settled row keeps the margins and time computed at its ε."""
+    changes = {}
+    for a in finished:
+        carried = _carry_over(a.eps, [b for b in finished if b is not a], len(a.status))
+        late = np.flatnonzero((a.status == UNKNOWN) & (carried.status != UNKNOWN))
+        if len(late) == 0:
+            continue
+        a.status[late], a.stage[late], a.origin[late] = carried.status[late], carried.stage[late], carried.origin[late]
+        a.cex.update((i, carried.cex[i]) for i in late if carried.status[i] == FALSIFIED)
+        a.counts[STATUS[UNKNOWN]] -= len(late)
+        _count(a.counts, carried.status[late])
+        falsified = late[a.status[late] == FALSIFIED]
+        changes[a.eps] = {"status": (late, a.status[late]), "stage": (late, a.stage[late]),
+                          "reason": (late, np.full(len(late), "", dtype=object)),
+                          "reused_from": (late, a.origin[late].astype(np.float32)),
+                          "counterexample": (falsified, np.array([a.cex[i] for i in falsified]))}
+    if file is not None and changes:
+        file.update_rows(changes)
+
+
+def _warn_contradiction(eps: float, verified_at: _Answers, samples: np.ndarray) -> None:
+    if len(samples):
+        logging.getLogger("certkit.verify").warning(
+            "%d sample(s) (positions %s) were verified at ε=%g but falsified at a radius <= ε=%g: one of the two "
+            "answers is wrong; the counterexample, confirmed by onnxruntime, is kept", len(samples),
+            samples[:10].tolist(), verified_at.eps, eps)
+
+
+def _merged(computed: Iterator[dict[str, np.ndarray]], first: int, todo: np.ndarray, carried: _Answers,
+            data: Samples, layout: tuple[int, int, int]) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of samples ``first``, ... (positions in ``data``), in order: each run of ``computed``
+    rows (of the samples ``todo``, in order) with the carried ones up to the next computed sample
+    (the last run: up to the end), so that a run ends where a batch of the computed ones ends."""
+    n, done = len(data[2]), 0
+    with contextlib.closing(computed):
+        for rows in computed:
+            done += len(rows["index"])
+            stop = int(todo[done]) if done < len(todo) else n
+            yield _carried_rows(first, stop, carried, data, layout, rows)
+            first = stop
+    if first < n:  # nothing computed from here on: every answer is carried
+        yield _carried_rows(first, n, carried, data, layout)
+
+
+def _carried_rows(first: int, stop: int, carried: _Answers, data: Samples, layout: tuple[int, int, int],
+                  computed: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """The rows of samples [first, stop): the carried answers (no margins, no time, ``reused_from``
+    the ε they were computed at), with the ``computed`` rows (``reused_from`` NaN) in their places."""
+    at = np.arange(first, stop)
+    stages, outputs, input_size = layout
+    rows = _Rows.empty(len(at), stages, outputs, input_size)
+    rows.status[:], rows.stage_of[:] = carried.status[at], carried.stage[at]
+    for j in np.flatnonzero(rows.status == FALSIFIED):
+        rows.cex[j] = carried.cex[first + j]
+    out = {"index": data[2][at], "label": data[1][at].numpy(), "prediction": carried.prediction[at],
+           "status": rows.status, "stage": rows.stage_of, "margins": rows.margins, "times": rows.times,
+           "counterexample": rows.cex, "reason": rows.reasons, "reused_from": carried.origin[at].astype(np.float32)}
+    if computed is not None:
+        mine = np.flatnonzero(carried.status[at] == UNKNOWN)
+        for k, v in computed.items():
+            out[k][mine] = v
+        out["reused_from"][mine] = np.nan
+    return out
+
+
+def _sweep_radius(cfg: VerifyConfig, rows_of: RowSource, data: Samples, layout: tuple[int, int, int],
+                  file: SweepFile | None, finished: list[_Answers],
+                  progress: Callable[[dict[str, Any]], None] | None) -> _Answers:
+    """One radius of a sweep: the rows a resumed file holds already, then the rest: the samples
+    with no carried answer computed together, in batches of their own, merged in order with the
+    carried ones; what it decided, for the radii after it."""
+    n = len(data[2])
+    carried = _carry_over(cfg.eps, finished, n)
+    answers = _Answers.empty(cfg.eps, n)
+    table = None if file is None else file.groups[cfg.eps]
+    done = 0 if table is None else table.done
+    if done:
+        rows = read_results(table.path, eps=cfg.eps)[1]
+        answers.add(rows, 0)
+        _count(answers.counts, rows["status"])
+    if done < n:
+        todo = np.flatnonzero(carried.status == UNKNOWN)
+        todo = todo[todo >= done]
+        pick = torch.as_tensor(todo, dtype=torch.long)
+        computed = rows_of(cfg, (data[0][pick], data[1][pick], data[2][todo]), 0)
+        _stream(_merged(computed, done, todo, carried, data, layout), done, n, answers.counts, progress, table,
+                answers.add, {"eps": cfg.eps})
+    elif progress is not None:
+        progress({"eps": cfg.eps, "done": done, "total": n, **answers.counts})
+    if table is not None and cfg.eps not in file.finished:
+        table.mark_complete()
+    return answers
 
 
 @contextlib.contextmanager
@@ -477,7 +727,8 @@ def load_verify_data(dataset: str, data_dir: str | None, start: int, n: int | No
 
 def emit_vnnlib(onnx_path: str | Path, out_dir: str | Path, x: Tensor, y: Tensor, indices: np.ndarray,
                 cfg: VerifyConfig, num_outputs: int, timeout: float = 60.0) -> Path:
-    """One VNN-LIB property per sample plus instances.csv (paths relative to ``out_dir``)."""
+    """One VNN-LIB property per sample and radius (each of a sweep's, ascending) plus one
+    instances.csv (paths relative to ``out_dir``). A property's name holds its sample index and ε."""
     import os
 
     from certkit.vnnlib import robustness_property, write_instances, write_property
@@ -486,13 +737,22 @@ def emit_vnnlib(onnx_path: str | Path, out_dir: str | Path, x: Tensor, y: Tensor
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     onnx_rel = os.path.relpath(Path(onnx_path).resolve(), out_dir.resolve())
-    for xi, yi, i in zip(x, y, indices):
-        lo = (xi - cfg.eps).clamp(*cfg.pixel_range).numpy()
-        up = (xi + cfg.eps).clamp(*cfg.pixel_range).numpy()
-        name = f"{Path(onnx_path).stem}_idx{int(i)}_eps{cfg.eps:.6g}.vnnlib"
-        comment = (f"certkit {__version__}: robustness of {Path(onnx_path).name} on sample {int(i)} "
-                   f"(label {int(yi)}), Linf eps {cfg.eps!r}, box clipped to {list(cfg.pixel_range)}")
-        write_property(out_dir / name, robustness_property(lo, up, int(yi), num_outputs, comment))
-        rows.append((onnx_rel, name, timeout))
+    radii = cfg.radii()
+    for eps in radii:
+        for xi, yi, i in zip(x, y, indices):
+            lo = (xi - eps).clamp(*cfg.pixel_range).numpy()
+            up = (xi + eps).clamp(*cfg.pixel_range).numpy()
+            name = f"{Path(onnx_path).stem}_idx{int(i)}_eps{_eps_tag(eps, radii)}.vnnlib"
+            comment = (f"certkit {__version__}: robustness of {Path(onnx_path).name} on sample {int(i)} "
+                       f"(label {int(yi)}), Linf eps {eps!r}, box clipped to {list(cfg.pixel_range)}")
+            write_property(out_dir / name, robustness_property(lo, up, int(yi), num_outputs, comment))
+            rows.append((onnx_rel, name, timeout))
     write_instances(out_dir / "instances.csv", rows)
     return out_dir / "instances.csv"
+
+
+def _eps_tag(eps: float, radii: tuple[float, ...]) -> str:
+    """ε in a file name: 6 significant digits, or every digit where another radius of the sweep
+    shares those 6 (their properties would overwrite each other)."""
+    short = f"{eps:.6g}"
+    return short if sum(f"{e:.6g}" == short for e in radii) == 1 else repr(eps)

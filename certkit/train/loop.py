@@ -2,10 +2,12 @@
 
 One epoch: per batch, ε from the smoothed schedule, a clean forward pass (train-mode batch
 norm records the clean batch statistics), IBP bounds of every node with those statistics,
-the robust loss on the margin lower bounds (mixed with CROWN for ``crown-ibp``), and during
-the warmup of ``fast`` the two regularisers. Then an evaluation at ε_max on the test split
-and on a validation split carved from the training set (which picks the ``best``
-checkpoint). Everything needed to continue bit-for-bit is in ``last.pt``.
+the robust loss on the margin lower bounds (mixed with CROWN for ``crown-ibp``, by default
+through loss fusion: :mod:`certkit.train.loss_fusion`), and during the warmup of ``fast`` the
+two regularisers. Then an evaluation at ε_max on the test split and on a validation split
+carved from the training set (which picks the ``best`` checkpoint). Everything needed to
+continue bit-for-bit is in ``last.pt``. Before training and after the ε ramp's last epoch the
+ReLU layers' interval widths go to metrics.h5's notes (:mod:`certkit.train.widths`).
 """
 
 from __future__ import annotations
@@ -25,17 +27,18 @@ from torch import Tensor
 
 from certkit import __version__
 from certkit.bounds import BoundedModel, margin_matrix
-from certkit.bounds.ops import ElementwiseAffine
 from certkit.checkpoints import load_checkpoint_state, save_checkpoint
 from certkit.device import resolve_device
 from certkit.errors import InvalidInput
 from certkit.files import remove_stale_temporaries, write_atomically
 from certkit.train.data import augment, load_dataset, to_float
 from certkit.train.init import ibp_init
+from certkit.train.loss_fusion import fused_ce_bound
 from certkit.train.metrics import MetricsFile
-from certkit.train.models import DATASETS, build_model
+from certkit.train.models import DATASETS, build_model, model_args
 from certkit.train.regularizers import robust_loss, sharded_warmup_regularizers, warmup_regularizers
 from certkit.train.schedule import SmoothedEps
+from certkit.train.widths import WidthProfile, model_widths, normalised_input
 
 if TYPE_CHECKING:
     from certkit.train.distributed import Replica
@@ -51,8 +54,12 @@ class TrainConfig:
 
     dataset: str = "mnist"
     model: str = "cnn7"
+    width: int | None = None  # cnn7's channel multiplier (None: 64, the paper's)
+    depth: int | None = None  # mlp's hidden layers (None: 2)
+    hidden: int | None = None  # mlp's units per hidden layer (None: 256)
     bn: bool = True
     method: str = "fast"
+    loss_fusion: bool | None = None  # crown-ibp: bound the cross-entropy, one row per sample (None: crown-ibp)
     eps: float = 0.4  # ε_max for training
     eps_eval: float | None = None  # ε for evaluation and checkpoint selection (default: eps)
     epochs: int = 70
@@ -80,6 +87,7 @@ class TrainConfig:
         """A config saved as JSON (config.json or inside a checkpoint)."""
         data = dict(data)
         data.pop("extra", None)  # an unused field of configs saved before November 2026
+        data.setdefault("loss_fusion", False)  # configs saved before loss fusion trained without it
         data["milestones"] = tuple(data["milestones"])
         if data.get("regularizers") is not None:
             data["regularizers"] = tuple(data["regularizers"])
@@ -99,6 +107,15 @@ class TrainConfig:
     def eps_test(self) -> float:
         return self.eps if self.eps_eval is None else self.eps_eval
 
+    @property
+    def use_loss_fusion(self) -> bool:
+        return self.method == "crown-ibp" if self.loss_fusion is None else self.loss_fusion
+
+    @property
+    def arch(self) -> dict[str, int | None]:
+        """The model's size options as given (None: the model's default), for ``build_model``."""
+        return {"width": self.width, "depth": self.depth, "hidden": self.hidden}
+
     def validate(self) -> None:
         if self.method not in METHODS:
             raise InvalidInput(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -112,6 +129,12 @@ class TrainConfig:
             raise InvalidInput(f"unknown regulariser {sorted(unknown)[0]!r}; choose from {', '.join(REGULARIZERS)}")
         if self.schedule_length < 0 or self.eps < 0 or self.lr <= 0:
             raise InvalidInput("schedule length and eps must be >= 0, lr > 0")
+        try:
+            model_args(self.model, **self.arch)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
+        if self.loss_fusion and self.method != "crown-ibp":
+            raise InvalidInput(f"loss fusion applies to --method crown-ibp only, not {self.method!r}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -136,7 +159,7 @@ def config_from(preset: str | None, **overrides: Any) -> TrainConfig:
     base.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**base)
     cfg.validate()
-    return cfg
+    return dataclasses.replace(cfg, loss_fusion=cfg.use_loss_fusion)  # recorded as trained
 
 
 # ---------------------------------------------------------------------------- data
@@ -203,7 +226,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         self.info = DATASETS[cfg.dataset]
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model, cfg.dataset, cfg.bn).to(self.device)
+        self.model = build_model(cfg.model, cfg.dataset, cfg.bn, **cfg.arch).to(self.device)
         self.bm = BoundedModel(self.model, self.info.shape)
         graph = self.bm.graph
         if cfg.use_ibp_init:
@@ -222,7 +245,7 @@ class Trainer:
                                    "processes inside the step would split the compiled graph; use --no-compile")
             sync_batch_norms(graph, replica)
         self.relu_inputs = [n.inputs[0] for n in graph.relus]
-        self.input_node = self._normalised_input(graph)
+        self.input_node = normalised_input(graph)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
         self.lr_sched = torch.optim.lr_scheduler.MultiStepLR(self.opt, list(cfg.milestones), cfg.lr_decay)
         self.batches = math.ceil(len(splits.train[0]) / cfg.batch_size)
@@ -236,15 +259,6 @@ class Trainer:
         self._rows = 0  # images in the current global batch (a replica holds some of them)
         self.epoch = 0  # epochs completed
         self.best_val = math.inf
-
-    @staticmethod
-    def _normalised_input(graph) -> str:
-        """The node after the input normalisation (the box the reference implementation sees)."""
-        name = graph.input.name
-        while len(graph.consumers[name]) == 1 and isinstance(graph.by_name[graph.consumers[name][0]].op,
-                                                             ElementwiseAffine):
-            name = graph.consumers[name][0]
-        return name
 
     # -- state -----------------------------------------------------------------
 
@@ -293,13 +307,10 @@ class Trainer:
         bounds = self.bm.intervals((x - eps).clamp(0, 1), (x + eps).clamp(0, 1), "ibp")
         if robust:
             C = margin_matrix(y, self.info.num_classes)
-            lb, _ = self.bm.spec_bounds(bounds, C, "ibp", bound_upper=False)
+            fused = mix and cfg.use_loss_fusion
+            lb, ub = self.bm.spec_bounds(bounds, C, "ibp", bound_upper=fused)
             stats["ibp_err"] = self._batch_mean(((lb <= 0).any(1) | (logits.argmax(1) != y)).float()).detach()
-            if mix:
-                f = 1 - eps / cfg.eps
-                lb_crown, _ = self.bm.spec_bounds(bounds, C, "crown-ibp", bound_upper=False, intersect=False)
-                lb = f * lb_crown + (1 - f) * lb
-            loss = robust_loss(lb) if self.replica is None else self._share(robust_loss(lb, "sum"))
+            loss = self._robust_loss(bounds, C, lb, ub, 1 - eps / cfg.eps, mix)
         else:
             loss = F.cross_entropy(logits, y) if self.replica is None else self._share(
                 F.cross_entropy(logits, y, reduction="sum"))
@@ -315,6 +326,31 @@ class Trainer:
         stats.update(loss=loss.detach(), tightness=reg.tightness.detach(), relu=reg.relu.detach(),
                      fractions=reg.fractions)
         return loss, stats
+
+    def _robust_loss(self, bounds: dict[str, tuple[Tensor, Tensor]], C: Tensor, lb: Tensor, ub: Tensor | None,
+                     f: Tensor, mix: bool) -> Tensor:
+        """The robust loss from the margins' IBP bounds ``lb`` (and ``ub``, given for loss fusion),
+        during CROWN-IBP's ramp (``mix``) mixed with CROWN-IBP at weight ``f``: fused, an upper
+        bound of the cross-entropy from one backward row per sample (:mod:`certkit.train.loss_fusion`),
+        or unfused, on a mix of the K−1 margins' lower bounds. Without ``mix`` (IBP alone) the
+        two coincide: the fused bound is then the robust loss of ``lb``."""
+        if mix and self.cfg.use_loss_fusion:
+            return self._batch_mean(fused_ce_bound(self.bm, bounds, C, lb, ub, f))
+        if mix:
+            lb_crown, _ = self.bm.spec_bounds(bounds, C, "crown-ibp", bound_upper=False, intersect=False)
+            lb = f * lb_crown + (1 - f) * lb
+        return robust_loss(lb) if self.replica is None else self._share(robust_loss(lb, "sum"))
+
+    @property
+    def ramp_end(self) -> int:
+        """The ε ramp's last epoch (ε reaches ε_max at its end; 0: no ramp)."""
+        return self.cfg.schedule_start + self.cfg.schedule_length - 1
+
+    def width_profile(self, images: int = 256) -> WidthProfile:
+        """:func:`~certkit.train.widths.model_widths` at the training ε on the first ``images``
+        training images (the same ones every time, drawn from nothing: the run is unchanged)."""
+        x = to_float(self.splits.train[0][:images]).to(self.device)
+        return model_widths(self.model, self.info.shape, x, self.cfg.eps)
 
     def _share(self, total: Tensor) -> Tensor:
         """A replica's loss from the sum over its rows: N × its share of the global batch mean,
@@ -473,6 +509,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         metrics.truncate(trainer.epoch)
     x_train = splits.train[0]
     last: dict[str, Any] = {}
+    widths = {0: dataclasses.asdict(trainer.width_profile())} if lead and trainer.epoch == 0 else {}
     for epoch in range(trainer.epoch + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         rows = _train_epoch(trainer, cfg, epoch, len(x_train), progress if lead else None)
@@ -482,12 +519,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         val = trainer.evaluate(splits.val)
         trainer.epoch = epoch
         last = _epoch_metrics(trainer, epoch, rows, test, val, train_time)
+        wall = time.perf_counter() - t0  # training and evaluation
         best = val["verified_err"] < trainer.best_val
         if best:
             trainer.best_val = val["verified_err"]
         if not lead:
             continue
-        metrics.append(last)
+        if epoch == trainer.ramp_end:
+            widths[epoch] = dataclasses.asdict(trainer.width_profile())
+        metrics.append(last, {"wall_time": {epoch: wall}, "relu_widths": widths})
+        widths = {}
         state = trainer.state()
         if best:
             _save(state, run_dir / "best.pt")
@@ -547,7 +588,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu",
     st = load_checkpoint_state(path, device, trust=trust)
     try:
         cfg = TrainConfig.from_dict(st["config"])
-        model = build_model(cfg.model, cfg.dataset, cfg.bn)
+        model = build_model(cfg.model, cfg.dataset, cfg.bn, **cfg.arch)
         model.load_state_dict(st["model"])
     except Exception as e:
         raise InvalidInput(f"{path}: not a certkit checkpoint ({type(e).__name__}: {e})") from None

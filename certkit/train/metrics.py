@@ -2,7 +2,11 @@
 
 Each scalar metric is a 1-D dataset (one entry per epoch); per-layer ReLU ratios
 (``active``, ``inactive``, ``unstable``) are (epochs × ReLU layers) datasets. The attribute
-``epochs``, written last, counts the entries of every dataset.
+``epochs``, written last, counts the entries of every dataset. The attribute ``notes`` holds,
+as JSON ``{name: {epoch: value}}``, what is not one value per epoch (the ReLU layers'
+interval widths before training and after the ε ramp) or differs between two runs of the
+same configuration (the wall time of each epoch): the datasets of a resumed run equal an
+uninterrupted one's, the notes need not.
 
 Every change is atomic (a copy beside the file, changed, flushed and renamed over it), so a
 run killed at any moment (``kill -9``) leaves the file of the last finished epoch or of the
@@ -11,6 +15,7 @@ one before, never a half-written one; ``--resume`` truncates it to its checkpoin
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +43,18 @@ class MetricsFile:
 
         write_atomically(self.path, write)
 
-    def append(self, row: dict[str, Any]) -> None:
-        """Add one epoch's entries (atomically)."""
-        self._rewrite(lambda f: self._append(f, row))
+    def append(self, row: dict[str, Any], notes: dict[str, dict[int, Any]] | None = None) -> None:
+        """Add one epoch's entries and ``notes`` ({name: {epoch: JSON value}}, merged into those
+        already there), atomically."""
+        def change(f: h5py.File) -> None:
+            self._append(f, row)
+            if notes:
+                merged = _read_notes(f)
+                for name, by_epoch in notes.items():
+                    merged.setdefault(name, {}).update(by_epoch)
+                _write_notes(f, merged)
+
+        self._rewrite(change)
 
     @staticmethod
     def _append(f: h5py.File, row: dict[str, Any]) -> None:
@@ -64,6 +78,8 @@ class MetricsFile:
             for key in f:
                 if f[key].shape[0] > epochs:
                     f[key].resize(epochs, axis=0)
+            _write_notes(f, {name: {e: v for e, v in by_epoch.items() if e <= epochs}
+                             for name, by_epoch in _read_notes(f).items()})
             f.attrs["epochs"] = epochs
 
         self._rewrite(change)
@@ -74,6 +90,11 @@ class MetricsFile:
             n = f.attrs.get("epochs")
             return {k: f[k][()] if n is None else f[k][:int(n)] for k in f}
 
+    def notes(self) -> dict[str, dict[int, Any]]:
+        """The notes by name and epoch (see the module's docstring; empty for files without)."""
+        with h5py.File(self.path, "r") as f:
+            return _read_notes(f)
+
     def summary(self) -> dict[str, float]:
         """Test errors (%) after the last epoch and at the epoch the validation split picks (the
         lowest validation verified error, the first if tied, as ``best.pt``), and training minutes."""
@@ -83,3 +104,13 @@ class MetricsFile:
                 "picked_clean": float(m["test_clean_err"][best]),
                 "picked_verified": float(m["test_verified_err"][best]),
                 "picked_epoch": int(m["epoch"][best]), "train_min": float(m["train_time"].sum()) / 60}
+
+
+def _read_notes(f: h5py.File) -> dict[str, dict[int, Any]]:
+    raw = json.loads(f.attrs["notes"]) if "notes" in f.attrs else {}
+    return {name: {int(e): v for e, v in by_epoch.items()} for name, by_epoch in raw.items()}
+
+
+def _write_notes(f: h5py.File, notes: dict[str, dict[int, Any]]) -> None:
+    f.attrs["notes"] = json.dumps({name: {str(e): v for e, v in sorted(by_epoch.items())}
+                                   for name, by_epoch in notes.items()})

@@ -64,17 +64,26 @@ def _out_size(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1
 
 
-def cnn7(data: DatasetInfo, bn: bool = True) -> nn.Sequential:
-    """CNN-7: five 3×3 convs (64, 64, 128 s2, 128, 128 [s2 on TinyImageNet]), Linear 512, Linear K."""
+def cnn7_linear(width: int) -> int:
+    """Units of CNN-7's hidden linear layer at channel multiplier ``width``: 8·width (512 at the
+    paper's 64), but at least 128, the linear layer of the CPU-sized CNN-7 at width 8 (a
+    narrower one would make the classifier's input the bottleneck)."""
+    return max(128, 8 * width)
+
+
+def cnn7(data: DatasetInfo, bn: bool = True, width: int = 64) -> nn.Sequential:
+    """CNN-7: five 3×3 convs (width, width, 2·width s2, 2·width, 2·width [s2 on TinyImageNet]),
+    Linear :func:`cnn7_linear` (512), Linear K. The paper's model is ``width`` 64."""
     c, h, _ = data.shape
     strides = [1, 1, 2, 1, 2 if data.name == "tinyimagenet" else 1]
-    widths = [64, 64, 128, 128, 128]
+    widths = [width, width, 2 * width, 2 * width, 2 * width]
+    linear = cnn7_linear(width)
     layers: list[nn.Module] = [Normalize(data.mean, data.std)]
     cin = c
     for w, s in zip(widths, strides):
         layers += _conv_block(cin, w, 3, s, 1, bn)
         cin, h = w, _out_size(h, 3, s, 1)
-    layers += [nn.Flatten(), *_fc_block(cin * h * h, 512, bn), nn.Linear(512, data.num_classes)]
+    layers += [nn.Flatten(), *_fc_block(cin * h * h, linear, bn), nn.Linear(linear, data.num_classes)]
     return nn.Sequential(*layers)
 
 
@@ -93,13 +102,13 @@ def cnn_small(data: DatasetInfo, bn: bool = True) -> nn.Sequential:
     )
 
 
-def mlp(data: DatasetInfo, bn: bool = True, hidden: Sequence[int] = (256, 256)) -> nn.Sequential:
-    """Flatten → Linear-BN-ReLU per hidden width → Linear K."""
+def mlp(data: DatasetInfo, bn: bool = True, depth: int = 2, hidden: int = 256) -> nn.Sequential:
+    """Flatten → ``depth`` × (Linear ``hidden``-BN-ReLU) → Linear K."""
     layers: list[nn.Module] = [Normalize(data.mean, data.std), nn.Flatten()]
     fin = data.shape[0] * data.shape[1] * data.shape[2]
-    for w in hidden:
-        layers += _fc_block(fin, w, bn)
-        fin = w
+    for _ in range(depth):
+        layers += _fc_block(fin, hidden, bn)
+        fin = hidden
     layers.append(nn.Linear(fin, data.num_classes))
     return nn.Sequential(*layers)
 
@@ -162,13 +171,42 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, dataset: str, bn: bool = True) -> nn.Module:
-    """A registered model for a registered dataset."""
+# the size options each model takes (``certkit train --width/--depth/--hidden``) and their defaults
+ARCH_OPTIONS: dict[str, dict[str, int]] = {"cnn7": {"width": 64}, "mlp": {"depth": 2, "hidden": 256}}
+
+
+def model_args(name: str, **arch: int | None) -> dict[str, int]:
+    """The size options of model ``name``, defaults filled in for those given as None.
+
+    Raises ValueError for an unknown model, an option the model does not take, or a size < 1:
+    a checkpoint or ONNX file records the result, so that it rebuilds the same model."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    takes = ARCH_OPTIONS.get(name, {})
+    given = {k: v for k, v in arch.items() if v is not None}
+    for key, value in given.items():
+        if key not in takes:
+            which = ", ".join(f"--{k}" for k in takes) or "no size option"
+            raise ValueError(f"--{key} does not apply to model {name!r} (it takes {which})")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{key} must be a whole number >= 1, got {value!r}")
+    return {**takes, **given}
+
+
+def model_label(name: str, **arch: int | None) -> str:
+    """A short name of the model and its non-default sizes, e.g. ``cnn7-w8``, ``mlp-d6-h128``
+    (run directories: the default sizes keep the plain name they had before these options)."""
+    defaults = ARCH_OPTIONS.get(name, {})
+    return name + "".join(f"-{k[0]}{v}" for k, v in model_args(name, **arch).items() if v != defaults[k])
+
+
+def build_model(name: str, dataset: str, bn: bool = True, **arch: int | None) -> nn.Module:
+    """A registered model for a registered dataset; ``arch``: its size options (see
+    :data:`ARCH_OPTIONS`; None means the default)."""
+    args = model_args(name, **arch)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return MODELS[name](DATASETS[dataset], bn=bn)
+    return MODELS[name](DATASETS[dataset], bn=bn, **args)
 
 
 def num_params(model: nn.Module) -> int:
