@@ -21,9 +21,10 @@ lint: install
 
 demo: install
 	$(BIN)/certkit inspect models/mnist_cnn_small_eps0.3.onnx
-	rm -f demo_results.h5
-	$(BIN)/certkit verify models/mnist_cnn_small_eps0.3.onnx --eps 0.3 --dataset npz:data/mnist_test_100.npz \
-		--out demo_results.h5
+	rm -rf demo_results.h5 demo_plots demo_report.html
+	$(BIN)/certkit verify models/mnist_cnn_small_eps0.3.onnx --eps 0.1,0.2,0.3,0.4 \
+		--dataset npz:data/mnist_test_100.npz --out demo_results.h5
+	$(BIN)/certkit report demo_results.h5 --plots demo_plots --html demo_report.html
 
 bench: install
 	$(BIN)/python benchmarks/bounds_speed.py
@@ -31,4 +32,4 @@ bench: install
 	$(BIN)/python benchmarks/verify_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo_results.h5
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo_results.h5 demo_plots demo_report.html
