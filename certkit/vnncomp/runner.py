@@ -10,8 +10,8 @@ A run killed at any moment (``kill -9``) leaves at most a torn last line in the 
 counts only once its line ends, so a torn line is ignored when the CSV is read and cut
 off before the next row is appended, and its instance runs again.
 
-Scoring as in VNN-COMP since 2022: +10 per correct ``sat``/``unsat``, −150 per wrong one
-(an answer that contradicts a ``sat``/``unsat`` ground truth), 0 otherwise.
+Scoring as in VNN-COMP 2023 (2022 still added a time bonus): +10 per correct ``sat``/``unsat``,
+−150 per wrong one (an answer that contradicts a ``sat``/``unsat`` ground truth), 0 otherwise.
 """
 
 from __future__ import annotations
