@@ -537,38 +537,6 @@ def _verify_settings(config_file: str | None, sets: tuple[str, ...], flags: dict
     return resolved.build()
 
 
-def _sweep_table(summaries: list[dict]):
-    """A sweep's summaries (:func:`certkit.results.summarize` per ε, ascending) as one table, a column per ε."""
-    from rich.table import Table
-
-    first = summaries[0]
-    incomplete = [f"{s['eps']:.6g}" for s in summaries if not s["complete"]]
-    t = Table(title=f"certkit verify: ε sweep, method {first['method']}, {first['requested']} samples"
-                    + (f" (incomplete at ε {', '.join(incomplete)})" if incomplete else ""), title_justify="left")
-    t.add_column("measure")
-    for s in summaries:
-        t.add_column(f"ε = {s['eps']:.4g}", justify="right")
-    if first.get("bounded_output", "outputs") != "outputs":
-        t.caption = f"margins bounded on the {first['bounded_output']}"
-
-    def row(label: str, key: str, fmt: str = "{:.2f}%", style: str | None = None) -> None:
-        t.add_row(label, *(fmt.format(s[key]) if key in s else "" for s in summaries), style=style)
-
-    row("samples", "samples", "{}")
-    row("clean accuracy", "clean_accuracy")
-    for stage in first.get("verified_by_stage", {}):
-        t.add_row(f"verified accuracy after {stage}",
-                  *(f"{s['verified_by_stage'][stage]:.2f}%" if s["samples"] else "" for s in summaries), style="green")
-    row("PGD-robust accuracy (upper bound)", "pgd_robust_accuracy")
-    row("falsified (confirmed by onnxruntime)", "falsified", style="red")
-    row("unknown", "unknown")
-    if any("error" in s for s in summaries):
-        row("error (the worker kept dying; see `reason`)", "error", style="bold red")
-    row("answer carried over from another ε", "reused")
-    row("total time", "time_total", "{:.2f} s")
-    return t
-
-
 @main.command(cls=SettingsCommand, section="verify")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--eps", help="ℓ∞ radius in pixel units of [0,1]: 8/255, 0.031, 2e-3 (required, here or in the "
@@ -631,7 +599,7 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
     from certkit.errors import InvalidInput
     from certkit.export import pixel_range_of, read_metadata
     from certkit.onnx_io import graph_input, read_proto
-    from certkit.report import console, summary_table
+    from certkit.report import console, results_table
     from certkit.results import read_sweep, summarize
     from certkit.scale_out import check_options
     from certkit.verify import emit_vnnlib, load_verify_data, run_sweep, run_verify
@@ -685,7 +653,7 @@ def verify(model, eps, dataset, data_dir, start, count, method, attack, batch_si
                      model=bm, workers=workers, address=address)
     if out:
         summaries = [summarize(attrs, data) for attrs, data in read_sweep(out)]
-        console.print(_sweep_table(summaries) if sweep else summary_table(summaries[0]))
+        console.print(results_table(summaries))
         console.print(f"results in {out}")
     else:
         for radius, c in (counts.items() if sweep else [(cfg.eps, counts)]):
@@ -747,7 +715,7 @@ def report(results, as_json, plots_dir, html_file, max_counterexamples, allow_mi
         raise CertkitError("--ground-truth goes with a VNN-COMP results CSV, not with verify results files")
 
     from certkit.figures import draw_figures, load_runs, report_json, report_series, save_figures
-    from certkit.report import console, summary_table
+    from certkit.report import console, results_table
 
     runs, notes = load_runs(results, allow_mixed)
     series = report_series(runs, max_counterexamples, data_dir) if plots_dir or html_file or len(runs) > 1 else None
@@ -768,7 +736,7 @@ def report(results, as_json, plots_dir, html_file, max_counterexamples, allow_mi
         if len(runs) > 1:
             console.print(f"[bold]{escape(run.name)}[/]: {escape(str(run.path))}", highlight=False)
         summaries = run.summaries()
-        console.print(_sweep_table(summaries) if len(summaries) > 1 else summary_table(summaries[0]))
+        console.print(results_table(summaries))
     if written:
         console.print(escape(f"wrote {' and '.join(written)}"), highlight=False)
 

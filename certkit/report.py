@@ -98,6 +98,29 @@ class TrainProgress:
         self.progress.stop()
 
 
+def _measures(s: dict) -> dict[str, tuple[str, str | None]]:
+    """The summary's accuracies and shares, label → (value, row style), in display order (none
+    for a file without rows)."""
+    if s["samples"] == 0:
+        return {}
+    rows: dict[str, tuple[str, str | None]] = {"clean accuracy": (f"{s['clean_accuracy']:.2f}%", None)}
+    for stage, acc in s["verified_by_stage"].items():
+        rows[f"verified accuracy after {stage}"] = (f"{acc:.2f}%", "green")
+    rows["PGD-robust accuracy (upper bound)"] = (f"{s['pgd_robust_accuracy']:.2f}%", None)
+    rows["falsified (confirmed by onnxruntime)"] = (f"{s['falsified']:.2f}%", "red")
+    rows["unknown"] = (f"{s['unknown']:.2f}%", None)
+    if "error" in s:
+        rows["error (the worker kept dying; see `reason`)"] = (f"{s['error']:.2f}%", "bold red")
+    if "reused" in s:
+        rows["answer carried over from another ε"] = (f"{s['reused']:.2f}%", None)
+    return rows
+
+
+def results_table(summaries: list[dict]) -> Table:
+    """The table of one results file: :func:`summary_table` for one ε, :func:`sweep_table` for several."""
+    return sweep_table(summaries) if len(summaries) > 1 else summary_table(summaries[0])
+
+
 def summary_table(s: dict) -> Table:
     """The verification summary: accuracies per stage, PGD-robust accuracy, unknown, time."""
     t = Table(title=f"certkit verify: ε = {s['eps']:.6g}, method {s['method']}, "
@@ -110,17 +133,31 @@ def summary_table(s: dict) -> Table:
         return t
     if s.get("bounded_output", "outputs") != "outputs":
         t.add_row("margins bounded on", s["bounded_output"])
-    t.add_row("clean accuracy", f"{s['clean_accuracy']:.2f}%")
-    for stage, acc in s["verified_by_stage"].items():
-        t.add_row(f"verified accuracy after {stage}", f"{acc:.2f}%", style="green")
-    t.add_row("PGD-robust accuracy (upper bound)", f"{s['pgd_robust_accuracy']:.2f}%")
-    t.add_row("falsified (confirmed by onnxruntime)", f"{s['falsified']:.2f}%", style="red")
-    t.add_row("unknown", f"{s['unknown']:.2f}%")
-    if "error" in s:
-        t.add_row("error (the worker kept dying; see `reason`)", f"{s['error']:.2f}%", style="bold red")
+    for label, (value, style) in _measures(s).items():
+        t.add_row(label, value, style=style)
     for stage, sec in s["time_by_stage"].items():
         t.add_row(f"time in {stage}", f"{sec:.2f} s")
     t.add_row("total time", f"{s['time_total']:.2f} s ({s['time_total'] / s['samples']:.3f} s/sample)")
+    return t
+
+
+def sweep_table(summaries: list[dict]) -> Table:
+    """A sweep's summaries (:func:`certkit.results.summarize` per ε, ascending) as one table, a column per ε."""
+    first = summaries[0]
+    incomplete = [f"{s['eps']:.6g}" for s in summaries if not s["complete"]]
+    t = Table(title=f"certkit verify: ε sweep, method {first['method']}, {first['requested']} samples"
+                    + (f" (incomplete at ε {', '.join(incomplete)})" if incomplete else ""), title_justify="left")
+    t.add_column("measure")
+    for s in summaries:
+        t.add_column(f"ε = {s['eps']:.4g}", justify="right")
+    if first.get("bounded_output", "outputs") != "outputs":
+        t.caption = f"margins bounded on the {first['bounded_output']}"
+    columns = [_measures(s) for s in summaries]
+    t.add_row("samples", *(str(s["samples"]) for s in summaries))
+    for label in dict.fromkeys(label for c in columns for label in c):  # every radius's rows, first seen first
+        style = next(c[label][1] for c in columns if label in c)
+        t.add_row(label, *(c[label][0] if label in c else "" for c in columns), style=style)
+    t.add_row("total time", *(f"{s['time_total']:.2f} s" if "time_total" in s else "" for s in summaries))
     return t
 
 
