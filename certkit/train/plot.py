@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from certkit.errors import InvalidInput
-from certkit.files import write_atomically
 from certkit.train.metrics import MetricsFile
 
 if TYPE_CHECKING:
@@ -41,13 +40,13 @@ NOT_GROUPED = ("seed", "device", "data_dir", "compile", "epochs")
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
-    """Write ``fig`` as out_dir/name.png and .svg (atomically) and close it."""
+    """Write ``fig`` as out_dir/name.png and .svg (:func:`certkit.figures.save_figures`) and close it."""
     import matplotlib.pyplot as plt
 
+    from certkit.figures import save_figures
+
     fig.tight_layout()
-    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
-    for path in paths:
-        write_atomically(path, lambda tmp, fmt=path.suffix[1:]: fig.savefig(tmp, format=fmt, dpi=110))
+    paths = save_figures({name: fig}, out_dir)
     plt.close(fig)
     return paths
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from certkit.errors import InvalidInput
-from certkit.files import write_atomically
+from certkit.figures import save_figures
 from certkit.status import Status
 from certkit.vnncomp.runner import ANSWERS, CORRECT_POINTS, WRONG_POINTS, Instance, Outcome, discover, read_outcomes
 
@@ -258,9 +258,7 @@ def write_vnncomp_plots(series: dict[str, Any], out_dir: str | Path) -> list[Pat
         ax.set_visible(False)
     fig.suptitle(f"{series['caption']}\n{series['score_formula']}", fontsize=9, wrap=True)
     fig.tight_layout()
-    written = [Path(out_dir) / "cactus.png", Path(out_dir) / "cactus.svg"]
-    for path in written:  # a killed run leaves the old file or the new one, never half of one
-        write_atomically(path, lambda tmp, fmt=path.suffix[1:]: fig.savefig(tmp, format=fmt, dpi=110))
+    written = save_figures({"cactus": fig}, out_dir)  # each file atomically
     plt.close(fig)
     return written
 
