@@ -1,9 +1,11 @@
-"""Vanilla IBP vs the fast method on the same short budget, seed by seed, on real MNIST.
+"""Vanilla IBP vs the fast method (or CROWN-IBP with vs without loss fusion) on the same short
+budget, seed by seed, on real MNIST.
 
-    python benchmarks/short_warmup.py [--protocol cnn-small|cnn7-cpu] [--model M] [--width W]
-                                      [--depth D] [--hidden H] [--epochs N] [--schedule START,LENGTH]
-                                      [--milestones A,B] [--eps E] [--eps-eval E] [--seeds 0,1,2]
-                                      [--limit N] [--eval-limit N] [--out DIR]
+    python benchmarks/short_warmup.py [--protocol cnn-small|cnn7-cpu] [--compare methods|fusion]
+                                      [--model M] [--width W] [--depth D] [--hidden H] [--epochs N]
+                                      [--schedule START,LENGTH] [--milestones A,B] [--eps E]
+                                      [--eps-eval E] [--seeds 0,1,2] [--limit N] [--eval-limit N]
+                                      [--out DIR]
 
 Protocols (every option overrides its value):
 
@@ -14,18 +16,23 @@ Protocols (every option overrides its value):
   ε 0.4 for training and test, 15 epochs, ramp 1,8 (ε reaches 0.4 at the end of epoch 8),
   lr ×0.2 at 11 and 13.
 
-Both methods train with the same budget (epochs, ε ramp, lr schedule, seeds, data). Prints,
+Comparisons (``--compare``): ``methods`` (default) trains vanilla IBP against the fast method;
+``fusion`` trains CROWN-IBP without loss fusion (``unfused``, K−1 bound rows a sample) against
+CROWN-IBP with it (``fused``, one row), the check that the cheaper path trains as well.
+
+Both arms train with the same budget (epochs, ε ramp, lr schedule, seeds, data). Prints,
 per seed and as mean ± std over the seeds: clean and IBP-verified test error (%) after the
 last epoch and at the epoch the validation split picks; the paired per-seed difference
-fast − vanilla and its mean ± std (the seeds share data order and initial draw, so the
-difference is the comparison with the smaller spread); L_tightness and L_relu in the ramp's
-last epoch (metrics.h5; logged for both methods, in the loss of the fast one only); minutes of
-training and wall time (training and evaluation) per run; and per ReLU layer the mean IBP
-interval width of its input relative to the input box's, before training and after the ramp
-(metrics.h5's notes): the widths the fast method's initialisation and L_tightness keep
-small. Runs (OUT/METHOD-sSEED) are resumable: rerunning the command continues unfinished runs
-and reuses finished ones (a run directory of another configuration is refused), so seeds can
-run at once as separate commands (``--seeds 1``) before one that prints all.
+second arm − first (fast − vanilla, fused − unfused) and its mean ± std (the seeds share data
+order and initial draw, so the difference is the comparison with the smaller spread);
+L_tightness and L_relu in the ramp's last epoch (metrics.h5; logged for every method, in the
+loss of the fast one only); minutes of training and wall time (training and evaluation) per
+run; and per ReLU layer the mean IBP interval width of its input relative to the input box's,
+before training and after the ramp (metrics.h5's notes): the widths the fast method's
+initialisation and L_tightness keep small. Runs (OUT/ARM-sSEED) are resumable: rerunning the
+command continues unfinished runs and reuses finished ones (a run directory of another
+configuration is refused), so seeds can run at once as separate commands (``--seeds 1``)
+before one that prints all.
 """
 
 from __future__ import annotations
@@ -45,7 +52,12 @@ from certkit.train.metrics import MetricsFile
 from certkit.train.models import model_label
 from certkit.train.widths import widths_of
 
-METHODS = ("vanilla", "fast")
+# per comparison, its two arms: name, training settings; the paired difference is second − first
+COMPARISONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
+    "methods": (("vanilla", dict(method="vanilla")), ("fast", dict(method="fast"))),
+    "fusion": (("unfused", dict(method="crown-ibp", loss_fusion=False)),
+               ("fused", dict(method="crown-ibp", loss_fusion=True))),
+}
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "cnn-small": dict(model="cnn-small", eps=0.4, eps_eval=0.3, epochs=30, schedule_start=1, schedule_length=10,
                       milestones=(20, 25)),
@@ -58,8 +70,9 @@ ERRORS = (("clean", "clean (last)"), ("verified", "verified (last)"), ("picked_c
 
 
 def run_config(protocol: str, seed: int, method: str, **overrides: Any) -> TrainConfig:
-    """The configuration of one run: the protocol's values, ``overrides`` (None: not given); another
-    model than the protocol's drops the protocol's sizes (``--width`` 8 is CNN-7's)."""
+    """The configuration of one run: the protocol's values, ``overrides`` (None: not given; an
+    arm's ``loss_fusion`` goes here too); another model than the protocol's drops the protocol's
+    sizes (``--width`` 8 is CNN-7's)."""
     base = dict(PROTOCOLS[protocol])
     given = {k: v for k, v in overrides.items() if v is not None}
     if given.get("model", base["model"]) != base["model"]:
@@ -76,7 +89,7 @@ def train_run(cfg: TrainConfig, run: Path) -> None:
         if dataclasses.replace(theirs, **ignore) != cfg:
             raise SystemExit(f"{run} holds a run of another configuration: pass another --out")
     train(cfg, run, resume=(run / "last.pt").exists(),
-          log=lambda line: print(f"[{cfg.method} s{cfg.seed}] {line}", flush=True))
+          log=lambda line: print(f"[{run.name}] {line}", flush=True))
 
 
 def summarize_run(run: str | Path) -> dict[str, Any]:
@@ -111,52 +124,56 @@ def _row(label: str, cells: Sequence[str], widths: Sequence[int]) -> str:
     return f"{label:14s}" + "".join(f" {c:>{w}s}" for c, w in zip(cells, widths))
 
 
-def error_table(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int]) -> list[str]:
-    """Per method: a row per seed and the mean ± std of errors (%), the ramp's L terms and times;
-    then the paired differences fast − vanilla per seed and their mean ± std."""
+def error_table(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int],
+                arms: Sequence[str]) -> list[str]:
+    """Per arm: a row per seed and the mean ± std of errors (%), the ramp's L terms and times;
+    then the paired differences second arm − first per seed and their mean ± std."""
     columns = [(k, h, 2) for k, h in ERRORS] + [("tightness", "L_tight", 3), ("relu", "L_relu", 3),
                                                   ("train_min", "train min", 1), ("wall_min", "wall min", 1)]
     widths = [max(len(h), 15) for _, h, _ in columns]
-    lines = [_row("method  seed", [h for _, h, _ in columns], widths)]
-    for method in METHODS:
-        rows = [results[method, s] for s in seeds]
+    first, second = arms
+    lines = [_row("arm     seed", [h for _, h, _ in columns], widths)]
+    for arm in arms:
+        rows = [results[arm, s] for s in seeds]
         for seed, r in zip(seeds, rows):
-            lines.append(_row(f"{method:8s} {seed:5d}", [f"{r[k]:.{d}f}" for k, _, d in columns], widths))
-        lines.append(_row(f"{method:8s}  mean", [mean_std([r[k] for r in rows], d) for k, _, d in columns], widths))
-    lines += ["", "paired difference fast − vanilla (points; negative: fast is better)"]
+            lines.append(_row(f"{arm:8s} {seed:5d}", [f"{r[k]:.{d}f}" for k, _, d in columns], widths))
+        lines.append(_row(f"{arm:8s}  mean", [mean_std([r[k] for r in rows], d) for k, _, d in columns], widths))
+    lines += ["", f"paired difference {second} − {first} (points; negative: {second} is better)"]
     lines.append(_row("seed", [h for _, h in ERRORS], widths))
-    diffs = {k: [results["fast", s][k] - results["vanilla", s][k] for s in seeds] for k, _ in ERRORS}
+    diffs = {k: [results[second, s][k] - results[first, s][k] for s in seeds] for k, _ in ERRORS}
     for i, seed in enumerate(seeds):
         lines.append(_row(f"{seed}", [f"{diffs[k][i]:+.2f}" for k, _ in ERRORS], widths))
     lines.append(_row("mean", [mean_std(diffs[k]) for k, _ in ERRORS], widths))
     return lines
 
 
-def width_table(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int]) -> list[str]:
-    """Per method, before training and after the ramp: every ReLU layer's mean IBP interval
+def width_table(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int],
+                arms: Sequence[str]) -> list[str]:
+    """Per arm, before training and after the ramp: every ReLU layer's mean IBP interval
     width relative to the input box's (mean over the seeds that recorded it)."""
     lines = []
-    for method in METHODS:
-        for key, when in (("widths_init", "init"), ("widths_ramp", f"epoch {results[method, seeds[0]]['ramp_end']}")):
-            got = [results[method, s][key] for s in seeds if results[method, s][key] is not None]
+    for arm in arms:
+        for key, when in (("widths_init", "init"), ("widths_ramp", f"epoch {results[arm, seeds[0]]['ramp_end']}")):
+            got = [results[arm, s][key] for s in seeds if results[arm, s][key] is not None]
             if not got:
                 continue
             mean = np.mean(np.array(got), 0)
-            lines.append(f"{method:8s} {when:9s} " + " ".join(f"{w:9.3g}" for w in mean))
+            lines.append(f"{arm:8s} {when:9s} " + " ".join(f"{w:9.3g}" for w in mean))
     if not lines:
         return []
     layers = len(next(r for r in results.values() if r["widths_init"] is not None)["widths_init"])
-    return [f"{'method':8s} {'when':9s} " + " ".join(f"{'ReLU ' + str(i + 1):>9s}" for i in range(layers)), *lines]
+    return [f"{'arm':8s} {'when':9s} " + " ".join(f"{'ReLU ' + str(i + 1):>9s}" for i in range(layers)), *lines]
 
 
-def report(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int], cfg: TrainConfig) -> str:
-    """The whole printout for runs of configuration ``cfg`` (any seed's)."""
+def report(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int], cfg: TrainConfig,
+           arms: Sequence[str] = ("vanilla", "fast")) -> str:
+    """The whole printout for runs of configuration ``cfg`` (any seed's) of the two ``arms``."""
     title = (f"MNIST, {model_label(cfg.model, **cfg.arch)}, eps {cfg.eps_test:g} (train {cfg.eps:g}), "
              f"{cfg.epochs} epochs, ramp start {cfg.schedule_start} length {cfg.schedule_length}, "
              f"lr x{cfg.lr_decay:g} at {', '.join(map(str, cfg.milestones))}; errors in % on the test images; "
              f"L_tight and L_relu in the ramp's last epoch (epoch {cfg.schedule_start + cfg.schedule_length - 1})")
-    lines = [title, *error_table(results, seeds)]
-    widths = width_table(results, seeds)
+    lines = [title, *error_table(results, seeds, arms)]
+    widths = width_table(results, seeds, arms)
     if widths:
         lines += ["", f"ReLU input interval width / input box width (IBP at eps {cfg.eps:g}, mean over seeds)",
                   *widths]
@@ -166,6 +183,7 @@ def report(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--protocol", choices=list(PROTOCOLS), default="cnn-small")
+    ap.add_argument("--compare", choices=list(COMPARISONS), default="methods")
     ap.add_argument("--model")
     for name in ("width", "depth", "hidden", "epochs", "limit", "eval_limit"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int)
@@ -175,7 +193,8 @@ def main() -> None:
     ap.add_argument("--milestones", help="A,B")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data-dir")
-    ap.add_argument("--out", help="default: runs/short_warmup (cnn-small), runs/short_warmup-PROTOCOL")
+    ap.add_argument("--out", help="default: runs/short_warmup (cnn-small), runs/short_warmup-PROTOCOL; "
+                                  "--compare fusion: runs/short_warmup-fusion-PROTOCOL")
     args = ap.parse_args()
     start, length = (int(v) for v in args.schedule.split(",")) if args.schedule else (None, None)
     overrides = dict(model=args.model, width=args.width, depth=args.depth, hidden=args.hidden, epochs=args.epochs,
@@ -183,15 +202,19 @@ def main() -> None:
                      milestones=tuple(int(v) for v in args.milestones.split(",")) if args.milestones else None,
                      limit=args.limit, eval_limit=args.eval_limit, data_dir=args.data_dir)
     seeds = [int(v) for v in args.seeds.split(",")]
-    out = Path(args.out or ("runs/short_warmup" if args.protocol == "cnn-small" else
-                            f"runs/short_warmup-{args.protocol}"))
+    if args.compare == "fusion":
+        default_out = f"runs/short_warmup-fusion-{args.protocol}"
+    else:
+        default_out = "runs/short_warmup" if args.protocol == "cnn-small" else f"runs/short_warmup-{args.protocol}"
+    out = Path(args.out or default_out)
+    arms = COMPARISONS[args.compare]
     results = {}
     for seed in seeds:
-        for method in METHODS:
-            cfg = run_config(args.protocol, seed, method, **overrides)
-            train_run(cfg, out / f"{method}-s{seed}")
-            results[method, seed] = summarize_run(out / f"{method}-s{seed}")
-    print("\n" + report(results, seeds, cfg))
+        for arm, settings in arms:
+            cfg = run_config(args.protocol, seed, **settings, **overrides)
+            train_run(cfg, out / f"{arm}-s{seed}")
+            results[arm, seed] = summarize_run(out / f"{arm}-s{seed}")
+    print("\n" + report(results, seeds, cfg, [name for name, _ in arms]))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ ReLU layers' interval widths, and CROWN-IBP with loss fusion (sound, exact at ε
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -126,7 +127,7 @@ def test_protocol_table_on_tiny_runs(tmp_path, data_dir):
     seeds = [0, 1]
     results = {}
     for seed in seeds:
-        for method in short_warmup.METHODS:
+        for method in ("vanilla", "fast"):
             cfg = short_warmup.run_config("cnn7-cpu", seed, method, model="mlp", depth=2, hidden=16,
                                           epochs=3, schedule_start=1, schedule_length=2, data_dir=str(data_dir),
                                           **TINY)
@@ -146,13 +147,22 @@ def test_protocol_table_on_tiny_runs(tmp_path, data_dir):
         assert line.split() == [str(seed), *(f"{d:+.2f}" for d in cells)]
     assert "MNIST, mlp-h16, eps 0.4 (train 0.4), 3 epochs, ramp start 1 length 2" in text
     assert "fast     epoch 2" in text and "vanilla  init" in text
-    for method in short_warmup.METHODS:
+    for method in ("vanilla", "fast"):
         mean = short_warmup.mean_std([results[method, s]["clean"] for s in seeds])
         assert f"{method:8s}  mean" in text and mean in text
     other = short_warmup.run_config("cnn7-cpu", 0, "fast", model="mlp", depth=3, hidden=16, data_dir=str(data_dir),
                                     **TINY)
     with pytest.raises(SystemExit, match="another configuration"):
         short_warmup.train_run(other, tmp_path / "fast-s0")
+
+
+def test_fusion_comparison_trains_crown_ibp_with_and_without_fusion():
+    """``--compare fusion``: both arms are CROWN-IBP on the protocol's budget, only loss fusion differs."""
+    (first, a), (second, b) = short_warmup.COMPARISONS["fusion"]
+    cfgs = [short_warmup.run_config("cnn7-cpu", 0, **arm) for arm in (a, b)]
+    assert (first, second) == ("unfused", "fused")
+    assert [c.method for c in cfgs] == ["crown-ibp"] * 2 and [c.use_loss_fusion for c in cfgs] == [False, True]
+    assert dataclasses.replace(cfgs[0], loss_fusion=True) == cfgs[1]
 
 
 def test_metrics_notes_merge_and_follow_truncation(tmp_path):
