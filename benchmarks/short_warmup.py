@@ -5,7 +5,7 @@ budget, seed by seed, on real MNIST.
                                       [--model M] [--width W] [--depth D] [--hidden H] [--epochs N]
                                       [--schedule START,LENGTH] [--milestones A,B] [--eps E]
                                       [--eps-eval E] [--seeds 0,1,2] [--limit N] [--eval-limit N]
-                                      [--out DIR]
+                                      [--out DIR] [--plots DIR]
 
 Protocols (every option overrides its value):
 
@@ -32,7 +32,8 @@ before training and after the ramp (metrics.h5's notes): the widths the fast met
 initialisation and L_tightness keep small. Runs (OUT/ARM-sSEED) are resumable: rerunning the
 command continues unfinished runs and reuses finished ones (a run directory of another
 configuration is refused), so seeds can run at once as separate commands (``--seeds 1``)
-before one that prints all.
+before one that prints all. ``--plots DIR`` also draws those widths (DIR/relu_widths.png and
+.svg): per arm, before training and after the ramp, mean over the seeds with their range.
 """
 
 from __future__ import annotations
@@ -165,6 +166,41 @@ def width_table(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[
     return [f"{'arm':8s} {'when':9s} " + " ".join(f"{'ReLU ' + str(i + 1):>9s}" for i in range(layers)), *lines]
 
 
+def draw_widths(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int], arms: Sequence[str],
+                eps: float) -> Any:
+    """The widths of :func:`width_table` as a figure: relative interval width per ReLU layer (log
+    scale), a colour per arm, dashed with open markers before training and solid after the ramp,
+    the seeds' range shaded; None where no run recorded widths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    drawn = False
+    for colour, arm in zip(("C0", "C3", "C2", "C1"), arms):
+        ramp_end = results[arm, seeds[0]]["ramp_end"]
+        for key, when, style, face in (("widths_init", "init", "--", "none"),
+                                       ("widths_ramp", f"epoch {ramp_end}", "-", colour)):
+            got = np.array([results[arm, s][key] for s in seeds if results[arm, s][key] is not None])
+            if not len(got):
+                continue
+            layers = np.arange(1, got.shape[1] + 1)
+            ax.plot(layers, got.mean(0), style, marker="o", mfc=face, color=colour, label=f"{arm}, {when}")
+            if len(got) > 1:
+                ax.fill_between(layers, got.min(0), got.max(0), color=colour, alpha=0.15)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set(yscale="log", xlabel="ReLU layer", ylabel="input interval width / input box width",
+           title=f"IBP interval widths at ε = {eps:g} (mean over {len(seeds)} seeds, range shaded)")
+    ax.title.set_fontsize(9)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return fig
+
+
 def report(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int], cfg: TrainConfig,
            arms: Sequence[str] = ("vanilla", "fast")) -> str:
     """The whole printout for runs of configuration ``cfg`` (any seed's) of the two ``arms``."""
@@ -193,6 +229,7 @@ def main() -> None:
     ap.add_argument("--milestones", help="A,B")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data-dir")
+    ap.add_argument("--plots", help="draw the ReLU widths figure into this folder")
     ap.add_argument("--out", help="default: runs/short_warmup (cnn-small), runs/short_warmup-PROTOCOL; "
                                   "--compare fusion: runs/short_warmup-fusion-PROTOCOL")
     args = ap.parse_args()
@@ -214,7 +251,14 @@ def main() -> None:
             cfg = run_config(args.protocol, seed, **settings, **overrides)
             train_run(cfg, out / f"{arm}-s{seed}")
             results[arm, seed] = summarize_run(out / f"{arm}-s{seed}")
-    print("\n" + report(results, seeds, cfg, [name for name, _ in arms]))
+    names = [name for name, _ in arms]
+    print("\n" + report(results, seeds, cfg, names))
+    if args.plots:
+        from certkit.figures import save_figures
+
+        fig = draw_widths(results, seeds, names, cfg.eps)
+        print("no widths recorded: no figure" if fig is None else
+              f"wrote {', '.join(map(str, save_figures({'relu_widths': fig}, args.plots)))}")
 
 
 if __name__ == "__main__":

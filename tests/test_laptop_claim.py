@@ -150,6 +150,13 @@ def test_protocol_table_on_tiny_runs(tmp_path, data_dir):
     for method in ("vanilla", "fast"):
         mean = short_warmup.mean_std([results[method, s]["clean"] for s in seeds])
         assert f"{method:8s}  mean" in text and mean in text
+    fig = short_warmup.draw_widths(results, seeds, ["vanilla", "fast"], 0.4)
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["vanilla, init", "vanilla, epoch 2", "fast, init", "fast, epoch 2"]
+    mean = [(a + b) / 2 for a, b in zip(results["fast", 0]["widths_ramp"], results["fast", 1]["widths_ramp"])]
+    assert lines[3].get_ydata() == pytest.approx(mean)
+    blank = {key: dict(r, widths_init=None, widths_ramp=None) for key, r in results.items()}
+    assert short_warmup.draw_widths(blank, seeds, ["vanilla", "fast"], 0.4) is None
     other = short_warmup.run_config("cnn7-cpu", 0, "fast", model="mlp", depth=3, hidden=16, data_dir=str(data_dir),
                                     **TINY)
     with pytest.raises(SystemExit, match="another configuration"):
