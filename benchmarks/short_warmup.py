@@ -171,12 +171,9 @@ def draw_widths(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[
     """The widths of :func:`width_table` as a figure: relative interval width per ReLU layer (log
     scale), a colour per arm, dashed with open markers before training and solid after the ramp,
     the seeds' range shaded; None where no run recorded widths."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from certkit.figures import new_figure
 
-    fig = Figure(figsize=(6.0, 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    fig, ((ax,),) = new_figure(6.0, 3.8)
     drawn = False
     for colour, arm in zip(("C0", "C3", "C2", "C1"), arms):
         ramp_end = results[arm, seeds[0]]["ramp_end"]

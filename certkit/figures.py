@@ -345,12 +345,16 @@ def _file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
 
 
-def _figure(width: float, height: float, rows: int = 1, cols: int = 1, **kwargs: Any) -> tuple[Any, np.ndarray]:
-    """A matplotlib figure on the Agg canvas and its ``rows`` × ``cols`` axes (always a 2-D array)."""
+def new_figure(width: float, height: float, rows: int = 1, cols: int = 1, layout: str = "constrained",
+               **kwargs: Any) -> tuple[Any, np.ndarray]:
+    """A matplotlib figure on the Agg canvas and its ``rows`` × ``cols`` axes (always a 2-D array).
+
+    Every figure certkit draws starts here: no pyplot, so drawing neither needs a display nor
+    changes the backend or the figure list of a program (a notebook) that imports certkit."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(rows, cols, squeeze=False, **kwargs)
 
@@ -361,7 +365,7 @@ def _colours(count: int) -> list[str]:
 
 def draw_accuracy(series: dict[str, Any]) -> Any:
     """Verified, PGD-robust and clean accuracy against ε: a colour per model, a line style per quantity."""
-    fig, axes = _figure(6.4, 4.0)
+    fig, axes = new_figure(6.4, 4.0)
     ax = axes[0, 0]
     models = list(dict.fromkeys(line["model"] for line in series["lines"]))
     colour = dict(zip(models, _colours(len(models))))
@@ -396,7 +400,7 @@ def _stacked_bars(ax: Any, eps: list[float], heights: dict[str, list[float]]) ->
 def draw_stages(series: dict[str, Any]) -> Any:
     """Per file, stacked bars per ε of the share of samples each stage decided."""
     panels = series["panels"]
-    fig, axes = _figure(max(4.0, 3.6 * len(panels)), 3.8, 1, len(panels), sharey=True)
+    fig, axes = new_figure(max(4.0, 3.6 * len(panels)), 3.8, 1, len(panels), sharey=True)
     axes = axes[0]
     for ax, panel in zip(axes, panels):
         _stacked_bars(ax, panel["eps"], panel["bars"])
@@ -412,7 +416,7 @@ def draw_margins(series: dict[str, Any]) -> Any:
     from matplotlib.ticker import MaxNLocator
 
     panels = series["panels"]
-    fig, axes = _figure(max(4.0, 3.8 * len(panels)), 3.6, 1, len(panels))
+    fig, axes = new_figure(max(4.0, 3.8 * len(panels)), 3.6, 1, len(panels))
     for ax, panel in zip(axes[0], panels):
         for colour, h in zip(_colours(len(panel["histograms"])), panel["histograms"]):
             without = f" ({h['excluded']} without a bound)" if h["excluded"] else ""
@@ -432,7 +436,7 @@ def draw_margins(series: dict[str, Any]) -> Any:
 def draw_times(series: dict[str, Any]) -> Any:
     """Per file, stacked bars per ε of the seconds each stage spent."""
     panels = series["panels"]
-    fig, axes = _figure(max(4.0, 3.6 * len(panels)), 3.8, 1, len(panels))
+    fig, axes = new_figure(max(4.0, 3.6 * len(panels)), 3.8, 1, len(panels))
     axes = axes[0]
     for ax, panel in zip(axes, panels):
         _stacked_bars(ax, panel["eps"], panel["seconds"])
@@ -450,7 +454,7 @@ def draw_counterexamples(panel: dict[str, Any], per_row: int = 2) -> Any:
     examples = panel["examples"]
     per_row = min(per_row, len(examples))
     rows = -(-len(examples) // per_row)
-    fig, grid = _figure(4.2 * per_row + 0.3, 2.1 * rows + 0.5, rows, 3 * per_row)
+    fig, grid = new_figure(4.2 * per_row + 0.3, 2.1 * rows + 0.5, rows, 3 * per_row)
     for ax in grid.flat[3 * len(examples):]:
         ax.set_axis_off()
     lo, hi = panel["pixel_range"]

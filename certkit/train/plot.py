@@ -40,25 +40,17 @@ NOT_GROUPED = ("seed", "device", "data_dir", "compile", "epochs")
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
-    """Write ``fig`` as out_dir/name.png and .svg (:func:`certkit.figures.save_figures`) and close it."""
-    import matplotlib.pyplot as plt
-
+    """Write ``fig`` as out_dir/name.png and .svg (:func:`certkit.figures.save_figures`)."""
     from certkit.figures import save_figures
 
-    fig.tight_layout()
-    paths = save_figures({name: fig}, out_dir)
-    plt.close(fig)
-    return paths
+    return save_figures({name: fig}, out_dir)
 
 
-def _pyplot():
-    """matplotlib's pyplot on the file-only backend (no display needed)."""
-    import matplotlib
+def _figure(width: float, height: float, rows: int = 1, cols: int = 1) -> tuple[Any, np.ndarray]:
+    """:func:`certkit.figures.new_figure` with a tight layout (room for a suptitle)."""
+    from certkit.figures import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return new_figure(width, height, rows, cols, layout="tight")
 
 
 def _read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
@@ -77,21 +69,20 @@ def _read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write one run's loss/regulariser, ReLU-ratio, ε and error curves (PNG and SVG) into
     ``out_dir`` (default RUN_DIR/plots/)."""
-    plt = _pyplot()
     run_dir = Path(run_dir)
     m = _read_metrics(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
     ep = m["epoch"]
     written = []
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax,) = _figure(10, 3.6, 1, 2)
     ax[0].plot(ep, m["tightness"], marker="o")
     ax[0].set(title="L_tightness", xlabel="epoch")
     ax[1].plot(ep, m["relu"], marker="o", color="tab:orange")
     ax[1].set(title="L_relu", xlabel="epoch")
     written += _save(fig, out_dir, "regularizers")
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax,) = _figure(10, 3.6, 1, 2)
     for name, a in (("active", ax[0]), ("unstable", ax[1])):
         data = np.atleast_2d(m[name])
         for layer in range(data.shape[1]):
@@ -100,12 +91,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         a.legend(fontsize=7)
     written += _save(fig, out_dir, "relu_ratios")
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ((ax,),) = _figure(5, 3.6)
     ax.plot(ep, m["eps"], marker="o")
     ax.set(title="ε at the end of each epoch", xlabel="epoch")
     written += _save(fig, out_dir, "eps_schedule")
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ((ax,),) = _figure(6, 3.6)
     ax.plot(ep, m["test_clean_err"], label="clean error")
     ax.plot(ep, m["test_verified_err"], label="IBP verified error")
     ax.plot(ep, m["train_ibp_err"], label="train IBP error (current ε)", linestyle="--")
@@ -273,11 +264,11 @@ def _none_as_nan(values: list[float | None]) -> np.ndarray:
 def write_training_plots(series: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Draw :func:`training_series` as one figure of six panels (errors, loss, regularisers, ε)
     into ``out_dir``/overlay.png and overlay.svg; returns the paths."""
-    plt = _pyplot()
+    import matplotlib
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = _figure(14, 7.5, 2, 3)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes.flat, series["panels"].items()):
         _draw_ramps(ax, series["groups"])
         for i, g in enumerate(series["groups"]):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from certkit.errors import InvalidInput
-from certkit.figures import save_figures
+from certkit.figures import new_figure, save_figures
 from certkit.status import Status
 from certkit.vnncomp.runner import ANSWERS, CORRECT_POINTS, WRONG_POINTS, Instance, Outcome, discover, read_outcomes
 
@@ -241,26 +241,18 @@ def _draw_panel(ax, title: str, panel: dict[str, Any]) -> None:
 def write_vnncomp_plots(series: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Draw the cactus plot (one panel per family, and one of all when there are several) into
     ``out_dir``/cactus.png and cactus.svg; returns the paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = list(series["families"].items())
     if len(panels) > 1:
         panels.append(("all families", series["overall"]))
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 7.5), 3.4 * rows + 0.8), squeeze=False)
+    fig, axes = new_figure(max(4.2 * cols, 7.5), 3.4 * rows + 0.8, rows, cols, layout="tight")
     for ax, (title, panel) in zip(axes.flat, panels):
         _draw_panel(ax, title, panel)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(f"{series['caption']}\n{series['score_formula']}", fontsize=9, wrap=True)
-    fig.tight_layout()
-    written = save_figures({"cactus": fig}, out_dir)  # each file atomically
-    plt.close(fig)
-    return written
+    return save_figures({"cactus": fig}, out_dir)  # each file atomically
 
 
 def summary_table(series: dict[str, Any]) -> Table:
