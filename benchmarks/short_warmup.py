@@ -23,8 +23,9 @@ CROWN-IBP with it (``fused``, one row), the check that the cheaper path trains a
 Both arms train with the same budget (epochs, ε ramp, lr schedule, seeds, data). Prints,
 per seed and as mean ± std over the seeds: clean and IBP-verified test error (%) after the
 last epoch and at the epoch the validation split picks; the paired per-seed difference
-second arm − first (fast − vanilla, fused − unfused) and its mean ± std (the seeds share data
-order and initial draw, so the difference is the comparison with the smaller spread);
+second arm − first (fast − vanilla, fused − unfused), its mean ± std and the 95% interval of
+its mean (Student's t over the seeds; the seeds share data order and initial draw, so the
+difference is the comparison with the smaller spread) with what it shows;
 L_tightness and L_relu in the ramp's last epoch (metrics.h5; logged for every method, in the
 loss of the fast one only); minutes of training and wall time (training and evaluation) per
 run; and per ReLU layer the mean IBP interval width of its input relative to the input box's,
@@ -121,6 +122,34 @@ def mean_std(values: Sequence[float], digits: int = 2) -> str:
     return f"{v.mean():.{digits}f}" + ("" if len(v) == 1 else f" ± {v.std(ddof=1):.{digits}f}")
 
 
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond: the value at 30,
+# slightly wider than the true one)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_interval(diffs: Sequence[float]) -> tuple[float, float]:
+    """The 95% confidence interval of the mean of per-seed paired differences (Student's t over
+    the seeds; NaN for fewer than two seeds)."""
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return math.nan, math.nan
+    half = T95[min(len(d) - 1, len(T95)) - 1] * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean() - half), float(d.mean() + half)
+
+
+def verdict(diffs: Sequence[float], first: str, second: str) -> str:
+    """What the seeds say about a paired difference second − first (lower is better)."""
+    lo, up = paired_interval(diffs)
+    if math.isnan(lo):
+        return "one seed: no interval"
+    if up < 0:
+        return f"{second} better (the interval excludes 0)"
+    if lo > 0:
+        return f"{first} better (the interval excludes 0)"
+    return "no difference shown (the interval includes 0)"
+
+
 def _row(label: str, cells: Sequence[str], widths: Sequence[int]) -> str:
     return f"{label:14s}" + "".join(f" {c:>{w}s}" for c, w in zip(cells, widths))
 
@@ -145,6 +174,9 @@ def error_table(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[
     for i, seed in enumerate(seeds):
         lines.append(_row(f"{seed}", [f"{diffs[k][i]:+.2f}" for k, _ in ERRORS], widths))
     lines.append(_row("mean", [mean_std(diffs[k]) for k, _ in ERRORS], widths))
+    intervals = [paired_interval(diffs[k]) for k, _ in ERRORS]
+    lines.append(_row("95% interval", [f"[{lo:+.2f}, {up:+.2f}]" for lo, up in intervals], widths))
+    lines.append(f"verified error (last epoch), {len(seeds)} seeds: {verdict(diffs['verified'], first, second)}")
     return lines
 
 

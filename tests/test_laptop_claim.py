@@ -187,6 +187,17 @@ def test_mean_std_over_seeds():
     assert short_warmup.mean_std([1.0, 3.0]) == "2.00 ± 1.41" and short_warmup.mean_std([2.5]) == "2.50"
 
 
+def test_paired_interval_and_verdict():
+    """Student's t interval of the mean paired difference: t(0.975, 1) · s / √2 around the mean."""
+    assert short_warmup.paired_interval([1.0, 3.0]) == pytest.approx((2 - 12.706, 2 + 12.706))
+    lo, up = short_warmup.paired_interval([-1.0, -1.2, -0.8, -1.1])
+    assert lo < -1.025 < up < 0
+    assert short_warmup.verdict([-1.0, -1.2, -0.8, -1.1], "vanilla", "fast").startswith("fast better")
+    assert short_warmup.verdict([1.0, 1.2, 0.8], "vanilla", "fast").startswith("vanilla better")
+    assert short_warmup.verdict([-1.14, -0.41, 1.86], "vanilla", "fast").startswith("no difference shown")
+    assert short_warmup.verdict([0.5], "vanilla", "fast") == "one seed: no interval"
+
+
 # ------------------------------------------------------------------ interval widths per ReLU layer
 
 
