@@ -278,11 +278,14 @@ def test_fused_loss_bounds_the_cross_entropy_inside_the_box(seed):
             logits = net(points.reshape(-1, 3)).reshape(6, len(offsets), k)
             worst = F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(6, len(offsets)),
                                     reduction="none").max(1).values
+        bounds = {}
         for f in (0.0, 0.5, 1.0):
-            bound = _fused(bm, x, y, eps, f, k).detach()
+            bounds[f] = bound = _fused(bm, x, y, eps, f, k).detach()
             assert (bound >= worst - 1e-5).all(), (eps, f, bound - worst)
             if eps == 0.02:
                 assert (bound - worst).max() < 0.1, (f, bound - worst)
+        # the two cross-entropy bounds mix as the margins do, after the log: f·CROWN-IBP + (1 − f)·IBP
+        torch.testing.assert_close(bounds[0.5], (bounds[0.0] + bounds[1.0]) / 2)
 
 
 def test_fused_loss_without_crown_is_the_ibp_robust_loss():

@@ -49,22 +49,25 @@ def fused_ce_bound(bm: BoundedModel, bounds: dict[str, Interval], C: Tensor, mar
     IBP intervals of every node, :meth:`BoundedModel.intervals`) were computed on.
 
     ``C`` (B, K−1, K) holds the margin rows e_y − e_j (:func:`certkit.bounds.margin_matrix`),
-    ``margin_lb``/``margin_ub`` their IBP bounds. The exponent sum's bound is the mix
-    f·CROWN-IBP + (1 − f)·IBP with f = ``crown_weight`` in [0, 1], as unfused CROWN-IBP mixes its
-    margins: both are upper bounds, so every mix is one. The CROWN-IBP part is one backward row
+    ``margin_lb``/``margin_ub`` their IBP bounds. The bound is the mix f·CROWN-IBP + (1 − f)·IBP
+    of the two bounds of the cross-entropy (the logs of the exponent sums' bounds), f =
+    ``crown_weight`` in [0, 1], as unfused CROWN-IBP mixes its margins: both are upper bounds,
+    so every mix is one. Mixed before the log, the far larger IBP sum would swamp the CROWN-IBP
+    one for most of the ramp (log(f·a + (1 − f)·b) ≥ f·log a + (1 − f)·log b); mixed after it,
+    as the margins are, the weights mean what they say. The CROWN-IBP part is one backward row
     per sample (see the module's docstring)."""
     d_lo, d_up = -margin_ub, -margin_lb  # bounds of d_j = z_j − z_y, j ≠ y
     m = d_up.max(1, keepdim=True).values.clamp(min=0).detach()
     lo, up = d_lo - m, d_up - m
     own = torch.exp(-m).squeeze(1)  # the j = y term, exp(0 − m)
-    ibp_sum = own + torch.exp(up).sum(1)
-    total = ibp_sum
-    if not (isinstance(crown_weight, float) and crown_weight == 0):
-        slope = exp_chord_slope(lo, up)
-        # Σ_j s_j d_j = a·z with a = Σ_j s_j (e_j − e_y) = −row, row = Σ_j s_j C_j
-        row = (slope.unsqueeze(2) * C.to(slope)).sum(1, keepdim=True)
-        row_lb, _ = bm.spec_bounds(bounds, row, "crown-ibp", bound_upper=False, intersect=False)
-        crown_sum = own + (torch.exp(lo) - slope * d_lo).sum(1) - row_lb.squeeze(1)
-        total = crown_weight * crown_sum + (1 - crown_weight) * ibp_sum
+    ibp_ce = torch.log(own + torch.exp(up).sum(1))
+    if isinstance(crown_weight, float) and crown_weight == 0:
+        return ibp_ce + m.squeeze(1)
+    slope = exp_chord_slope(lo, up)
+    # Σ_j s_j d_j = a·z with a = Σ_j s_j (e_j − e_y) = −row, row = Σ_j s_j C_j
+    row = (slope.unsqueeze(2) * C.to(slope)).sum(1, keepdim=True)
+    row_lb, _ = bm.spec_bounds(bounds, row, "crown-ibp", bound_upper=False, intersect=False)
+    crown_sum = own + (torch.exp(lo) - slope * d_lo).sum(1) - row_lb.squeeze(1)
     # the sum is at least its j = y term: raising a bound to it keeps a bound and guards the log
-    return torch.log(torch.maximum(total, own)) + m.squeeze(1)
+    crown_ce = torch.log(torch.maximum(crown_sum, own))
+    return crown_weight * crown_ce + (1 - crown_weight) * ibp_ce + m.squeeze(1)
