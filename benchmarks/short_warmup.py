@@ -4,8 +4,8 @@ budget, seed by seed, on real MNIST.
     python benchmarks/short_warmup.py [--protocol cnn-small|cnn7-cpu] [--compare methods|fusion]
                                       [--model M] [--width W] [--depth D] [--hidden H] [--epochs N]
                                       [--schedule START,LENGTH] [--milestones A,B] [--eps E]
-                                      [--eps-eval E] [--seeds 0,1,2] [--limit N] [--eval-limit N]
-                                      [--out DIR] [--plots DIR]
+                                      [--eps-eval E] [--ibp-init] [--seeds 0,1,2] [--limit N]
+                                      [--eval-limit N] [--out DIR] [--plots DIR]
 
 Protocols (every option overrides its value):
 
@@ -18,7 +18,8 @@ Protocols (every option overrides its value):
 
 Comparisons (``--compare``): ``methods`` (default) trains vanilla IBP against the fast method;
 ``fusion`` trains CROWN-IBP without loss fusion (``unfused``, K−1 bound rows a sample) against
-CROWN-IBP with it (``fused``, one row), the check that the cheaper path trains as well.
+CROWN-IBP with it (``fused``, one row), the check that the cheaper path trains as well;
+``--ibp-init`` starts every arm from the fast method's IBP initialisation.
 
 Both arms train with the same budget (epochs, ε ramp, lr schedule, seeds, data). Prints,
 per seed and as mean ± std over the seeds: clean and IBP-verified test error (%) after the
@@ -252,6 +253,8 @@ def main() -> None:
     ap.add_argument("--model")
     for name in ("width", "depth", "hidden", "epochs", "limit", "eval_limit"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int)
+    ap.add_argument("--ibp-init", action="store_true",
+                    help="every arm starts from the fast method's IBP initialisation (the fusion comparison from it)")
     ap.add_argument("--eps", type=float)
     ap.add_argument("--eps-eval", type=float)
     ap.add_argument("--schedule", help="START,LENGTH")
@@ -266,7 +269,8 @@ def main() -> None:
     overrides = dict(model=args.model, width=args.width, depth=args.depth, hidden=args.hidden, epochs=args.epochs,
                      eps=args.eps, eps_eval=args.eps_eval, schedule_start=start, schedule_length=length,
                      milestones=tuple(int(v) for v in args.milestones.split(",")) if args.milestones else None,
-                     limit=args.limit, eval_limit=args.eval_limit, data_dir=args.data_dir)
+                     limit=args.limit, eval_limit=args.eval_limit, data_dir=args.data_dir,
+                     ibp_init=True if args.ibp_init else None)
     seeds = [int(v) for v in args.seeds.split(",")]
     if args.compare == "fusion":
         default_out = f"runs/short_warmup-fusion-{args.protocol}"

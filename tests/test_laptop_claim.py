@@ -170,6 +170,7 @@ def test_fusion_comparison_trains_crown_ibp_with_and_without_fusion():
     assert (first, second) == ("unfused", "fused")
     assert [c.method for c in cfgs] == ["crown-ibp"] * 2 and [c.use_loss_fusion for c in cfgs] == [False, True]
     assert dataclasses.replace(cfgs[0], loss_fusion=True) == cfgs[1]
+    assert not cfgs[0].use_ibp_init and short_warmup.run_config("cnn7-cpu", 0, **a, ibp_init=True).use_ibp_init
 
 
 def test_metrics_notes_merge_and_follow_truncation(tmp_path):
