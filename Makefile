@@ -20,9 +20,9 @@ lint: install
 	$(BIN)/ruff check certkit tests benchmarks
 
 demo: install
-	$(BIN)/certkit inspect models/mnist_cnn_small_eps0.3.onnx
+	$(BIN)/certkit inspect models/mnist_cnn7_w8_eps0.4.onnx
 	rm -rf demo_results.h5 demo_plots demo_report.html
-	$(BIN)/certkit verify models/mnist_cnn_small_eps0.3.onnx --eps 0.1,0.2,0.3,0.4 \
+	$(BIN)/certkit verify models/mnist_cnn7_w8_eps0.4.onnx --eps 0.1,0.2,0.3,0.4 \
 		--dataset npz:data/mnist_test_100.npz --out demo_results.h5
 	$(BIN)/certkit report demo_results.h5 --plots demo_plots --html demo_report.html
 
