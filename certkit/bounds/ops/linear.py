@@ -93,8 +93,8 @@ class Linear(_Weighted):
 
 
 # The adjoint's output channels (the convolution's input channels) up to which a strided adjoint
-# runs as one convolution of the s² phase sub-kernels and a pixel shuffle, for a kernel the stride
-# divides and for one padded with zero taps to a multiple of it. That convolution has s² times the
+# runs as one convolution of the s² phase sub-kernels whose phases are then interleaved, for a
+# kernel the stride divides and for one padded with zero taps to a multiple of it. That convolution has s² times the
 # output channels: on an image's 1–3 channels it is 2–4× faster than oneDNN's transposed
 # convolution, on 16 channels 2× slower (one thread, 2,000–40,000 rows of 8–32 channels).
 _PHASE_MAX_CHANNELS = 8
@@ -110,8 +110,8 @@ def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups
     networks. Without a stride it is a convolution with the kernel flipped and its in/out channels
     swapped, padded by d·(k−1)−p (2–4× faster on 8 channels, never slower measured). With a
     stride s, output position q·s + r sums the kernel taps r, r + s, …: one convolution with the
-    s² sub-kernels as output channels, then ``pixel_shuffle`` puts phase r at every s-th position
-    and the padding p is cut off; a kernel the stride does not divide first gets zero taps at
+    s² sub-kernels as output channels, then phase r goes to every s-th position (what
+    ``pixel_shuffle`` does) and the padding p is cut off; a kernel the stride does not divide first gets zero taps at
     its far end (they add nothing anywhere). Used where the result has few channels
     (``_PHASE_MAX_CHANNELS``), where it is 2–4× faster. The same sums in another order: equal
     up to float rounding."""
