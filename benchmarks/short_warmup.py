@@ -181,22 +181,30 @@ def error_table(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[
     return lines
 
 
+def seed_widths(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int],
+                arms: Sequence[str]) -> list[tuple[str, str, np.ndarray]]:
+    """Per arm, before training ("init") and after the ramp ("epoch N"): the ReLU layers' relative
+    IBP interval widths of the seeds that recorded them, (seeds, layers); moments no seed
+    recorded are left out."""
+    out = []
+    for arm in arms:
+        for key, when in (("widths_init", "init"), ("widths_ramp", f"epoch {results[arm, seeds[0]]['ramp_end']}")):
+            got = [results[arm, s][key] for s in seeds if results[arm, s][key] is not None]
+            if got:
+                out.append((arm, when, np.array(got)))
+    return out
+
+
 def width_table(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int],
                 arms: Sequence[str]) -> list[str]:
     """Per arm, before training and after the ramp: every ReLU layer's mean IBP interval
     width relative to the input box's (mean over the seeds that recorded it)."""
-    lines = []
-    for arm in arms:
-        for key, when in (("widths_init", "init"), ("widths_ramp", f"epoch {results[arm, seeds[0]]['ramp_end']}")):
-            got = [results[arm, s][key] for s in seeds if results[arm, s][key] is not None]
-            if not got:
-                continue
-            mean = np.mean(np.array(got), 0)
-            lines.append(f"{arm:8s} {when:9s} " + " ".join(f"{w:9.3g}" for w in mean))
-    if not lines:
+    widths = seed_widths(results, seeds, arms)
+    if not widths:
         return []
-    layers = len(next(r for r in results.values() if r["widths_init"] is not None)["widths_init"])
-    return [f"{'arm':8s} {'when':9s} " + " ".join(f"{'ReLU ' + str(i + 1):>9s}" for i in range(layers)), *lines]
+    layers = widths[0][2].shape[1]
+    return [f"{'arm':8s} {'when':9s} " + " ".join(f"{'ReLU ' + str(i + 1):>9s}" for i in range(layers)),
+            *(f"{arm:8s} {when:9s} " + " ".join(f"{w:9.3g}" for w in got.mean(0)) for arm, when, got in widths)]
 
 
 def draw_widths(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int], arms: Sequence[str],
@@ -206,22 +214,18 @@ def draw_widths(results: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[
     the seeds' range shaded; None where no run recorded widths."""
     from certkit.figures import new_figure
 
-    fig, ((ax,),) = new_figure(6.0, 3.8)
-    drawn = False
-    for colour, arm in zip(("C0", "C3", "C2", "C1"), arms):
-        ramp_end = results[arm, seeds[0]]["ramp_end"]
-        for key, when, style, face in (("widths_init", "init", "--", "none"),
-                                       ("widths_ramp", f"epoch {ramp_end}", "-", colour)):
-            got = np.array([results[arm, s][key] for s in seeds if results[arm, s][key] is not None])
-            if not len(got):
-                continue
-            layers = np.arange(1, got.shape[1] + 1)
-            ax.plot(layers, got.mean(0), style, marker="o", mfc=face, color=colour, label=f"{arm}, {when}")
-            if len(got) > 1:
-                ax.fill_between(layers, got.min(0), got.max(0), color=colour, alpha=0.15)
-            drawn = True
-    if not drawn:
+    widths = seed_widths(results, seeds, arms)
+    if not widths:
         return None
+    fig, ((ax,),) = new_figure(6.0, 3.8)
+    colours = dict(zip(arms, ("C0", "C3", "C2", "C1")))
+    for arm, when, got in widths:
+        colour, before = colours[arm], when == "init"
+        layers = np.arange(1, got.shape[1] + 1)
+        ax.plot(layers, got.mean(0), "--" if before else "-", marker="o", mfc="none" if before else colour,
+                color=colour, label=f"{arm}, {when}")
+        if len(got) > 1:
+            ax.fill_between(layers, got.min(0), got.max(0), color=colour, alpha=0.15)
     ax.set(yscale="log", xlabel="ReLU layer", ylabel="input interval width / input box width",
            title=f"IBP interval widths at ε = {eps:g} (mean over {len(seeds)} seeds, range shaded)")
     ax.title.set_fontsize(9)
