@@ -118,6 +118,38 @@ def test_random_convolution_stacks_bound_the_same_on_windows(layers, batch, seed
     assert (ys >= out_lo.reshape(batch, -1) - 1e-9).all() and (ys <= out_up.reshape(batch, -1) + 1e-9).all()
 
 
+def test_pairs_read_their_domains_intervals_on_windows(monkeypatch):
+    """Per (domain, neuron) pair, windows cut each pair's domain's intervals out of the batch's
+    (no gathered copy): the same bounds as the dense pass over gathered intervals."""
+    torch.manual_seed(1)
+    net = _randomise_bn(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), Residual(4),
+                                      nn.Flatten(), nn.Linear(4 * 4 * 4, 5)))
+    bm = BoundedModel(net, (3, 16, 16)).to(torch.float64)
+    refine = BoundedModel._crown_refine
+    monkeypatch.setattr(BoundedModel, "_crown_refine", lambda self, *a, **k: refine(self, *a, **k, per_pair=True))
+    domains = []
+    cut = Windows.cut
+    monkeypatch.setattr(Windows, "cut", lambda self, maps: (domains.append(self.domain), cut(self, maps))[1])
+    _assert_same(*_both(bm, *_boxes((3, 16, 16), 3, 0.02)))
+    assert any(d is not None for d in domains)
+
+
+@pytest.mark.parametrize("size, rows", [(3, 3), (3, 200), (9, 40)])  # strided view, unfold, wide windows
+def test_windows_cut_each_rows_domain(size, rows):
+    gen = torch.Generator().manual_seed(size)
+    C, H, W, batch = 2, 9, 8, 3
+    pos = torch.stack([torch.randint(0, n, (2, rows), generator=gen) for n in (5, 4)], -1)
+    domain = torch.tensor([2, 0])
+    win = Windows(torch.rand(2, rows, C, size, size, generator=gen, dtype=torch.float64), pos, (5, 4), (2, 2), (1, 1),
+                  (C, H, W), domain)
+    maps = torch.rand(batch, C, H, W, generator=gen, dtype=torch.float64)
+    padded = F.pad(maps, (1, 1 + size, 1, 1 + size))
+    got = win.cut(maps)
+    for b in range(2):
+        for s, (h, w) in enumerate(pos[b].tolist()):
+            assert torch.equal(got[b, s], padded[domain[b], :, 2 * h:2 * h + size, 2 * w:2 * w + size])
+
+
 @pytest.mark.parametrize("network", ["cifar10_resnet_2021/onnx/resnet_2b.onnx", "oval21_2022/onnx/cifar_base_kw.onnx"])
 def test_real_networks_bound_the_same_on_windows(network, vnncomp_dir):
     bm = BoundedModel(vnncomp_dir / network).to(torch.float64)

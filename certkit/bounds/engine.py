@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -352,13 +352,14 @@ class BoundedModel:
                     _tighten(lf if s > 0 else uf, (dom, part), lb[:, j * k:(j + 1) * k], s)
 
     def _windows(self, index: Tensor, signs: list[float], shape, like: Tensor,
-                 alpha_iterations: int) -> windows.Windows | None:
+                 alpha_iterations: int, domain: Tensor | None = None) -> windows.Windows | None:
         """Rows ``signs[s]``·e_``index[b, s]`` of a node of per-sample ``shape`` as receptive-field
-        windows (:mod:`certkit.bounds.windows`), or None where dense rows are needed: windows
-        off, α-CROWN's optimisation (dense), or a node that is not an image."""
+        windows (:mod:`certkit.bounds.windows`; ``domain``: the sample of the batch each row's
+        intervals come from), or None where dense rows are needed: windows off, α-CROWN's
+        optimisation (dense), or a node that is not an image."""
         if not self.windowed or alpha_iterations > 0:
             return None
-        return windows.unit_rows(index, torch.tensor(signs, dtype=like.dtype, device=like.device), shape)
+        return windows.unit_rows(index, torch.tensor(signs, dtype=like.dtype, device=like.device), shape, domain)
 
     def _domains(self, bounds: dict[str, Interval], name: str, dom: slice) -> dict[str, Interval]:
         """The intervals of ``name``'s ancestors in the domains ``dom`` only."""
@@ -377,13 +378,13 @@ class BoundedModel:
                                      f"the CROWN refinement of node {name!r}")
         for part in pairs.split(per_chunk):
             dom, neuron = part[:, 0], part[:, 1]
-            A = self._windows(neuron[:, None].expand(-1, m), list(signs), shape, lf, alpha_iterations)
+            A = self._windows(neuron[:, None].expand(-1, m), list(signs), shape, lf, alpha_iterations, dom)
             if A is None:
                 A = torch.zeros(part.shape[0], m, n_flat, dtype=lf.dtype, device=lf.device)
                 for j, s in enumerate(signs):
                     A[torch.arange(part.shape[0], device=lf.device), j, neuron] = s
                 A = A.reshape(-1, m, *shape)
-            sub = {a: (bounds[a][0][dom], bounds[a][1][dom]) for a in names}
+            sub = _PairBounds(bounds, dom, names)
             lb = self._backward(name, A, sub, stop_at_nonlinear=False)
             lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
             for j, s in enumerate(signs):
@@ -444,6 +445,8 @@ class BoundedModel:
         """One step of the backward pass on windows (:mod:`certkit.bounds.windows`): the bias it
         adds, with the inputs' windows added to ``pending``; None when this node needs dense
         coefficients."""
+        if win.domain is not None:  # the rows index the batch's intervals themselves
+            bounds = bounds.whole
         if node.op is None:
             return windows.concretize(win, bounds[node.name])
         step = windows.backward(node.op, win, [bounds[i] for i in node.inputs],
@@ -614,6 +617,30 @@ class BoundedModel:
             out.append(torch.cat([fn(A[d, s0:s0 + step], sub, d, slice(s0, min(S, s0 + step)))
                                   for s0 in range(0, S, step)], 1))
         return torch.cat(out, 0)
+
+
+class _PairBounds(Mapping[str, Interval]):
+    """The intervals ``names`` of ``whole`` (a batch's) for (domain, neuron) pairs: sample
+    ``dom[p]`` for pair p, gathered on first use. Windowed steps read ``whole`` by domain
+    (:class:`~certkit.bounds.windows.Windows`' ``domain``) and gather nothing; dense ones gather
+    only the nodes they reach."""
+
+    def __init__(self, whole: dict[str, Interval], dom: Tensor, names: list[str]):
+        self.whole, self.dom, self._names, self._gathered = whole, dom, names, {}
+
+    def __getitem__(self, name: str) -> Interval:
+        if name not in self._gathered:
+            if name not in self._names:
+                raise KeyError(name)
+            lo, up = self.whole[name]
+            self._gathered[name] = (lo[self.dom], up[self.dom])
+        return self._gathered[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _tighten(bound: Tensor, where: tuple, lb: Tensor, sign: float) -> None:

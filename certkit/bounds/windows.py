@@ -35,13 +35,16 @@ from certkit.bounds.ops import Activation, Add, BatchNorm, Conv2d, ElementwiseAf
 from certkit.bounds.ops.linear import conv2d_adjoint
 
 Interval = tuple[Tensor, Tensor]
+_WIDE = int(__import__('os').environ.get('WIDE', 8))
 
 
 @dataclass
 class Windows:
     """Coefficients ``A`` (B, S, C, kh, kw) of rows that are zero outside a window of a (C, H, W)
     map: row (b, s), whose neuron sits at ``pos[b, s]`` = (h, w) of the start node's grid, covers
-    map rows ``h·stride[0] − pad[0] … + kh − 1`` and the same for columns."""
+    map rows ``h·stride[0] − pad[0] … + kh − 1`` and the same for columns. With ``domain``, rows
+    (b, ·) read sample ``domain[b]`` of the maps they are cut from (the (domain, neuron) pairs of
+    a CROWN refinement, cut from the batch's intervals instead of a gathered copy per pair)."""
 
     A: Tensor
     pos: Tensor  # (B, S, 2), long
@@ -49,6 +52,7 @@ class Windows:
     stride: tuple[int, int]
     pad: tuple[int, int]
     map_shape: tuple[int, int, int]  # (C, H, W) of the node the coefficients apply to
+    domain: Tensor | None = None  # (B,), long: the maps' sample each row reads (None: b itself)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -79,35 +83,55 @@ class Windows:
         return rows, cols, on_map
 
     def cut(self, maps: Tensor) -> Tensor:
-        """Each row's window of ``maps`` (B or 1, C or 1, H, W): (B, S, C or 1, kh, kw), zero
-        outside the map. Windows of every grid position are cut once (``unfold``) when there
-        are fewer of those than rows (rows share positions); else each row's is indexed."""
+        """Each row's window of ``maps`` (B or 1, C or 1, H, W; the domains' count with ``domain``):
+        (B, S, C or 1, kh, kw), zero outside the map. Wide windows, or fewer rows than grid
+        positions, are gathered from a strided view of the padded maps; narrow windows shared by
+        many rows are cut at every grid position once (``unfold``) and picked."""
         B, S = self.A.shape[:2]
         (kh, kw), (_, H, W) = self.size, self.map_shape
         maps = maps.reshape(maps.shape[0], -1, H, W)
         C = maps.shape[1]
         ph, pw = self.pad
         top, left = self._corners()
-        on_grid = int(top.max()) <= H + 2 * ph and int(left.max()) <= W + 2 * pw  # unfold's grid holds them
-        if on_grid and maps.shape[0] * self.grid[0] * self.grid[1] <= B * S:
-            padded = F.pad(maps, (pw, pw + kw, ph, ph + kh))  # room for every window's far side
-            cols = F.unfold(padded, (kh, kw), stride=self.stride)  # (Bm, C·kh·kw, L), L on a grid
-            per_row = (padded.shape[-1] - kw) // self.stride[1] + 1
-            index = self.pos[..., 0] * per_row + self.pos[..., 1]  # (B, S)
-            if cols.shape[0] == 1:
-                return cols[0].T[index].reshape(B, S, C, kh, kw)
-            picked = cols.gather(2, index.unsqueeze(1).expand(B, cols.shape[1], S))
-            return picked.permute(0, 2, 1).reshape(B, S, C, kh, kw)
-        rows, cols, on_map = self._map_coordinates()
-        which = torch.arange(B if maps.shape[0] > 1 else 1, device=top.device)[:, None, None, None]
-        picked = maps[which, :, rows.clamp(0, H - 1)[..., :, None], cols.clamp(0, W - 1)[..., None, :]]
-        picked = picked * on_map.unsqueeze(-1).to(picked.dtype)  # (B, S, kh, kw, C), zero off the map
-        return picked.permute(0, 1, 4, 2, 3)
+        which = self._samples(maps.shape[0])
+        if int(top.max()) > H + 2 * ph or int(left.max()) > W + 2 * pw:  # off the padded grid
+            rows, cols, on_map = self._map_coordinates()
+            picked = maps[which[..., None, None], :, rows.clamp(0, H - 1)[..., :, None],
+                          cols.clamp(0, W - 1)[..., None, :]]
+            picked = picked * on_map.unsqueeze(-1).to(picked.dtype)  # (B, S, kh, kw, C), zero off the map
+            return picked.permute(0, 1, 4, 2, 3)
+        padded = F.pad(maps, (pw, pw + kw, ph, ph + kh))  # room for every window's far side
+        if kw >= _WIDE or maps.shape[0] * self.grid[0] * self.grid[1] > B * S:
+            view = padded.unfold(2, kh, self.stride[0]).unfold(3, kw, self.stride[1])  # (Bm, C, nh, nw, kh, kw)
+            return view.permute(0, 2, 3, 1, 4, 5)[which, self.pos[..., 0], self.pos[..., 1]]
+        cols = F.unfold(padded, (kh, kw), stride=self.stride)  # (Bm, C·kh·kw, L), L on a grid
+        per_row = (padded.shape[-1] - kw) // self.stride[1] + 1
+        index = self.pos[..., 0] * per_row + self.pos[..., 1]  # (B, S)
+        return cols.transpose(1, 2)[which, index].reshape(B, S, C, kh, kw)
+
+    def _samples(self, batch: int) -> Tensor:
+        """The maps' sample each row reads, (B, 1) (or (1, 1) when the maps hold one sample for all),
+        for indexing beside (B, S) positions."""
+        if batch == 1:
+            return torch.zeros(1, 1, dtype=torch.long, device=self.A.device)
+        if self.domain is not None:
+            return self.domain[:, None]
+        return torch.arange(self.A.shape[0], device=self.A.device)[:, None]
+
+    def cut_all(self, *maps: Tensor | None) -> list[Tensor | None]:
+        """:meth:`cut` of several maps of the same spatial size at once (one gather of their channels
+        side by side instead of one each); None stays None."""
+        given = [m for m in maps if m is not None]
+        _, H, W = self.map_shape
+        flat = [m.reshape(m.shape[0], -1, H, W) for m in given]
+        batch = max(m.shape[0] for m in flat)
+        counts = [m.shape[1] for m in flat]
+        pieces = iter(self.cut(torch.cat([m.expand(batch, -1, -1, -1) for m in flat], 1)).split(counts, 2))
+        return [None if m is None else next(pieces) for m in maps]
 
     def inside(self) -> Tensor:
-        """1 where a window position lies on the map, 0 where it lies in the padding."""
-        _, H, W = self.map_shape
-        return self.cut(torch.ones(1, 1, H, W, dtype=self.A.dtype, device=self.A.device))
+        """1 where a window position lies on the map, 0 where it lies in the padding (B, S, 1, kh, kw)."""
+        return self._map_coordinates()[2].unsqueeze(2).to(self.A.dtype)
 
     def dense(self) -> Tensor:
         """The coefficients as a dense (B, S, C, H, W) tensor (window positions off the map, which
@@ -126,9 +150,10 @@ class Windows:
         return out[:R * n].view(B, S, C, H, W)
 
 
-def unit_rows(index: Tensor, signs: Tensor, shape) -> Windows | None:
+def unit_rows(index: Tensor, signs: Tensor, shape, domain: Tensor | None = None) -> Windows | None:
     """Rows ``signs[s]``·e_j, j = ``index[b, s]`` (flat), of a (C, H, W) node as 1×1 windows (the
-    rows of a CROWN refinement), or None when the node is not an image or they would not fit."""
+    rows of a CROWN refinement; ``domain``: see :class:`Windows`), or None when the node is not an
+    image or they would not fit."""
     if len(shape) != 3 or shape[1] * shape[2] <= 1:
         return None
     C, H, W = shape
@@ -136,8 +161,13 @@ def unit_rows(index: Tensor, signs: Tensor, shape) -> Windows | None:
     channel, spot = index // (H * W), index % (H * W)
     A = torch.zeros(B, S, C, 1, 1, dtype=signs.dtype, device=signs.device)
     A[..., 0, 0].scatter_(2, channel.unsqueeze(2), signs.expand(B, S).unsqueeze(2).contiguous())
-    win = Windows(A, torch.stack([spot // W, spot % W], -1), (H, W), (1, 1), (0, 0), (C, H, W))
+    win = Windows(A, torch.stack([spot // W, spot % W], -1), (H, W), (1, 1), (0, 0), (C, H, W), domain)
     return win if win.fits() else None
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ a·b over each row's window (B, S): one fused reduction, no product tensor."""
+    return torch.linalg.vecdot(a.flatten(2), b.expand_as(a).flatten(2))
 
 
 def _spatial(shape) -> bool:
@@ -169,7 +199,10 @@ def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
     w, b = op._params()
     B, S, C, kh, kw = win.A.shape
     rows = win.A.reshape(B * S, C, kh, kw)
-    if B * S > 2 * C * kh * kw:  # many rows: one matrix product with the window-to-window map
+    if kh * kw == 1 and B * S > 2 * C:
+        # many single-position rows (a refinement's first step): one matrix product with the kernel.
+        # Wider windows take the adjoint convolution: their dense window-to-window map is mostly
+        # zeros (11×11 windows into 23×23 ones by a 3×3 stride-2 kernel: 59× the multiplications)
         basis = torch.eye(C * kh * kw, dtype=rows.dtype, device=rows.device).reshape(-1, C, kh, kw)
         T = conv2d_adjoint(basis, w, s, (0, 0), (0, 0), op.groups, d)
         A_in = (rows.reshape(B * S, -1) @ T.reshape(T.shape[0], -1)).reshape(B, S, *T.shape[1:])
@@ -177,7 +210,7 @@ def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
         A_in = conv2d_adjoint(rows, w, s, (0, 0), (0, 0), op.groups, d)
         A_in = A_in.reshape(B, S, *A_in.shape[1:])
     grown = Windows(A_in, win.pos, win.grid, (win.stride[0] * s[0], win.stride[1] * s[1]),
-                    (win.pad[0] * s[0] + p[0], win.pad[1] * s[1] + p[1]), tuple(in_shape))
+                    (win.pad[0] * s[0] + p[0], win.pad[1] * s[1] + p[1]), tuple(in_shape), win.domain)
     grown.A = grown.A * grown.inside()  # positions in the padding read nothing of the input
     bias = None if b is None else win.A.sum((-2, -1)).matmul(b)
     return [grown], bias
@@ -190,14 +223,14 @@ def _activation(op: Activation, win: Windows, bounds: Interval):
     lo, up = bounds
     B, S = win.A.shape[:2]
     if B * S * win.size[0] * win.size[1] <= lo.shape[0] * lo[0, 0].numel():
-        a_l, b_l, a_u, b_u = op.relax(win.cut(lo), win.cut(up))
+        a_l, b_l, a_u, b_u = op.relax(*win.cut_all(lo, up))
     else:
-        a_l, b_l, a_u, b_u = (None if t is None else win.cut(t) for t in op.relax(lo, up))
+        a_l, b_l, a_u, b_u = win.cut_all(*op.relax(lo, up))
     A = win.A
     A_in = A * torch.where(A >= 0, a_l, a_u)
-    bias = (A.clamp(max=0) * b_u).flatten(2).sum(-1)
+    bias = _dot(A.clamp(max=0), b_u)
     if b_l is not None:
-        bias = bias + (A.clamp(min=0) * b_l).flatten(2).sum(-1)
+        bias = bias + _dot(A.clamp(min=0), b_l)
     return [replace(win, A=A_in)], bias
 
 
@@ -213,7 +246,7 @@ def _affine(win: Windows, scale: Tensor | None, shift: Tensor | None):
     maps = [None if t is None else _full_map(t, win.map_shape) for t in (scale, shift)]
     if any(m is None and t is not None for m, t in zip(maps, (scale, shift))):
         return None
-    bias = None if shift is None else (A * win.cut(maps[1])).flatten(2).sum(-1)
+    bias = None if shift is None else _dot(A, win.cut(maps[1]))
     A_in = A if scale is None else A * win.cut(maps[0])
     return [replace(win, A=A_in)], bias
 
@@ -222,6 +255,8 @@ def merge(a: Windows, b: Windows) -> Windows | None:
     """The sum of two windowed coefficient sets reaching the same node (a residual block's two
     paths), on the union of their windows; None when their grids do not line up."""
     if (a.stride, a.map_shape, a.grid) != (b.stride, b.map_shape, b.grid) or not torch.equal(a.pos, b.pos):
+        return None
+    if a.domain is not b.domain and (a.domain is None or b.domain is None or not torch.equal(a.domain, b.domain)):
         return None
     pad = tuple(max(x, y) for x, y in zip(a.pad, b.pad))
     ends = [max(x - px, y - py) for x, px, y, py in zip(a.size, a.pad, b.size, b.pad)]
@@ -237,5 +272,5 @@ def merge(a: Windows, b: Windows) -> Windows | None:
 def concretize(win: Windows, box: Interval) -> Tensor:
     """Lower bound (B, S) of the windowed A·x over the box (A·c − |A|·r on each window)."""
     lo, up = box
-    c, r = win.cut((lo + up) / 2), win.cut((up - lo) / 2)
-    return (win.A * c).flatten(2).sum(-1) - (win.A.abs() * r).flatten(2).sum(-1)
+    c, r = win.cut_all((lo + up) / 2, (up - lo) / 2)
+    return _dot(win.A, c) - _dot(win.A.abs(), r)
