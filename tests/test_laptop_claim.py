@@ -303,7 +303,7 @@ def test_fused_loss_has_gradients_and_a_fused_step_trains():
     n = 64
     x = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
     y = torch.randint(0, 10, (n,))
-    fused = config_from("mnist", model="cnn-small", method="crown-ibp", eps=0.3, batch_size=n)
+    fused = config_from("mnist", model="cnn-small", method="crown-ibp", ibp_init=True, eps=0.3, batch_size=n)
     assert fused.loss_fusion is True
     tr = Trainer(fused, Splits((x, y), (x, y), (x, y)))
     xb, yb = tr.batch(torch.arange(n))
@@ -319,9 +319,11 @@ def test_fused_loss_has_gradients_and_a_fused_step_trains():
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
 
 
-def test_loss_fusion_is_recorded_per_method():
-    assert config_from("mnist", method="crown-ibp").loss_fusion is True
-    assert config_from("mnist", method="crown-ibp", loss_fusion=False).loss_fusion is False
+def test_loss_fusion_default_follows_the_initialisation_and_is_recorded():
+    assert config_from("mnist", method="crown-ibp", ibp_init=True).loss_fusion is True
+    assert config_from("mnist", method="crown-ibp").loss_fusion is False  # default init: fused trained worse
+    assert config_from("mnist", method="crown-ibp", loss_fusion=True).loss_fusion is True
+    assert config_from("mnist", method="crown-ibp", ibp_init=True, loss_fusion=False).loss_fusion is False
     assert config_from("mnist", method="fast").loss_fusion is False
     with pytest.raises(InvalidInput, match="loss fusion applies to --method crown-ibp only"):
         config_from("mnist", method="vanilla", loss_fusion=True)
