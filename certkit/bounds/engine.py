@@ -361,10 +361,10 @@ class BoundedModel:
             return None
         return windows.unit_rows(index, torch.tensor(signs, dtype=like.dtype, device=like.device), shape, domain)
 
-    def _domains(self, bounds: dict[str, Interval], name: str, dom: slice) -> dict[str, Interval]:
-        """The intervals of ``name``'s ancestors in the domains ``dom`` only."""
-        names = [a.name for a in self._ancestors_of(name) if a.name in bounds]
-        return {a: (bounds[a][0][dom], bounds[a][1][dom]) for a in names}
+    def _domains(self, bounds: dict[str, Interval], name: str, dom: slice | Tensor) -> _DomainBounds:
+        """The intervals of ``name``'s ancestors in the domains ``dom`` only (a slice of the batch,
+        or each row's domain), each gathered when first read."""
+        return _DomainBounds(bounds, dom, [a.name for a in self._ancestors_of(name) if a.name in bounds])
 
     def _refine_pairs(self, pairs: Tensor, name: str, signs: tuple[float, ...], shape, lf: Tensor, uf: Tensor,
                       bounds: dict[str, Interval], alpha_iterations: int) -> None:
@@ -384,7 +384,7 @@ class BoundedModel:
                 for j, s in enumerate(signs):
                     A[torch.arange(part.shape[0], device=lf.device), j, neuron] = s
                 A = A.reshape(-1, m, *shape)
-            sub = _PairBounds(bounds, dom, names)
+            sub = self._domains(bounds, name, dom)
             lb = self._backward(name, A, sub, stop_at_nonlinear=False)
             lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
             for j, s in enumerate(signs):
@@ -619,13 +619,13 @@ class BoundedModel:
         return torch.cat(out, 0)
 
 
-class _PairBounds(Mapping[str, Interval]):
-    """The intervals ``names`` of ``whole`` (a batch's) for (domain, neuron) pairs: sample
-    ``dom[p]`` for pair p, gathered on first use. Windowed steps read ``whole`` by domain
-    (:class:`~certkit.bounds.windows.Windows`' ``domain``) and gather nothing; dense ones gather
-    only the nodes they reach."""
+class _DomainBounds(Mapping[str, Interval]):
+    """The intervals ``names`` of ``whole`` (a batch's) in the domains ``dom`` (a slice of the
+    batch, or for (domain, neuron) pairs sample ``dom[p]`` for pair p), each gathered on first
+    use. Windows of pairs read ``whole`` by domain (:class:`~certkit.bounds.windows.Windows`'
+    ``domain``) and gather nothing; dense steps gather only the nodes they reach."""
 
-    def __init__(self, whole: dict[str, Interval], dom: Tensor, names: list[str]):
+    def __init__(self, whole: dict[str, Interval], dom: slice | Tensor, names: list[str]):
         self.whole, self.dom, self._names, self._gathered = whole, dom, names, {}
 
     def __getitem__(self, name: str) -> Interval:

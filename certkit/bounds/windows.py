@@ -125,6 +125,8 @@ class Windows:
         """:meth:`cut` of several maps of the same spatial size at once (one gather of their channels
         side by side instead of one each); None stays None."""
         given = [m for m in maps if m is not None]
+        if not given:
+            return list(maps)
         _, H, W = self.map_shape
         flat = [m.reshape(m.shape[0], -1, H, W) for m in given]
         batch = max(m.shape[0] for m in flat)
@@ -249,8 +251,9 @@ def _affine(win: Windows, scale: Tensor | None, shift: Tensor | None):
     maps = [None if t is None else _full_map(t, win.map_shape) for t in (scale, shift)]
     if any(m is None and t is not None for m, t in zip(maps, (scale, shift))):
         return None
-    bias = None if shift is None else _dot(A, win.cut(maps[1]))
-    A_in = A if scale is None else A * win.cut(maps[0])
+    scale_w, shift_w = win.cut_all(*maps)
+    bias = None if shift_w is None else _dot(A, shift_w)
+    A_in = A if scale_w is None else A * scale_w
     return [replace(win, A=A_in)], bias
 
 
