@@ -48,12 +48,16 @@ def test_alpha_intermediate_bounds_tighten_and_stay_sound():
             h = layer(h)
     pre = [n.inputs[0] for n in bm.graph.nodes[1:] if n.op.kind == "relu"]
     gained = 0.0
-    for name, v in zip(pre, pre_values, strict=True):
+    for k, (name, v) in enumerate(zip(pre, pre_values, strict=True)):
         (lc, uc), (la, ua) = crown[name], alpha[name]
         assert (la <= v.min(1).values + 1e-5).all() and (ua >= v.max(1).values - 1e-5).all(), name
         # lower bounds are refined only where the upper bound stays positive (a ReLU input ≤ 0 needs none)
         wanted = ua > 0
-        assert (la[wanted] >= lc[wanted] - 1e-5).all() and (ua <= uc + 1e-5).all(), name
+        if k == 1:
+            # from the same earlier intervals, α starts at CROWN's slopes and keeps the best: never looser.
+            # Deeper, the earlier intervals differ (α's are tighter), and CROWN's adaptive slopes are not
+            # monotone in them: a neuron may come out looser, so only the sum is compared there
+            assert (la[wanted] >= lc[wanted] - 1e-5).all() and (ua <= uc + 1e-5).all(), name
         gained += float((la - lc)[wanted].sum() + (uc - ua).sum())
     assert gained > 1e-2  # the deeper layers' intervals shrank
 

@@ -38,6 +38,9 @@ _BACKWARD_BUDGET = 1 << 26
 # Loose (domain, neuron) pairs from which a ReLU's input gets its upper bounds in a pass of their
 # own first (below, the second pass's fixed cost outweighs the rows it saves: OVAL21 nets at batch 1).
 _UPPER_FIRST_FROM = 64
+# Rows per loose (domain, neuron) pair from which the pairs are bounded one per batch element instead
+# of in rows per domain padded to the loosest domain (:meth:`BoundedModel._crown_refine`).
+_PADDING_TO_PAIRS = 1.25
 
 
 @contextlib.contextmanager
@@ -262,15 +265,13 @@ class BoundedModel:
         of its pairs' intervals again, which cost more than the rows saved on the small CIFAR
         nets of benchmarks/crown_vs_auto_lirpa.py.
 
-        Two batchings give the same bounds: every neuron loose in some domain, in every domain
-        of the batch (:meth:`_refine_neurons`), or each loose (domain, neuron) pair on its own
-        (:meth:`_refine_pairs`). The second wins when the domains' loose neurons differ, as in
-        branch and bound (ACAS Xu subdomains: ~12% of the pairs against ~85% of the neurons) and
-        in batches of images (32 random images on the shipped models: 5–12× faster), and gives
-        each domain the bounds it gets alone. The first also tightens neurons stable in one
-        domain but loose in another, which later IBP steps can use (the shipped MNIST model's
-        CROWN outputs: at most 7e-4 tighter). ``per_pair`` forces one (None: per pair when that
-        takes at most half the rows, the gathering of each pair's intervals being the price)."""
+        Two batchings give the same bounds, each domain's as it gets alone: each domain's own loose
+        neurons in rows of their own, padded to the largest count in the batch
+        (:meth:`_refine_domains`), or each loose (domain, neuron) pair as a batch element of its own
+        (:meth:`_refine_pairs`), which pays for its fewer rows with gathering each pair's intervals
+        wherever its coefficients are dense. ``per_pair`` forces one (None: per pair when the
+        padding would add more than a quarter to the rows: branch and bound's subdomains of
+        unequal looseness; the batches of images of benchmarks/crown_vs_auto_lirpa.py mostly not)."""
         B = lo.shape[0]
         lf, uf = lo.reshape(B, -1).clone(), up.reshape(B, -1).clone()
         relu_only = name in self._relu_only
@@ -280,18 +281,18 @@ class BoundedModel:
             signs = passes.pop(0)
             if signs == (1.0,):
                 loose = loose & (uf > 0)
-            neurons = loose.any(0).nonzero().squeeze(1)
-            if neurons.numel() == 0:
+            counts = loose.sum(1)
+            P, k = int(counts.sum()), int(counts.max())
+            if P == 0:
                 break
-            pairs = loose.nonzero()  # (P, 2): domain, neuron
-            pass_per_pair = 2 * pairs.shape[0] <= B * neurons.numel() if per_pair is None else per_pair
-            if signs == (1.0, -1.0) and relu_only and not pass_per_pair and pairs.shape[0] >= _UPPER_FIRST_FROM:
+            pass_per_pair = _PADDING_TO_PAIRS * P < B * k if per_pair is None else per_pair
+            if signs == (1.0, -1.0) and relu_only and not pass_per_pair and P >= _UPPER_FIRST_FROM:
                 signs, passes = (-1.0,), [(1.0,)]
             args = (name, signs, lo.shape[1:], lf, uf, bounds, alpha_iterations)
             if pass_per_pair:
-                self._refine_pairs(pairs, *args)
+                self._refine_pairs(loose.nonzero(), *args)
             else:
-                self._refine_neurons(neurons, *args)
+                self._refine_domains(loose, k, *args)
         return lf.reshape(lo.shape), uf.reshape(up.shape)
 
     def _row_cost(self, name: str, alpha_iterations: int) -> int:
@@ -323,14 +324,18 @@ class BoundedModel:
         fit = rows_that_fit(cost * like.element_size(), self.memory_budget(like.device), what)
         return min(fit, max(1, _BACKWARD_BUDGET // cost)) if cap else fit
 
-    def _refine_neurons(self, neurons: Tensor, name: str, signs: tuple[float, ...], shape, lf: Tensor,
+    def _refine_domains(self, loose: Tensor, k: int, name: str, signs: tuple[float, ...], shape, lf: Tensor,
                         uf: Tensor, bounds: dict[str, Interval], alpha_iterations: int) -> None:
-        """CROWN bounds of the given neurons in every domain, tightening lf, uf (B, n) in place: the
-        lower bounds for sign 1, the upper bounds for sign -1.
+        """CROWN bounds of each domain's ``loose`` (B, n) neurons, at most ``k`` per domain, tightening
+        lf, uf (B, n) in place: the lower bounds for sign 1, the upper bounds for sign -1.
 
-        Chunks of neurons (and, when one neuron in every domain is over the memory budget, of
-        domains) fit the budget; each (domain, neuron) row's bound is the same in any chunk."""
+        Domain b's rows are its loose neurons, then (up to k) others of its neurons whose bounds are
+        dropped: rows of one width for the whole batch, each reading its own domain's intervals
+        (nothing gathered). Chunks of rows (and, when one row in every domain is over the memory
+        budget, of domains) fit the budget; each row's bound is the same in any chunk."""
         B, n_flat = lf.shape
+        order = torch.argsort((~loose).to(torch.uint8), dim=1, stable=True)[:, :k]  # loose ones first
+        valid = torch.arange(k, device=lf.device) < loose.sum(1, keepdim=True)
         rows = self._chunk_rows(self._row_cost(name, alpha_iterations), lf, f"the CROWN refinement of node {name!r}")
         group = min(B, rows)  # domains per chunk
         m = len(signs)
@@ -338,18 +343,21 @@ class BoundedModel:
             dom = slice(d0, min(B, d0 + group))
             g = dom.stop - d0
             sub = bounds if g == B else self._domains(bounds, name, dom)
-            for part in neurons.split(max(1, rows // g)):
-                k = part.numel()
-                row_signs = [s for s in signs for _ in range(k)]
-                A = self._windows(part.repeat(m).expand(g, m * k), row_signs, shape, lf, alpha_iterations)
+            for part, ok in zip(order[dom].split(max(1, rows // g), 1), valid[dom].split(max(1, rows // g), 1)):
+                kk = part.shape[1]
+                index = part.repeat(1, m)  # (g, m·kk): every neuron with the first sign, then the next
+                row_signs = [s for s in signs for _ in range(kk)]
+                A = self._windows(index, row_signs, shape, lf, alpha_iterations)
                 if A is None:
-                    A = torch.zeros(m * k, n_flat, dtype=lf.dtype, device=lf.device)
-                    A[torch.arange(m * k, device=lf.device), part.repeat(m)] = torch.tensor(row_signs).to(lf)
-                    A = A.expand(g, m * k, n_flat).reshape(g, m * k, *shape)
+                    A = torch.zeros(g, m * kk, n_flat, dtype=lf.dtype, device=lf.device)
+                    A.scatter_(2, index.unsqueeze(2), torch.tensor(row_signs).to(lf).expand(g, -1).unsqueeze(2))
+                    A = A.reshape(g, m * kk, *shape)
                 lb = self._backward(name, A, sub, stop_at_nonlinear=False)
                 lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
                 for j, s in enumerate(signs):
-                    _tighten(lf if s > 0 else uf, (dom, part), lb[:, j * k:(j + 1) * k], s)
+                    bound = (lf if s > 0 else uf)[dom]
+                    held = bound.gather(1, part)
+                    bound.scatter_(1, part, torch.where(ok, _tightened(held, lb[:, j * kk:(j + 1) * kk], s), held))
 
     def _windows(self, index: Tensor, signs: list[float], shape, like: Tensor,
                  alpha_iterations: int, domain: Tensor | None = None) -> windows.Windows | None:
@@ -388,7 +396,8 @@ class BoundedModel:
             lb = self._backward(name, A, sub, stop_at_nonlinear=False)
             lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
             for j, s in enumerate(signs):
-                _tighten(lf if s > 0 else uf, (dom, neuron), lb[:, j], s)
+                bound = lf if s > 0 else uf
+                bound[dom, neuron] = _tightened(bound[dom, neuron], lb[:, j], s)
 
     def _ancestors_of(self, name: str):
         if name not in self._ancestors:
@@ -643,13 +652,10 @@ class _DomainBounds(Mapping[str, Interval]):
         return len(self._names)
 
 
-def _tighten(bound: Tensor, where: tuple, lb: Tensor, sign: float) -> None:
-    """Tighten ``bound[where]`` in place with a CROWN lower bound ``lb`` of sign·neuron: a lower
-    bound (sign 1) rises to lb, an upper bound (sign -1) falls to -lb."""
-    if sign > 0:
-        bound[where] = torch.maximum(bound[where], lb)
-    else:
-        bound[where] = torch.minimum(bound[where], -lb)
+def _tightened(bound: Tensor, lb: Tensor, sign: float) -> Tensor:
+    """``bound`` tightened by a CROWN lower bound ``lb`` of sign·neuron: a lower bound (sign 1)
+    rises to lb, an upper bound (sign -1) falls to -lb."""
+    return torch.maximum(bound, lb) if sign > 0 else torch.minimum(bound, -lb)
 
 
 def _cut_rows(tensors: dict[str, Tensor] | None, shape: tuple[int, int], d: slice, s: slice

@@ -99,6 +99,10 @@ class Linear(_Weighted):
 # convolution, on 16 channels 2× slower (one thread, 2,000–40,000 rows of 8–32 channels).
 _PHASE_MAX_CHANNELS = 8
 _PADDED_PHASE_MAX_CHANNELS = 4
+# Input channels from which a strided transposed convolution runs on channels-last copies: oneDNN's
+# kernel for the default layout is the slow one (32→16 channels, 3×3 stride 2, 1,000 rows of 8×8:
+# 33 → 18 ms one thread, copies included; never slower measured from 16 channels).
+_CHANNELS_LAST_FROM = 16
 
 
 def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups: int, dilation) -> Tensor:
@@ -126,6 +130,9 @@ def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups
         divides = all(kk % stride[0] == 0 for kk in k)
         if w.shape[1] <= (_PHASE_MAX_CHANNELS if divides else _PADDED_PHASE_MAX_CHANNELS):
             return _strided_adjoint(A, w, stride[0], padding, output_padding)
+    if tuple(stride) != (1, 1) and A.shape[1] >= _CHANNELS_LAST_FROM:
+        A = A.contiguous(memory_format=torch.channels_last)
+        return F.conv_transpose2d(A, w, None, stride, padding, output_padding, groups, dilation).contiguous()
     return F.conv_transpose2d(A, w, None, stride, padding, output_padding, groups, dilation)
 
 
