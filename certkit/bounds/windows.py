@@ -232,10 +232,11 @@ def _activation(op: Activation, win: Windows, bounds: Interval):
     else:
         a_l, b_l, a_u, b_u = win.cut_all(*op.relax(lo, up))
     A = win.A
-    A_in = A * torch.where(A >= 0, a_l, a_u)
-    bias = _dot(A.clamp(max=0), b_u)
+    negative = A.clamp(max=0)
+    A_in = torch.addcmul(A * a_l, negative, a_u - a_l)  # A⁺·a_l + A⁻·a_u (see Activation.backward)
+    bias = _dot(negative, b_u)
     if b_l is not None:
-        bias = bias + _dot(A.clamp(min=0), b_l)
+        bias = bias + _dot(A - negative, b_l)
     return [replace(win, A=A_in)], bias
 
 

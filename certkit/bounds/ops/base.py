@@ -141,11 +141,13 @@ class Activation(Monotone):
     def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
         lo, up = in_bounds[0]
         a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), alpha)
-        positive = A >= 0  # positive coefficients take the lower line, negative the upper line
-        A_in = A * torch.where(positive, a_l, a_u)
-        bias = batched_dot(A.clamp(max=0), b_u)
+        # positive coefficients take the lower line, negative ones the upper line: A⁺·a_l + A⁻·a_u
+        # as A·a_l + A⁻·(a_u − a_l), with the slopes' difference on the (small) relaxation maps
+        negative = A.clamp(max=0)
+        A_in = torch.addcmul(A * a_l, negative, a_u - a_l)
+        bias = batched_dot(negative, b_u)
         if b_l is not None:
-            bias = bias + batched_dot(A.clamp(min=0), b_l)
+            bias = bias + batched_dot(A - negative, b_l)
         return [A_in], bias
 
 
