@@ -261,7 +261,7 @@ class BoundedModel:
         new upper bound is still positive: a ReLU whose input is ≤ 0 outputs 0 whatever the lower
         bound, so every later bound is the same with fewer rows (the CIFAR ResNets: a quarter to a
         half fewer, CROWN about 1.8× faster on ResNet-4B). Only with at least ``_UPPER_FIRST_FROM``
-        loose pairs, batched per neuron: per (domain, neuron) pair, each pass pays the gathering
+        loose pairs, batched per domain: per (domain, neuron) pair, each pass pays the gathering
         of its pairs' intervals again, which cost more than the rows saved on the small CIFAR
         nets of benchmarks/crown_vs_auto_lirpa.py.
 
@@ -343,7 +343,8 @@ class BoundedModel:
             dom = slice(d0, min(B, d0 + group))
             g = dom.stop - d0
             sub = bounds if g == B else self._domains(bounds, name, dom)
-            for part, ok in zip(order[dom].split(max(1, rows // g), 1), valid[dom].split(max(1, rows // g), 1)):
+            per_domain = max(1, rows // g)
+            for part, ok in zip(order[dom].split(per_domain, 1), valid[dom].split(per_domain, 1)):
                 kk = part.shape[1]
                 index = part.repeat(1, m)  # (g, m·kk): every neuron with the first sign, then the next
                 row_signs = [s for s in signs for _ in range(kk)]
