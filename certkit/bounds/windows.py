@@ -87,9 +87,9 @@ class Windows:
 
     def cut(self, maps: Tensor) -> Tensor:
         """Each row's window of ``maps`` (B or 1, C or 1, H, W; the domains' count with ``domain``):
-        (B, S, C or 1, kh, kw), zero outside the map. Wide windows, or fewer rows than grid
-        positions, are gathered from a strided view of the padded maps; narrow windows shared by
-        many rows are cut at every grid position once (``unfold``) and picked."""
+        (B, S, C or 1, kh, kw), zero outside the map. With fewer rows than window positions each row's
+        window is gathered from a strided view of the padded maps; otherwise every position's
+        window is copied once and the rows pick theirs."""
         B, S = self.A.shape[:2]
         (kh, kw), (_, H, W) = self.size, self.map_shape
         maps = maps.reshape(maps.shape[0], -1, H, W)
@@ -104,13 +104,20 @@ class Windows:
             picked = picked * on_map.unsqueeze(-1).to(picked.dtype)  # (B, S, kh, kw, C), zero off the map
             return picked.permute(0, 1, 4, 2, 3)
         padded = F.pad(maps, (pw, pw + kw, ph, ph + kh))  # room for every window's far side
-        if kw >= _WIDE or maps.shape[0] * self.grid[0] * self.grid[1] > B * S:
-            view = padded.unfold(2, kh, self.stride[0]).unfold(3, kw, self.stride[1])  # (Bm, C, nh, nw, kh, kw)
+        view = padded.unfold(2, kh, self.stride[0]).unfold(3, kw, self.stride[1])  # (Bm, C, nh, nw, kh, kw)
+        nh, nw = view.shape[2:4]
+        if maps.shape[0] * nh * nw > B * S:  # fewer rows than window positions: gather each row's
             return view.permute(0, 2, 3, 1, 4, 5)[which, self.pos[..., 0], self.pos[..., 1]]
-        cols = F.unfold(padded, (kh, kw), stride=self.stride)  # (Bm, C·kh·kw, L), L on a grid
-        per_row = (padded.shape[-1] - kw) // self.stride[1] + 1
-        index = self.pos[..., 0] * per_row + self.pos[..., 1]  # (B, S)
-        return cols.transpose(1, 2)[which, index].reshape(B, S, C, kh, kw)
+        # every window position copied once (unfold for narrow windows, a copy of the strided view
+        # for wide ones, where unfold is slow), then whole rows of that matrix picked (index_select:
+        # 3–6× faster than gathering each row's window from the strided view)
+        if kw < _WIDE:
+            every = F.unfold(padded, (kh, kw), stride=self.stride).transpose(1, 2)  # (Bm, nh·nw, C·kh·kw)
+        else:
+            every = view.permute(0, 2, 3, 1, 4, 5)
+        index = (which * nh + self.pos[..., 0]) * nw + self.pos[..., 1]  # (B, S) into the Bm·nh·nw windows
+        picked = every.reshape(-1, C * kh * kw).index_select(0, index.reshape(-1))
+        return picked.reshape(B, S, C, kh, kw)
 
     def _samples(self, batch: int) -> Tensor:
         """The maps' sample each row reads, (B, 1) (or (1, 1) when the maps hold one sample for all),
