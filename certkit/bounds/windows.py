@@ -108,9 +108,8 @@ class Windows:
         nh, nw = view.shape[2:4]
         if maps.shape[0] * nh * nw > B * S:  # fewer rows than window positions: gather each row's
             return view.permute(0, 2, 3, 1, 4, 5)[which, self.pos[..., 0], self.pos[..., 1]]
-        # every window position copied once (unfold for narrow windows, a copy of the strided view
-        # for wide ones, where unfold is slow), then whole rows of that matrix picked (index_select:
-        # 3–6× faster than gathering each row's window from the strided view)
+        # every window position copied once (see _WIDE), then whole rows of that matrix picked
+        # (index_select: 3–6× faster than gathering each row's window from the strided view)
         if kw < _WIDE:
             every = F.unfold(padded, (kh, kw), stride=self.stride).transpose(1, 2)  # (Bm, nh·nw, C·kh·kw)
         else:
