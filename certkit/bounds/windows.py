@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from certkit.bounds.ops import Activation, Add, BatchNorm, Conv2d, ElementwiseAffine
+from certkit.bounds.ops.base import through_lines
 from certkit.bounds.ops.linear import conv2d_adjoint
 
 Interval = tuple[Tensor, Tensor]
@@ -239,7 +240,7 @@ def _activation(op: Activation, win: Windows, bounds: Interval):
         a_l, b_l, a_u, b_u = win.cut_all(*op.relax(lo, up))
     A = win.A
     negative = A.clamp(max=0)
-    A_in = torch.addcmul(A * a_l, negative, a_u - a_l)  # A⁺·a_l + A⁻·a_u (see Activation.backward)
+    A_in = through_lines(A, negative, a_l, a_u)
     bias = _dot(negative, b_u)
     if b_l is not None:
         bias = bias + _dot(A - negative, b_l)

@@ -49,6 +49,16 @@ def batched_dot(A: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(A.reshape(B, S, -1), v).squeeze(-1)
 
 
+def through_lines(A: Tensor, negative: Tensor, a_l: Tensor, a_u: Tensor) -> Tensor:
+    """A⁺·a_l + A⁻·a_u, ``negative`` = A⁻: coefficients through an activation's relaxation, the
+    positive ones along the lower line's slopes, the negative ones along the upper line's. As
+    A·a_l + A⁻·(a_u − a_l) when the slopes are shared by the rows (their difference is then taken
+    on the small relaxation maps: one pass over A fewer than a ``where``), else A⁺·a_l + A⁻·a_u."""
+    if a_l.dim() < 2 or a_l.shape[1] == 1 or A.shape[1] == 1:
+        return torch.addcmul(A * a_l, negative, a_u - a_l)
+    return torch.addcmul((A - negative) * a_l, negative, a_u)
+
+
 def adjoint(fn, out: Tensor, in_shape: Sequence[int]) -> Tensor:
     """The transpose of the linear map ``fn`` (batched, inputs of per-sample ``in_shape``)
     applied to ``out``: the vector-Jacobian product at 0, by autograd (differentiable when
@@ -141,10 +151,8 @@ class Activation(Monotone):
     def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
         lo, up = in_bounds[0]
         a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), alpha)
-        # positive coefficients take the lower line, negative ones the upper line: A⁺·a_l + A⁻·a_u
-        # as A·a_l + A⁻·(a_u − a_l), with the slopes' difference on the (small) relaxation maps
         negative = A.clamp(max=0)
-        A_in = torch.addcmul(A * a_l, negative, a_u - a_l)
+        A_in = through_lines(A, negative, a_l, a_u)
         bias = batched_dot(negative, b_u)
         if b_l is not None:
             bias = bias + batched_dot(A - negative, b_l)
