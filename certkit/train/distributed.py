@@ -286,14 +286,25 @@ def train_under_torchrun(cfg: Any, run_dir: str | Path, resume: bool = False, pr
     rank, world, local_rank = torchrun_rank() or (0, 1, 0)
     replica = start_replica(cfg.device, rank, world, local_rank)
     try:
-        return train(cfg, run_dir, resume=resume, progress=progress if replica.lead else None,
-                     log=log if replica.lead else _silent, trust_checkpoint=trust_checkpoint, replica=replica)
+        result = train(cfg, run_dir, resume=resume, progress=progress if replica.lead else None,
+                       log=log if replica.lead else _silent, trust_checkpoint=trust_checkpoint, replica=replica)
+        dist.barrier()  # every replica done before any leaves (see _leave_group)
+        return result
     finally:
         dist.destroy_process_group()
 
 
 def _silent(*_: Any, **__: Any) -> None:
     pass
+
+
+def _leave_group() -> None:
+    """Leave the process group once every replica is done: a replica that tore its gloo group
+    down while the lead was still writing checkpoints once aborted at exit ("terminate called
+    without an active exception", one CI run of the torchrun test); the barrier makes them leave
+    together."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------ launching
@@ -335,7 +346,7 @@ def _run_replica(parent: int, rank: int, world: int, port: int, conn: Any, threa
             replica = start_replica(device, rank, world, rank, store)
         result = target(replica, *args)
         if replica is not None and dist.is_initialized():
-            dist.destroy_process_group()
+            _leave_group()
         _send(conn, ("ok", result))
         conn.close()
     except BaseException as e:  # noqa: BLE001 - everything goes to the launcher as one line
