@@ -333,7 +333,7 @@ class BoundedModel:
         dropped: rows of one width for the whole batch, each reading its own domain's intervals
         (nothing gathered). Chunks of rows (and, when one row in every domain is over the memory
         budget, of domains) fit the budget; each row's bound is the same in any chunk."""
-        B, n_flat = lf.shape
+        B = lf.shape[0]
         order = torch.argsort((~loose).to(torch.uint8), dim=1, stable=True)[:, :k]  # loose ones first
         valid = torch.arange(k, device=lf.device) < loose.sum(1, keepdim=True)
         rows = self._chunk_rows(self._row_cost(name, alpha_iterations), lf, f"the CROWN refinement of node {name!r}")
@@ -348,11 +348,7 @@ class BoundedModel:
                 kk = part.shape[1]
                 index = part.repeat(1, m)  # (g, m·kk): every neuron with the first sign, then the next
                 row_signs = [s for s in signs for _ in range(kk)]
-                A = self._windows(index, row_signs, shape, lf, alpha_iterations)
-                if A is None:
-                    A = torch.zeros(g, m * kk, n_flat, dtype=lf.dtype, device=lf.device)
-                    A.scatter_(2, index.unsqueeze(2), torch.tensor(row_signs).to(lf).expand(g, -1).unsqueeze(2))
-                    A = A.reshape(g, m * kk, *shape)
+                A = self._unit_rows(index, row_signs, shape, lf, alpha_iterations)
                 lb = self._backward(name, A, sub, stop_at_nonlinear=False)
                 lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
                 for j, s in enumerate(signs):
@@ -360,15 +356,20 @@ class BoundedModel:
                     held = bound.gather(1, part)
                     bound.scatter_(1, part, torch.where(ok, _tightened(held, lb[:, j * kk:(j + 1) * kk], s), held))
 
-    def _windows(self, index: Tensor, signs: list[float], shape, like: Tensor,
-                 alpha_iterations: int, domain: Tensor | None = None) -> windows.Windows | None:
-        """Rows ``signs[s]``·e_``index[b, s]`` of a node of per-sample ``shape`` as receptive-field
+    def _unit_rows(self, index: Tensor, signs: list[float], shape, like: Tensor, alpha_iterations: int,
+                   domain: Tensor | None = None) -> Tensor | windows.Windows:
+        """Rows ``signs[s]``·e_``index[b, s]`` of a node of per-sample ``shape``: receptive-field
         windows (:mod:`certkit.bounds.windows`; ``domain``: the sample of the batch each row's
-        intervals come from), or None where dense rows are needed: windows off, α-CROWN's
-        optimisation (dense), or a node that is not an image."""
-        if not self.windowed or alpha_iterations > 0:
-            return None
-        return windows.unit_rows(index, torch.tensor(signs, dtype=like.dtype, device=like.device), shape, domain)
+        intervals come from) where they can be, else dense (B, S, *shape) (windows off, α-CROWN's
+        optimisation, or a node that is not an image)."""
+        sign = torch.tensor(signs, dtype=like.dtype, device=like.device)
+        if self.windowed and alpha_iterations == 0:
+            win = windows.unit_rows(index, sign, shape, domain)
+            if win is not None:
+                return win
+        A = torch.zeros(*index.shape, math.prod(shape), dtype=like.dtype, device=like.device)
+        A.scatter_(2, index.unsqueeze(2), sign.expand(index.shape).unsqueeze(2))
+        return A.reshape(*index.shape, *shape)
 
     def _domains(self, bounds: dict[str, Interval], name: str, dom: slice | Tensor) -> _DomainBounds:
         """The intervals of ``name``'s ancestors in the domains ``dom`` only (a slice of the batch,
@@ -379,7 +380,6 @@ class BoundedModel:
                       bounds: dict[str, Interval], alpha_iterations: int) -> None:
         """CROWN bounds of the given (domain, neuron) pairs, each a batch element of its own with its
         domain's intervals gathered, tightening lf, uf (B, n) in place (lower for sign 1, upper for -1)."""
-        n_flat = lf.shape[1]
         m = len(signs)
         names = [a.name for a in self._ancestors_of(name) if a.name in bounds]
         gathered = 2 * sum(bounds[a][0][0].numel() for a in names)
@@ -387,12 +387,7 @@ class BoundedModel:
                                      f"the CROWN refinement of node {name!r}")
         for part in pairs.split(per_chunk):
             dom, neuron = part[:, 0], part[:, 1]
-            A = self._windows(neuron[:, None].expand(-1, m), list(signs), shape, lf, alpha_iterations, dom)
-            if A is None:
-                A = torch.zeros(part.shape[0], m, n_flat, dtype=lf.dtype, device=lf.device)
-                for j, s in enumerate(signs):
-                    A[torch.arange(part.shape[0], device=lf.device), j, neuron] = s
-                A = A.reshape(-1, m, *shape)
+            A = self._unit_rows(neuron[:, None].expand(-1, m), list(signs), shape, lf, alpha_iterations, dom)
             sub = self._domains(bounds, name, dom)
             lb = self._backward(name, A, sub, stop_at_nonlinear=False)
             lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)

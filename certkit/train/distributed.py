@@ -288,10 +288,11 @@ def train_under_torchrun(cfg: Any, run_dir: str | Path, resume: bool = False, pr
     try:
         result = train(cfg, run_dir, resume=resume, progress=progress if replica.lead else None,
                        log=log if replica.lead else _silent, trust_checkpoint=trust_checkpoint, replica=replica)
-        dist.barrier()  # every replica done before any leaves (see _leave_group)
-        return result
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _leave_group()
+    return result
 
 
 def _silent(*_: Any, **__: Any) -> None:
