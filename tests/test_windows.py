@@ -237,6 +237,14 @@ def test_the_strided_adjoint_by_pixel_shuffle_equals_the_transposed_convolution(
     _check_adjoint(c_out, 3, k, stride, pad, 1, 9, extra)
 
 
+@pytest.mark.parametrize("k, stride, pad, extra",
+                         [(3, 2, 1, 1), (3, 2, 0, 0), (1, 2, 0, 0), (4, 2, 1, 0), (5, 3, 2, 2)])
+@pytest.mark.parametrize("c_out", [16, 32])
+def test_the_strided_adjoint_on_channels_last_copies_equals_the_transposed_convolution(c_out, k, stride, pad, extra):
+    """Strided adjoints from 16 channels into more than the phase path takes (channels-last copies)."""
+    _check_adjoint(c_out, 16, k, stride, pad, 1, 9, extra)
+
+
 def _check_adjoint(c_out, c_in, k, stride, pad, dil, size, extra):
     from certkit.bounds.ops.linear import conv2d_adjoint
 
