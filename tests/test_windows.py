@@ -230,11 +230,12 @@ def test_the_convolution_adjoint_equals_the_transposed_convolution(c_out, c_in, 
                                                    (6, 3, 1, 0), (3, 3, 0, 2), (6, 2, 2, 1),
                                                    (3, 2, 0, 0), (3, 2, 1, 1), (5, 2, 2, 0), (5, 3, 1, 1),
                                                    (1, 2, 0, 0), (7, 4, 3, 2)])
-@pytest.mark.parametrize("c_out", [8, 24])
-def test_the_strided_adjoint_by_pixel_shuffle_equals_the_transposed_convolution(c_out, k, stride, pad, extra):
+@pytest.mark.parametrize("c_out, c_in", [(8, 3), (24, 3), (16, 8)])
+def test_the_strided_adjoint_by_pixel_shuffle_equals_the_transposed_convolution(c_out, c_in, k, stride, pad, extra):
     """Strided adjoints into few channels (the phase sub-kernels and a pixel shuffle), kernels the
-    stride divides and kernels padded with zero taps, with and without output padding."""
-    _check_adjoint(c_out, 3, k, stride, pad, 1, 9, extra)
+    stride divides and kernels padded with zero taps (1×1 stride 2: phases without a tap), with and
+    without output padding."""
+    _check_adjoint(c_out, c_in, k, stride, pad, 1, 9, extra)
 
 
 @pytest.mark.parametrize("k, stride, pad, extra",

@@ -93,12 +93,12 @@ class Linear(_Weighted):
 
 
 # The adjoint's output channels (the convolution's input channels) up to which a strided adjoint
-# runs as one convolution of the s² phase sub-kernels whose phases are then interleaved, for a
-# kernel the stride divides and for one padded with zero taps to a multiple of it. That convolution has s² times the
-# output channels: on an image's 1–3 channels it is 2–4× faster than oneDNN's transposed
-# convolution, on 16 channels 2× slower (one thread, 2,000–40,000 rows of 8–32 channels).
+# runs as one convolution of the s² phase sub-kernels whose phases are then interleaved (a kernel
+# the stride does not divide padded with zero taps to a multiple of it). That convolution has s²
+# times the output channels: on an image's 1–3 channels it is 2–4× faster than oneDNN's transposed
+# convolution, on 8 channels 0.65–0.9× the time of the channels-last one (3×3 and 5×5 kernels
+# padded to 4×4 and 6×6 included), on 16 channels 1.05–1.3× (one thread, 100–450 rows of 3–15²).
 _PHASE_MAX_CHANNELS = 8
-_PADDED_PHASE_MAX_CHANNELS = 4
 # Input channels from which a strided transposed convolution runs on channels-last copies: oneDNN's
 # kernel for the default layout is the slow one (32→16 channels, 3×3 stride 2, 1,000 rows of 8×8:
 # 33 → 18 ms one thread, copies included; never slower measured from 16 channels).
@@ -117,7 +117,7 @@ def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups
     s² sub-kernels as output channels, then phase r goes to every s-th position (what
     ``pixel_shuffle`` does) and the padding p is cut off; a kernel the stride does not divide first gets zero taps at
     its far end (they add nothing anywhere). Used where the result has few channels
-    (``_PHASE_MAX_CHANNELS``), where it is 2–4× faster. The same sums in another order: equal
+    (``_PHASE_MAX_CHANNELS``), where it is faster. The same sums in another order: equal
     up to float rounding."""
     if groups != 1 or A.device.type != "cpu":
         return F.conv_transpose2d(A, w, None, stride, padding, output_padding, groups, dilation)
@@ -127,8 +127,7 @@ def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups
         if min(pad) >= 0:
             return F.conv2d(A, w.transpose(0, 1).flip(2, 3), None, 1, pad, dilation)
     elif tuple(dilation) == (1, 1) and stride[0] == stride[1]:
-        divides = all(kk % stride[0] == 0 for kk in k)
-        if w.shape[1] <= (_PHASE_MAX_CHANNELS if divides else _PADDED_PHASE_MAX_CHANNELS):
+        if w.shape[1] <= _PHASE_MAX_CHANNELS:
             return _strided_adjoint(A, w, stride[0], padding, output_padding)
     if tuple(stride) != (1, 1) and A.shape[1] >= _CHANNELS_LAST_FROM:
         A = A.contiguous(memory_format=torch.channels_last)
@@ -138,28 +137,30 @@ def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups
 
 def _strided_adjoint(A: Tensor, w: Tensor, s: int, padding, output_padding) -> Tensor:
     """``conv_transpose2d(A, w, stride=s, …)``: the kernel padded with zero taps to a multiple of s,
-    one convolution with the s² phase sub-kernels (flipped, as output channels ordered
-    (out, r_h, r_w)), then each phase copied to every s-th position of the result, its padding
-    cut (positions past the kernel's reach, the output padding, stay zero). The copies do what
-    ``pixel_shuffle`` and a crop would, 3–5× faster than ``pixel_shuffle`` alone."""
+    one convolution with the phase sub-kernels (flipped, as output channels ordered (out, r_h, r_w)),
+    then each phase copied to every s-th position of the result, its padding cut (positions past
+    the kernel's reach, the output padding, stay zero). The copies do what ``pixel_shuffle`` and a
+    crop would, 3–5× faster than ``pixel_shuffle`` alone. A kernel narrower than the stride (1×1
+    stride 2) leaves phases without a tap: they are not computed, their positions stay zero."""
     c_in, c_out, kh, kw = w.shape
     Lh, Lw = -(-kh // s), -(-kw // s)
     if (Lh * s, Lw * s) != (kh, kw):
         w = F.pad(w, (0, Lw * s - kw, 0, Lh * s - kh))
-    sub = w.reshape(c_in, c_out, Lh, s, Lw, s).permute(1, 3, 5, 0, 2, 4).flip(4, 5)
-    sub = sub.reshape(c_out * s * s, c_in, Lh, Lw)
+    nh, nw = min(s, kh), min(s, kw)  # phases r < k hold a tap; the others are zero
+    sub = w.reshape(c_in, c_out, Lh, s, Lw, s)[:, :, :, :nh, :, :nw].permute(1, 3, 5, 0, 2, 4).flip(4, 5)
+    sub = sub.reshape(c_out * nh * nw, c_in, Lh, Lw)
     phases = F.conv2d(A, sub, None, 1, (Lh - 1, Lw - 1))  # phase (r_h, r_w) of position (q_h·s + r_h, q_w·s + r_w)
     N, _, Qh, Qw = phases.shape
-    phases = phases.view(N, c_out, s, s, Qh, Qw)
+    phases = phases.view(N, c_out, nh, nw, Qh, Qw)
     H = (A.shape[2] - 1) * s - 2 * padding[0] + kh + output_padding[0]
     W = (A.shape[3] - 1) * s - 2 * padding[1] + kw + output_padding[1]
-    covered = padding[0] + H <= Qh * s and padding[1] + W <= Qw * s
+    covered = padding[0] + H <= Qh * s and padding[1] + W <= Qw * s and (nh, nw) == (s, s)
     out = (A.new_empty if covered else A.new_zeros)(N, c_out, H, W)
-    for r_h in range(s):
+    for r_h in range(nh):
         y0 = (r_h - padding[0]) % s  # the first row of the result in phase r_h, and its row in the phase
         q_h, n_h = (y0 + padding[0] - r_h) // s, len(range(y0, H, s))
         n_h = min(n_h, Qh - q_h)
-        for r_w in range(s):
+        for r_w in range(nw):
             x0 = (r_w - padding[1]) % s
             q_w, n_w = (x0 + padding[1] - r_w) // s, len(range(x0, W, s))
             n_w = min(n_w, Qw - q_w)
