@@ -261,3 +261,35 @@ def _check_adjoint(c_out, c_in, k, stride, pad, dil, size, extra):
     got = conv2d_adjoint(A, w, (stride, stride), (pad, pad), out_pad, 1, (dil, dil))
     assert got.shape == want.shape == x.shape
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rows", [2, 60])  # few rows: the intervals are relaxed per window; many: the map
+@pytest.mark.parametrize("step", ["sigmoid", "relu", "conv"])
+def test_what_windows_hold_off_the_map_reaches_nothing(step, rows):
+    """A convolution's windows keep whatever lands in the padding (``clean`` False): every next step
+    gives what it gives on the windows zeroed there, e.g. a sigmoid's lines over [0, 0] off the map
+    have an intercept, so coefficients there are zeroed before intervals are relaxed per window."""
+    from certkit.bounds import windows
+    from certkit.bounds.ops.activation import ReLU, Sigmoid
+    from certkit.bounds.ops.linear import Conv2d
+
+    gen = torch.Generator().manual_seed(rows)
+    C, H, W = 2, 6, 6
+    pos = torch.stack([torch.randint(0, 3, (1, rows), generator=gen) for _ in range(2)], -1)
+    dirty = Windows(torch.randn(1, rows, C, 4, 4, generator=gen, dtype=torch.float64), pos, (3, 3), (2, 2), (1, 1),
+                    (C, H, W), clean=False)
+    assert not dirty.inside().bool().all()  # some positions lie off the map
+    clean = dirty.cleaned()
+    lo = torch.randn(1, C, H, W, generator=gen, dtype=torch.float64)
+    bounds = [(lo, lo + torch.rand(1, C, H, W, generator=gen, dtype=torch.float64))]
+    if step == "conv":  # a convolution 3 → C channels whose output map the windows cover
+        w = torch.randn(C, 3, 3, 3, generator=gen, dtype=torch.float64)
+        op, shapes = Conv2d(lambda: (w, None), (1, 1), (1, 1), (1, 1), 1, (3, H, W)), [(3, H, W)]
+    else:
+        op, shapes = (Sigmoid() if step == "sigmoid" else ReLU()), [(C, H, W)]
+    (got,), got_bias = windows.backward(op, dirty, bounds, shapes)
+    (want,), want_bias = windows.backward(op, clean, bounds, shapes)
+    assert torch.allclose(got.dense(), want.dense(), atol=1e-12)
+    assert got_bias is None and want_bias is None or torch.allclose(got_bias, want_bias, atol=1e-12)
+    box = (torch.zeros(1, *shapes[0], dtype=torch.float64), torch.ones(1, *shapes[0], dtype=torch.float64))
+    assert torch.allclose(windows.concretize(got, box), windows.concretize(want, box), atol=1e-12)

@@ -11,8 +11,11 @@ small kernels). Here each row keeps only its window (auto_LiRPA's "patches" keep
   the same for columns), where p is the row's neuron's position at the start node and the
   stride, padding and size accumulate along the path (:class:`Windows`);
 - through a convolution, the window grows by the kernel (one transposed convolution of the
-  small windows, without padding) and positions outside the map, which only padding read,
-  are zeroed;
+  small windows, without padding); positions outside the map, which only padding read, are
+  left as they come (``clean`` False) and zeroed only where a later step would read them: the
+  next convolution, or a relaxation of intervals cut at each window (off the map [0, 0], whose
+  lines need not be zero); the usual next step, an activation's lines or an affine map's scale
+  cut at each window, is zero there and cleans them for free;
 - through an activation, an element-wise affine map, a batch norm or a sum, the per-neuron
   quantities (relaxation lines, scales, shifts) are cut out at each window (by indexing);
 - at the input the windows are concretised against the box's windows.
@@ -57,6 +60,7 @@ class Windows:
     pad: tuple[int, int]
     map_shape: tuple[int, int, int]  # (C, H, W) of the node the coefficients apply to
     domain: Tensor | None = None  # (B,), long: the maps' sample each row reads (None: b itself)
+    clean: bool = True  # whether A is zero at window positions off the map (finite there if not)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -145,6 +149,10 @@ class Windows:
         """1 where a window position lies on the map, 0 where it lies in the padding (B, S, 1, kh, kw)."""
         return self._map_coordinates()[2].unsqueeze(2).to(self.A.dtype)
 
+    def cleaned(self) -> Windows:
+        """These windows with A zero at the positions off the map."""
+        return self if self.clean else replace(self, A=self.A * self.inside(), clean=True)
+
     def dense(self) -> Tensor:
         """The coefficients as a dense (B, S, C, H, W) tensor (window positions off the map, which
         only padding reads, are dropped): one scatter into the flat result, positions off the map
@@ -209,6 +217,7 @@ def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
     if not _spatial(in_shape) or not all(isinstance(v, int) for v in (*s, *p, *d)):
         return None  # (a padding given as a string, 'same', has no fixed offset here)
     w, b = op._params()
+    win = win.cleaned()  # what the padding holds must not reach the input's map
     B, S, C, kh, kw = win.A.shape
     rows = win.A.reshape(B * S, C, kh, kw)
     if kh * kw == 1 and B * S > 2 * C:
@@ -222,19 +231,21 @@ def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
         A_in = conv2d_adjoint(rows, w, s, (0, 0), (0, 0), op.groups, d)
         A_in = A_in.reshape(B, S, *A_in.shape[1:])
     grown = Windows(A_in, win.pos, win.grid, (win.stride[0] * s[0], win.stride[1] * s[1]),
-                    (win.pad[0] * s[0] + p[0], win.pad[1] * s[1] + p[1]), tuple(in_shape), win.domain)
-    grown.A = grown.A * grown.inside()  # positions in the padding read nothing of the input
+                    (win.pad[0] * s[0] + p[0], win.pad[1] * s[1] + p[1]), tuple(in_shape), win.domain,
+                    clean=False)
     bias = None if b is None else win.A.sum((-2, -1)).matmul(b)
     return [grown], bias
 
 
 def _activation(op: Activation, win: Windows, bounds: Interval):
-    # relaxations are per neuron: relaxing each window's intervals is relaxing the map's, cut
-    # (positions off the map get [0, 0], whose lines meet coefficients that are zero there);
-    # whichever holds fewer neurons is relaxed
+    # relaxations are per neuron: relaxing each window's intervals is relaxing the map's, cut;
+    # whichever holds fewer neurons is relaxed. Cut lines are zero off the map (the result is
+    # clean whatever A holds there); intervals cut are [0, 0] there, whose lines need not be
+    # zero: they meet coefficients made zero there first
     lo, up = bounds
     B, S = win.A.shape[:2]
     if B * S * win.size[0] * win.size[1] <= lo.shape[0] * lo[0, 0].numel():
+        win = win.cleaned()
         a_l, b_l, a_u, b_u = op.relax(*win.cut_all(lo, up))
     else:
         a_l, b_l, a_u, b_u = win.cut_all(*op.relax(lo, up))
@@ -244,7 +255,7 @@ def _activation(op: Activation, win: Windows, bounds: Interval):
     bias = _dot(negative, b_u)
     if b_l is not None:
         bias = bias + _dot(A - negative, b_l)
-    return [replace(win, A=A_in)], bias
+    return [replace(win, A=A_in, clean=True)], bias
 
 
 def _full_map(t: Tensor, shape: tuple[int, int, int]) -> Tensor | None:
@@ -259,10 +270,10 @@ def _affine(win: Windows, scale: Tensor | None, shift: Tensor | None):
     maps = [None if t is None else _full_map(t, win.map_shape) for t in (scale, shift)]
     if any(m is None and t is not None for m, t in zip(maps, (scale, shift))):
         return None
-    scale_w, shift_w = win.cut_all(*maps)
+    scale_w, shift_w = win.cut_all(*maps)  # zero off the map
     bias = None if shift_w is None else _dot(A, shift_w)
     A_in = A if scale_w is None else A * scale_w
-    return [replace(win, A=A_in)], bias
+    return [replace(win, A=A_in, clean=win.clean or scale_w is not None)], bias
 
 
 def merge(a: Windows, b: Windows) -> Windows | None:
@@ -280,11 +291,12 @@ def merge(a: Windows, b: Windows) -> Windows | None:
         top, left = pad[0] - w.pad[0], pad[1] - w.pad[1]
         return F.pad(w.A, (left, size[1] - w.size[1] - left, top, size[0] - w.size[0] - top))
 
-    return replace(a, A=widen(a) + widen(b), pad=pad)
+    return replace(a, A=widen(a) + widen(b), pad=pad, clean=a.clean and b.clean)
 
 
 def concretize(win: Windows, box: Interval) -> Tensor:
-    """Lower bound (B, S) of the windowed A·x over the box (A·c − |A|·r on each window)."""
+    """Lower bound (B, S) of the windowed A·x over the box (A·c − |A|·r on each window; c and r
+    are cut as zero off the map, so whatever A holds there adds nothing)."""
     lo, up = box
     c, r = win.cut_all((lo + up) / 2, (up - lo) / 2)
     return _dot(win.A, c) - _dot(win.A.abs(), r)
