@@ -293,3 +293,28 @@ def test_what_windows_hold_off_the_map_reaches_nothing(step, rows):
     assert got_bias is None and want_bias is None or torch.allclose(got_bias, want_bias, atol=1e-12)
     box = (torch.zeros(1, *shapes[0], dtype=torch.float64), torch.ones(1, *shapes[0], dtype=torch.float64))
     assert torch.allclose(windows.concretize(got, box), windows.concretize(want, box), atol=1e-12)
+
+
+@pytest.mark.parametrize("change", ["in place", "data", "parameter"])
+def test_kernels_derived_from_weights_follow_every_change_of_them(change):
+    """|W| and the adjoint kernels are cached per weights while verifying; weights changed in place,
+    through ``.data`` or replaced give the bounds of a model built fresh on the new weights."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).double()
+    bm = BoundedModel(net, (2, 8, 8))
+    lo, up = _boxes((2, 8, 8), 2, 0.1)
+    with torch.no_grad():
+        before = bm.compute_bounds(lo, up, "crown")
+        for m in (net[0], net[2], net[5]):
+            new = torch.randn_like(m.weight)
+            if change == "in place":
+                m.weight.copy_(new)
+            elif change == "data":
+                m.weight.data = new
+            else:
+                m.weight = nn.Parameter(new)
+        after = bm.compute_bounds(lo, up, "crown")
+        fresh = BoundedModel(net, (2, 8, 8)).compute_bounds(lo, up, "crown")
+    assert not torch.allclose(before[0], fresh[0])
+    assert torch.equal(after[0], fresh[0]) and torch.equal(after[1], fresh[1])

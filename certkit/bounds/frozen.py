@@ -28,11 +28,11 @@ import torch.nn as nn
 from certkit.bounds.graph import Graph, Node
 from certkit.bounds.ops.base import Op
 
-FORMAT = 1  # bump when the layout below changes
+FORMAT = 2  # bump when the layout below changes (operators' attributes included)
 _OPS_PACKAGE = "certkit.bounds.ops."
 _BATCHNORMS = {cls.__name__: cls for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
 _BN_ARGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-_CACHES: dict[str, Callable[[], Any]] = {"_abs_cache": lambda: None, "_on": dict}  # recomputed on demand: stored empty
+_CACHES: dict[str, Callable[[], Any]] = {"_derived": dict, "_on": dict}  # recomputed on demand: stored empty
 
 
 class Unfreezable(Exception):

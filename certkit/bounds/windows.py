@@ -37,7 +37,6 @@ from torch import Tensor
 
 from certkit.bounds.ops import Activation, Add, BatchNorm, Conv2d, ElementwiseAffine
 from certkit.bounds.ops.base import through_lines
-from certkit.bounds.ops.linear import conv2d_adjoint
 
 Interval = tuple[Tensor, Tensor]
 # Windows at least this wide are copied at every position from a strided view of the maps,
@@ -231,11 +230,11 @@ def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
         # many single-position rows (a refinement's first step): one matrix product with the kernel.
         # Wider windows take the adjoint convolution: their dense window-to-window map is mostly
         # zeros (11×11 windows into 23×23 ones by a 3×3 stride-2 kernel: 59× the multiplications)
-        basis = torch.eye(C * kh * kw, dtype=rows.dtype, device=rows.device).reshape(-1, C, kh, kw)
-        T = conv2d_adjoint(basis, w, s, (0, 0), (0, 0), op.groups, d)
+        T = op._from_weights("window map", w, lambda w: op.adjoint(
+            torch.eye(C, dtype=w.dtype, device=w.device).reshape(C, C, 1, 1), w, (0, 0), (0, 0)))
         A_in = (rows.reshape(B * S, -1) @ T.reshape(T.shape[0], -1)).reshape(B, S, *T.shape[1:])
     else:
-        A_in = conv2d_adjoint(rows, w, s, (0, 0), (0, 0), op.groups, d)
+        A_in = op.adjoint(rows, w, (0, 0), (0, 0))
         A_in = A_in.reshape(B, S, *A_in.shape[1:])
     grown = Windows(A_in, win.pos, win.grid, (win.stride[0] * s[0], win.stride[1] * s[1]),
                     (win.pad[0] * s[0] + p[0], win.pad[1] * s[1] + p[1]), tuple(in_shape), win.domain,

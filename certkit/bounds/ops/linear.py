@@ -26,19 +26,26 @@ class _Weighted(Op):
         self.raw = params  # live: reads the module's current weights
         self.module = module
         self.bn: BatchNorm | None = None
-        self._abs_cache: tuple[tuple, Tensor] | None = None
+        self._derived: dict[str, tuple[Tensor, Tensor, int, object]] = {}
 
     def _apply(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _abs(self, w: Tensor) -> Tensor:
-        """|W|, cached while the weights are unchanged and no gradient is needed (verification)."""
+    def _from_weights(self, what: str, w: Tensor, make: Callable[[Tensor], object]) -> object:
+        """``make(w)``, cached under ``what`` while w is the same tensor on the same memory (``.data``
+        reassigned is new memory), unchanged in place (its version), and no gradient is needed
+        (verification). The cache holds that memory, so no other tensor can take its address; a
+        batch norm folded into fresh weights on every call misses."""
         if torch.is_grad_enabled():
-            return w.abs()
-        key = (w.data_ptr(), w._version, w.shape, w.device)
-        if self._abs_cache is None or self._abs_cache[0] != key:
-            self._abs_cache = (key, w.abs())
-        return self._abs_cache[1]
+            return make(w)
+        hit = self._derived.get(what)
+        if hit is None or hit[0] is not w or hit[1].data_ptr() != w.data_ptr() or hit[2] != w._version:
+            hit = self._derived[what] = (w, w.detach(), w._version, make(w))
+        return hit[3]
+
+    def _abs(self, w: Tensor) -> Tensor:
+        """|W| (cached: :meth:`_from_weights`)."""
+        return self._from_weights("abs", w, torch.abs)
 
     def forward(self, x):
         y = self._apply(x, *self.raw())
@@ -105,7 +112,35 @@ _PHASE_MAX_CHANNELS = 8
 _CHANNELS_LAST_FROM = 16
 
 
-def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups: int, dilation) -> Tensor:
+def adjoint_kernel(w: Tensor, stride, groups: int, dilation) -> Tensor | None:
+    """The kernel :func:`conv2d_adjoint` convolves with on a CPU, which depends on the weights
+    alone (so callers may cache it): the kernel flipped with its channels swapped (no stride),
+    the phase sub-kernels (a stride, at most ``_PHASE_MAX_CHANNELS``), or None (the transposed
+    convolution takes w itself)."""
+    if groups != 1 or w.device.type != "cpu":
+        return None
+    if tuple(stride) == (1, 1):
+        return w.transpose(0, 1).flip(2, 3)
+    if tuple(dilation) == (1, 1) and stride[0] == stride[1] and w.shape[1] <= _PHASE_MAX_CHANNELS:
+        return _phase_kernels(w, stride[0])
+    return None
+
+
+def _phase_kernels(w: Tensor, s: int) -> Tensor:
+    """The s² phase sub-kernels of w (c_in, c_out, kh, kw) padded with zero taps to a multiple of s,
+    flipped, as the output channels (out, r_h, r_w) of one convolution; phases r ≥ k (a kernel
+    narrower than the stride) hold no tap and are left out."""
+    c_in, c_out, kh, kw = w.shape
+    Lh, Lw = -(-kh // s), -(-kw // s)
+    if (Lh * s, Lw * s) != (kh, kw):
+        w = F.pad(w, (0, Lw * s - kw, 0, Lh * s - kh))
+    nh, nw = min(s, kh), min(s, kw)
+    sub = w.reshape(c_in, c_out, Lh, s, Lw, s)[:, :, :, :nh, :, :nw].permute(1, 3, 5, 0, 2, 4).flip(4, 5)
+    return sub.reshape(c_out * nh * nw, c_in, Lh, Lw)
+
+
+def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups: int, dilation,
+                   kernel: Tensor | None = None) -> Tensor:
     """The adjoint (transpose) of ``conv2d(·, w, stride, padding, dilation, groups)`` applied to A
     (N, C_out, H, W): ``conv_transpose2d(A, w, …)``, computed by the cheapest equivalent on a CPU.
 
@@ -118,37 +153,31 @@ def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups
     ``pixel_shuffle`` does) and the padding p is cut off; a kernel the stride does not divide first gets zero taps at
     its far end (they add nothing anywhere). Used where the result has few channels
     (``_PHASE_MAX_CHANNELS``), where it is faster. The same sums in another order: equal
-    up to float rounding."""
-    if groups != 1 or A.device.type != "cpu":
-        return F.conv_transpose2d(A, w, None, stride, padding, output_padding, groups, dilation)
-    k = w.shape[2:]
-    if tuple(stride) == (1, 1):
-        pad = [d * (kk - 1) - p for d, kk, p in zip(dilation, k, padding)]
+    up to float rounding. ``kernel``: :func:`adjoint_kernel` of w, if the caller holds it."""
+    if kernel is None:
+        kernel = adjoint_kernel(w, stride, groups, dilation)
+    if kernel is not None and A.device.type == "cpu":
+        if tuple(stride) != (1, 1):
+            return _strided_adjoint(A, kernel, w.shape, stride[0], padding, output_padding)
+        pad = [d * (kk - 1) - p for d, kk, p in zip(dilation, w.shape[2:], padding)]
         if min(pad) >= 0:
-            return F.conv2d(A, w.transpose(0, 1).flip(2, 3), None, 1, pad, dilation)
-    elif tuple(dilation) == (1, 1) and stride[0] == stride[1]:
-        if w.shape[1] <= _PHASE_MAX_CHANNELS:
-            return _strided_adjoint(A, w, stride[0], padding, output_padding)
-    if tuple(stride) != (1, 1) and A.shape[1] >= _CHANNELS_LAST_FROM:
+            return F.conv2d(A, kernel, None, 1, pad, dilation)
+    if tuple(stride) != (1, 1) and A.shape[1] >= _CHANNELS_LAST_FROM and groups == 1 and A.device.type == "cpu":
         A = A.contiguous(memory_format=torch.channels_last)
         return F.conv_transpose2d(A, w, None, stride, padding, output_padding, groups, dilation).contiguous()
     return F.conv_transpose2d(A, w, None, stride, padding, output_padding, groups, dilation)
 
 
-def _strided_adjoint(A: Tensor, w: Tensor, s: int, padding, output_padding) -> Tensor:
-    """``conv_transpose2d(A, w, stride=s, …)``: the kernel padded with zero taps to a multiple of s,
-    one convolution with the phase sub-kernels (flipped, as output channels ordered (out, r_h, r_w)),
-    then each phase copied to every s-th position of the result, its padding cut (positions past
-    the kernel's reach, the output padding, stay zero). The copies do what ``pixel_shuffle`` and a
-    crop would, 3–5× faster than ``pixel_shuffle`` alone. A kernel narrower than the stride (1×1
-    stride 2) leaves phases without a tap: they are not computed, their positions stay zero."""
-    c_in, c_out, kh, kw = w.shape
-    Lh, Lw = -(-kh // s), -(-kw // s)
-    if (Lh * s, Lw * s) != (kh, kw):
-        w = F.pad(w, (0, Lw * s - kw, 0, Lh * s - kh))
+def _strided_adjoint(A: Tensor, sub: Tensor, w_shape, s: int, padding, output_padding) -> Tensor:
+    """``conv_transpose2d(A, w, stride=s, …)`` for w of shape ``w_shape``: one convolution with
+    its phase sub-kernels ``sub`` (:func:`_phase_kernels`), then each phase copied to every s-th
+    position of the result, its padding cut (positions past the kernel's reach, the output
+    padding, stay zero). The copies do what ``pixel_shuffle`` and a crop would, 3–5× faster than
+    ``pixel_shuffle`` alone. A kernel narrower than the stride (1×1 stride 2) leaves phases
+    without a tap: they are not computed, their positions stay zero."""
+    _, c_out, kh, kw = w_shape
+    Lh, Lw = sub.shape[2:]
     nh, nw = min(s, kh), min(s, kw)  # phases r < k hold a tap; the others are zero
-    sub = w.reshape(c_in, c_out, Lh, s, Lw, s)[:, :, :, :nh, :, :nw].permute(1, 3, 5, 0, 2, 4).flip(4, 5)
-    sub = sub.reshape(c_out * nh * nw, c_in, Lh, Lw)
     phases = F.conv2d(A, sub, None, 1, (Lh - 1, Lw - 1))  # phase (r_h, r_w) of position (q_h·s + r_h, q_w·s + r_w)
     N, _, Qh, Qw = phases.shape
     phases = phases.view(N, c_out, nh, nw, Qh, Qw)
@@ -208,10 +237,16 @@ class Conv2d(_Weighted):
             self.in_shape[1 + d] - ((size - 1) * self.stride[d] - 2 * self.padding[d]
                                     + self.dilation[d] * (w.shape[2 + d] - 1) + 1)
             for d, size in enumerate((h_out, w_out)))
-        A_in = conv2d_adjoint(out, w, self.stride, self.padding, pad, self.groups, self.dilation)
+        A_in = self.adjoint(out, w, self.padding, pad)
         A_in = A_in.reshape(B, S, *A_in.shape[1:])
         bias = None if b is None else A.sum((-2, -1)).matmul(b)
         return [A_in], bias
+
+    def adjoint(self, A: Tensor, w: Tensor, padding, output_padding) -> Tensor:
+        """:func:`conv2d_adjoint` of A with this convolution's weights w (from :meth:`_params`) and
+        its stride, under ``padding``, with the adjoint's kernel cached per weights."""
+        kernel = self._from_weights("adjoint", w, lambda w: adjoint_kernel(w, self.stride, self.groups, self.dilation))
+        return conv2d_adjoint(A, w, self.stride, padding, output_padding, self.groups, self.dilation, kernel)
 
     def describe(self):
         w, _ = self.raw()
