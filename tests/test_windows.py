@@ -258,9 +258,11 @@ def _check_adjoint(c_out, c_in, k, stride, pad, dil, size, extra):
     A = torch.randn(y.shape, generator=g, dtype=torch.float64)
     out_pad = tuple((x.shape[2 + d] + 2 * pad - dil * (w.shape[2 + d] - 1) - 1) % stride for d in range(2))
     want = F.conv_transpose2d(A, w, None, stride, pad, out_pad, 1, dil)
-    got = conv2d_adjoint(A, w, (stride, stride), (pad, pad), out_pad, 1, (dil, dil))
-    assert got.shape == want.shape == x.shape
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for layout in (torch.contiguous_format, torch.channels_last):  # the phases' copies read any strides
+        got = conv2d_adjoint(A.contiguous(memory_format=layout), w, (stride, stride), (pad, pad), out_pad, 1,
+                             (dil, dil))
+        assert got.shape == want.shape == x.shape
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("rows", [2, 60])  # few rows: the intervals are relaxed per window; many: the map

@@ -185,6 +185,8 @@ def _strided_adjoint(A: Tensor, sub: Tensor, w_shape, s: int, padding, output_pa
     W = (A.shape[3] - 1) * s - 2 * padding[1] + kw + output_padding[1]
     covered = padding[0] + H <= Qh * s and padding[1] + W <= Qw * s and (nh, nw) == (s, s)
     out = (A.new_empty if covered else A.new_zeros)(N, c_out, H, W)
+    o_n, o_c, o_h, o_w = out.stride()
+    p_n, p_c, p_rh, p_rw, p_h, p_w = phases.stride()
     for r_h in range(nh):
         y0 = (r_h - padding[0]) % s  # the first row of the result in phase r_h, and its row in the phase
         q_h, n_h = (y0 + padding[0] - r_h) // s, len(range(y0, H, s))
@@ -193,8 +195,11 @@ def _strided_adjoint(A: Tensor, sub: Tensor, w_shape, s: int, padding, output_pa
             x0 = (r_w - padding[1]) % s
             q_w, n_w = (x0 + padding[1] - r_w) // s, len(range(x0, W, s))
             n_w = min(n_w, Qw - q_w)
-            if n_h > 0 and n_w > 0:
-                out[:, :, y0:y0 + s * n_h:s, x0:x0 + s * n_w:s] = phases[:, :, r_h, r_w, q_h:q_h + n_h, q_w:q_w + n_w]
+            if n_h > 0 and n_w > 0:  # out[:, :, y0::s, x0::s] = phases[:, :, r_h, r_w, q_h:, q_w:], one view each
+                size = (N, c_out, n_h, n_w)
+                out.as_strided(size, (o_n, o_c, s * o_h, s * o_w), out.storage_offset() + y0 * o_h + x0 * o_w).copy_(
+                    phases.as_strided(size, (p_n, p_c, p_h, p_w), phases.storage_offset() + r_h * p_rh + r_w * p_rw
+                                      + q_h * p_h + q_w * p_w))
     return out
 
 
