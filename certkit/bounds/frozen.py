@@ -32,7 +32,8 @@ FORMAT = 2  # bump when the layout below changes (operators' attributes included
 _OPS_PACKAGE = "certkit.bounds.ops."
 _BATCHNORMS = {cls.__name__: cls for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
 _BN_ARGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-_CACHES: dict[str, Callable[[], Any]] = {"_derived": dict, "_on": dict}  # recomputed on demand: stored empty
+# recomputed on demand: stored empty
+_CACHES: dict[str, Callable[[], Any]] = {"_derived": dict, "_on": dict, "_lines": lambda: None}
 
 
 class Unfreezable(Exception):

@@ -254,7 +254,7 @@ def _activation(op: Activation, win: Windows, bounds: Interval):
         win = win.cleaned()
         a_l, b_l, a_u, b_u = op.relax(*win.cut_all(lo, up))
     else:
-        a_l, b_l, a_u, b_u = win.cut_all(*op.relax(lo, up))
+        a_l, b_l, a_u, b_u = win.cut_all(*op.lines(lo, up))
     A = win.A
     negative = A.clamp(max=0)
     A_in = through_lines(A, negative, a_l, a_u)

@@ -148,9 +148,23 @@ class Activation(Monotone):
     def relax(self, lo: Tensor, up: Tensor, alpha: Tensor | None = None):
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def lines(self, lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+        """``relax(lo, up)``, kept for the last interval asked for while no gradient is needed:
+        every backward pass of one CROWN call through this node relaxes the same (l, u) tensors
+        (matched by identity; the cache holds them, so no other tensor takes their place)."""
+        if torch.is_grad_enabled():
+            return self.relax(lo, up)
+        hit = getattr(self, "_lines", None)
+        if hit is None or hit[0] is not lo or hit[1] is not up:
+            hit = self._lines = (lo, up, self.relax(lo, up))
+        return hit[2]
+
     def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
         lo, up = in_bounds[0]
-        a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), alpha)
+        if alpha is None:
+            a_l, b_l, a_u, b_u = (None if t is None else t.unsqueeze(1) for t in self.lines(lo, up))
+        else:
+            a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), alpha)
         negative = A.clamp(max=0)
         A_in = through_lines(A, negative, a_l, a_u)
         bias = batched_dot(negative, b_u)
