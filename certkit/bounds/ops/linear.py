@@ -100,12 +100,14 @@ class Linear(_Weighted):
 
 
 # The adjoint's output channels (the convolution's input channels) up to which a strided adjoint
-# runs as one convolution of the s² phase sub-kernels whose phases are then interleaved (a kernel
-# the stride does not divide padded with zero taps to a multiple of it). That convolution has s²
-# times the output channels: on an image's 1–3 channels it is 2–4× faster than oneDNN's transposed
-# convolution, on 8 channels 0.65–0.9× the time of the channels-last one (3×3 and 5×5 kernels
-# padded to 4×4 and 6×6 included), on 16 channels 1.05–1.3× (one thread, 100–450 rows of 3–15²).
-_PHASE_MAX_CHANNELS = 8
+# runs as one convolution of the s² phase sub-kernels whose phases are then interleaved: for a
+# kernel the stride divides, and (fewer) for one padded with zero taps to a multiple of it, whose
+# sub-kernels hold (k/s rounded up)²·s²/k² times the taps. That convolution has s² times the
+# output channels. One thread, 20–700 rows of 3–16²: on an image's 1–3 channels it is 2–4× faster
+# than oneDNN's transposed convolution; against the channels-last one, 0.6–0.9× the time into 8
+# and 16 channels (4×4 kernels) or 8 channels (3×3, 5×5), 1.05–1.3× into 16 (3×3) or 32 (4×4).
+_PHASE_MAX_CHANNELS = 16
+_PADDED_PHASE_MAX_CHANNELS = 8
 # Input channels from which a strided transposed convolution runs on channels-last copies: oneDNN's
 # kernel for the default layout is the slow one (32→16 channels, 3×3 stride 2, 1,000 rows of 8×8:
 # 33 → 18 ms one thread, copies included; never slower measured from 16 channels).
@@ -115,14 +117,16 @@ _CHANNELS_LAST_FROM = 16
 def adjoint_kernel(w: Tensor, stride, groups: int, dilation) -> Tensor | None:
     """The kernel :func:`conv2d_adjoint` convolves with on a CPU, which depends on the weights
     alone (so callers may cache it): the kernel flipped with its channels swapped (no stride),
-    the phase sub-kernels (a stride, at most ``_PHASE_MAX_CHANNELS``), or None (the transposed
-    convolution takes w itself)."""
+    the phase sub-kernels (a stride, into few channels: ``_PHASE_MAX_CHANNELS``), or None (the
+    transposed convolution takes w itself)."""
     if groups != 1 or w.device.type != "cpu":
         return None
     if tuple(stride) == (1, 1):
         return w.transpose(0, 1).flip(2, 3)
-    if tuple(dilation) == (1, 1) and stride[0] == stride[1] and w.shape[1] <= _PHASE_MAX_CHANNELS:
-        return _phase_kernels(w, stride[0])
+    if tuple(dilation) == (1, 1) and stride[0] == stride[1]:
+        divides = all(k % stride[0] == 0 for k in w.shape[2:])
+        if w.shape[1] <= (_PHASE_MAX_CHANNELS if divides else _PADDED_PHASE_MAX_CHANNELS):
+            return _phase_kernels(w, stride[0])
     return None
 
 
