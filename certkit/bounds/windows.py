@@ -226,10 +226,11 @@ def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
     win = win.cleaned()  # what the padding holds must not reach the input's map
     B, S, C, kh, kw = win.A.shape
     rows = win.A.reshape(B * S, C, kh, kw)
-    if kh * kw == 1 and B * S > 2 * C:
-        # many single-position rows (a refinement's first step): one matrix product with the kernel.
-        # Wider windows take the adjoint convolution: their dense window-to-window map is mostly
-        # zeros (11×11 windows into 23×23 ones by a 3×3 stride-2 kernel: 59× the multiplications)
+    if kh * kw == 1:
+        # single-position rows (a refinement's first step): one matrix product with the kernel's
+        # window-to-window map (cached per weights; a convolution call costs ~0.1 ms however few
+        # rows). Wider windows take the adjoint convolution: their dense window-to-window map is
+        # mostly zeros (11×11 windows into 23×23 ones by a 3×3 stride-2 kernel: 59× the multiplications)
         T = op._from_weights("window map", w, lambda w: op.adjoint(
             torch.eye(C, dtype=w.dtype, device=w.device).reshape(C, C, 1, 1), w, (0, 0), (0, 0)))
         A_in = (rows.reshape(B * S, -1) @ T.reshape(T.shape[0], -1)).reshape(B, S, *T.shape[1:])
