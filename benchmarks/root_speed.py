@@ -76,6 +76,8 @@ CHILD = r"""
 import json, os, sys, time
 start = time.perf_counter()
 import onnxruntime, torch  # noqa: F401  (imported lazily on the solve path)
+from certkit.memory import reuse_freed_memory
+reuse_freed_memory()  # as the worker does
 if os.environ.get("CERTKIT_CACHE") == "off":
     import onnx2torch  # noqa: F401  (converting: imported on the load path)
 from certkit.complete.solver import Solver

@@ -107,6 +107,9 @@ def main() -> None:
       certkit inspect model.onnx
       certkit bounds model.onnx --center x.npy --eps 8/255 --method crown --label 3
     """
+    from certkit.memory import reuse_freed_memory
+
+    reuse_freed_memory()
 
 
 @main.command()

@@ -131,3 +131,27 @@ def peak_rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# glibc's mallopt parameters M_TRIM_THRESHOLD and M_MMAP_THRESHOLD, and what certkit's own processes
+# set them to: blocks below 32 MiB from the heap, up to 64 MiB of free heap kept for the next ones
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_KEEP_FREE, _HEAP_BELOW = 64 << 20, 32 << 20
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc serve blocks below 32 MiB from its heap and keep up to 64 MiB of it free
+    for the next blocks (mallopt ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``), instead of mapping
+    fresh pages for large blocks and handing freed heap back at once. A CROWN pass allocates and
+    frees coefficient tensors of a few MiB at every step; mapped anew, each page-faults its way in
+    again. Both or neither: setting one turns glibc's adaptive choice of both off, and the other's
+    small default then maps or trims at every step (slower than not tuning at all). For the
+    processes certkit owns (its command line and the ``run-instance`` worker), not on import: it is
+    the process's allocator. False where it does not apply (no glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        return libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREE) == 1 and libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BELOW) == 1
+    except (OSError, AttributeError):
+        return False

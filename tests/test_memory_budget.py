@@ -335,3 +335,27 @@ def test_resnet18_at_224_stays_near_its_budget(tmp_path):
     growth = {k: parse_size(rows[k]["peak_growth"].replace(" ", "").replace("iB", "")) for k in ("default", "64M")}
     assert growth["64M"] < growth["default"] and growth["64M"] < 64 * 2**20 + 128 * 2**20
     assert rows["4M"]["result"].startswith("error:") and "--max-memory" in rows["4M"]["result"]
+
+
+def test_certkit_processes_keep_freed_memory_for_the_next_tensors(monkeypatch):
+    """The command line and the run-instance worker tune glibc's malloc (where it is the allocator):
+    both thresholds or neither, and tensors still allocate and free afterwards."""
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    import certkit.memory
+    import certkit.vnncomp.worker as worker
+    from certkit.cli import main
+
+    code = ("from certkit.memory import reuse_freed_memory; import torch; ok = reuse_freed_memory(); "
+            "[torch.ones(1 << 23).sum() for _ in range(3)]; print(ok)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(platform.libc_ver()[0] == "glibc")
+    calls = []
+    monkeypatch.setattr(certkit.memory, "reuse_freed_memory", lambda: calls.append(1))
+    assert CliRunner().invoke(main, ["operators"]).exit_code == 0 and calls == [1]
+    assert "reuse_freed_memory()" in Path(worker.__file__).read_text().split('if __name__ == "__main__":')[1]

@@ -117,6 +117,9 @@ if __name__ == "__main__":
 
     faulthandler.enable()  # a crash in native code (torch, onnxruntime) leaves its stack in the log
     die_with_parent()
+    from certkit.memory import reuse_freed_memory
+
+    reuse_freed_memory()
     code = main(sys.argv[1:])
     # the result file is written and renamed into place: end now, without the interpreter's
     # shutdown (about 1 s of torch and onnx2torch tearing down, counted against the limit)
