@@ -64,7 +64,9 @@ print(json.dumps({"domains": out.domains, "seconds": time.perf_counter() - t, "s
 def measure(tree: Path, family_dir: Path, index: int, batches: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}  # run in the tree: ``python -c`` imports from its cwd first
     out = subprocess.run([sys.executable, "-c", CHILD, str(family_dir.resolve()), str(index), str(batches)],
-                         env=env, cwd=tree, capture_output=True, text=True, check=True)
+                         env=env, cwd=tree, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"{family_dir.name} #{index} in {tree}: the child failed ({out.returncode}):\n{out.stderr[-3000:]}")
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert lines[0]["certkit"] == str(tree / "certkit" / "__init__.py"), lines[0]  # the tree asked for
     return lines[-1]

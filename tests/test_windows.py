@@ -320,3 +320,27 @@ def test_kernels_derived_from_weights_follow_every_change_of_them(change):
         fresh = BoundedModel(net, (2, 8, 8)).compute_bounds(lo, up, "crown")
     assert not torch.allclose(before[0], fresh[0])
     assert torch.equal(after[0], fresh[0]) and torch.equal(after[1], fresh[1])
+
+
+def test_a_model_copies_after_bounding_with_intervals_of_an_autograd_graph():
+    """Operators cache the lines of the intervals they relaxed and kernels of their weights; a copy
+    (branch and bound's float32 twin) starts without them, even when the intervals came from a pass
+    with gradients (α-CROWN's, relaxed again without), which ``copy.deepcopy`` refuses to copy."""
+    import copy
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)).double()
+    bm = BoundedModel(net, (1, 7, 7))
+    x = torch.rand(1, 1, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        want = bm.compute_bounds(x - 0.1, x + 0.1, "crown")
+    relu = next(n.op for n in bm.graph.nodes[1:] if n.op.kind == "relu")
+    h = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    lo, up = h - 1, h + 1  # intervals with an autograd history
+    with torch.no_grad():
+        relu.lines(lo, up)
+    assert relu._lines[0] is lo
+    twin = copy.deepcopy(bm).to(torch.float32)
+    with torch.no_grad():
+        got = twin.compute_bounds((x - 0.1).float(), (x + 0.1).float(), "crown")
+    assert torch.allclose(got[0].double(), want[0], atol=1e-5) and torch.allclose(got[1].double(), want[1], atol=1e-5)

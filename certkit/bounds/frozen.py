@@ -26,14 +26,13 @@ import torch
 import torch.nn as nn
 
 from certkit.bounds.graph import Graph, Node
-from certkit.bounds.ops.base import Op
+from certkit.bounds.ops.base import EMPTY_CACHES, Op
 
 FORMAT = 2  # bump when the layout below changes (operators' attributes included)
 _OPS_PACKAGE = "certkit.bounds.ops."
 _BATCHNORMS = {cls.__name__: cls for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
 _BN_ARGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-# recomputed on demand: stored empty
-_CACHES: dict[str, Callable[[], Any]] = {"_derived": dict, "_on": dict, "_lines": lambda: None}
+_CACHES: dict[str, Callable[[], Any]] = {**EMPTY_CACHES, "_on": dict}  # recomputed on demand: stored empty
 
 
 class Unfreezable(Exception):

@@ -19,7 +19,8 @@ IBP, which lets full CROWN skip them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,12 +76,22 @@ def bias_sum(A: Tensor, t: Tensor) -> Tensor:
     return (A * t).flatten(2).sum(-1)
 
 
+# attributes in which operators cache tensors derived from their weights or intervals, and their
+# empty values: copies start from these (a cache may hold tensors of an autograd graph, which
+# ``copy.deepcopy`` refuses, and refills on use)
+EMPTY_CACHES: dict[str, Callable[[], Any]] = {"_lines": lambda: None, "_derived": dict}
+
+
 class Op:
     """Base class of the node kinds."""
 
     kind = "op"
     affine = False
     mixing = False
+
+    def __getstate__(self) -> dict:
+        """What a copy takes (``copy.deepcopy`` of a model): everything but the caches, emptied."""
+        return {k: EMPTY_CACHES[k]() if k in EMPTY_CACHES else v for k, v in self.__dict__.items()}
 
     def forward(self, *xs: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
