@@ -344,3 +344,18 @@ def test_a_model_copies_after_bounding_with_intervals_of_an_autograd_graph():
     with torch.no_grad():
         got = twin.compute_bounds((x - 0.1).float(), (x + 0.1).float(), "crown")
     assert torch.allclose(got[0].double(), want[0], atol=1e-5) and torch.allclose(got[1].double(), want[1], atol=1e-5)
+
+
+def test_lines_follow_intervals_changed_in_place():
+    """An activation keeps the lines of the last intervals it relaxed; the same tensors changed in
+    place (a split neuron clamped) are relaxed again."""
+    from certkit.bounds.ops.activation import ReLU
+
+    relu = ReLU()
+    lo, up = torch.tensor([[-1.0, -2.0]]), torch.tensor([[1.0, 3.0]])
+    with torch.no_grad():
+        first = relu.lines(lo, up)
+        assert relu.lines(lo, up) is first
+        lo[0, 0] = 0.0  # the first neuron now stable: the identity
+        again = relu.lines(lo, up)
+    assert again is not first and again[0][0, 0] == 1 and again[2][0, 0] == 1 and again[3][0, 0] == 0

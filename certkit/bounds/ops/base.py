@@ -162,13 +162,15 @@ class Activation(Monotone):
     def lines(self, lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
         """``relax(lo, up)``, kept for the last interval asked for while no gradient is needed:
         every backward pass of one CROWN call through this node relaxes the same (l, u) tensors
-        (matched by identity; the cache holds them, so no other tensor takes their place)."""
+        (matched by identity and version, so not after a change in place; the cache holds them, so
+        no other tensor takes their place)."""
         if torch.is_grad_enabled():
             return self.relax(lo, up)
         hit = getattr(self, "_lines", None)
-        if hit is None or hit[0] is not lo or hit[1] is not up:
-            hit = self._lines = (lo, up, self.relax(lo, up))
-        return hit[2]
+        versions = (lo._version, up._version)
+        if hit is None or hit[0] is not lo or hit[1] is not up or hit[2] != versions:
+            hit = self._lines = (lo, up, versions, self.relax(lo, up))
+        return hit[3]
 
     def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
         lo, up = in_bounds[0]
