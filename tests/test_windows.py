@@ -339,7 +339,7 @@ def test_a_model_copies_after_bounding_with_intervals_of_an_autograd_graph():
     lo, up = h - 1, h + 1  # intervals with an autograd history
     with torch.no_grad():
         relu.lines(lo, up)
-    assert relu._lines[0] is lo
+    assert relu._relaxed[0] is lo
     twin = copy.deepcopy(bm).to(torch.float32)
     with torch.no_grad():
         got = twin.compute_bounds((x - 0.1).float(), (x + 0.1).float(), "crown")

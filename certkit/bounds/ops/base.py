@@ -79,7 +79,7 @@ def bias_sum(A: Tensor, t: Tensor) -> Tensor:
 # attributes in which operators cache tensors derived from their weights or intervals, and their
 # empty values: copies start from these (a cache may hold tensors of an autograd graph, which
 # ``copy.deepcopy`` refuses, and refills on use)
-EMPTY_CACHES: dict[str, Callable[[], Any]] = {"_lines": lambda: None, "_derived": dict}
+EMPTY_CACHES: dict[str, Callable[[], Any]] = {"_relaxed": lambda: None, "_derived": dict}
 
 
 class Op:
@@ -166,10 +166,10 @@ class Activation(Monotone):
         no other tensor takes their place)."""
         if torch.is_grad_enabled():
             return self.relax(lo, up)
-        hit = getattr(self, "_lines", None)
+        hit = getattr(self, "_relaxed", None)
         versions = (lo._version, up._version)
         if hit is None or hit[0] is not lo or hit[1] is not up or hit[2] != versions:
-            hit = self._lines = (lo, up, versions, self.relax(lo, up))
+            hit = self._relaxed = (lo, up, versions, self.relax(lo, up))
         return hit[3]
 
     def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
