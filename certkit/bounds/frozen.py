@@ -32,7 +32,6 @@ FORMAT = 2  # bump when the layout below changes (operators' attributes included
 _OPS_PACKAGE = "certkit.bounds.ops."
 _BATCHNORMS = {cls.__name__: cls for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
 _BN_ARGS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-_CACHES: dict[str, Callable[[], Any]] = {**EMPTY_CACHES, "_on": dict}  # recomputed on demand: stored empty
 
 
 class Unfreezable(Exception):
@@ -90,8 +89,8 @@ def _encode_op(op: Op, where: str) -> dict:
     cls = type(op)
     state = {}
     for name, value in vars(op).items():
-        if name in _CACHES:
-            value = _CACHES[name]()
+        if name in EMPTY_CACHES:  # recomputed on demand: stored empty
+            value = EMPTY_CACHES[name]()
         elif isinstance(value, types.FunctionType) and _takes_no_arguments(value):
             value = Fixed(value())  # a live weights provider: its current value
         elif name == "module" and isinstance(value, nn.Module) and "raw" in vars(op):

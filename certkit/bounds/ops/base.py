@@ -79,7 +79,7 @@ def bias_sum(A: Tensor, t: Tensor) -> Tensor:
 # attributes in which operators cache tensors derived from their weights or intervals, and their
 # empty values: copies start from these (a cache may hold tensors of an autograd graph, which
 # ``copy.deepcopy`` refuses, and refills on use)
-EMPTY_CACHES: dict[str, Callable[[], Any]] = {"_relaxed": lambda: None, "_derived": dict}
+EMPTY_CACHES: dict[str, Callable[[], Any]] = {"_relaxed": lambda: None, "_derived": dict, "_on": dict}
 
 
 class Op:
@@ -172,12 +172,15 @@ class Activation(Monotone):
             hit = self._relaxed = (lo, up, versions, self.relax(lo, up))
         return hit[3]
 
-    def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
-        lo, up = in_bounds[0]
+    def row_lines(self, lo: Tensor, up: Tensor, alpha: Tensor | None = None) -> tuple:
+        """The lines a backward pass meets, with a row axis after the batch: the (cached) lines
+        shared by every row, or α-CROWN's per row."""
         if alpha is None:
-            a_l, b_l, a_u, b_u = (None if t is None else t.unsqueeze(1) for t in self.lines(lo, up))
-        else:
-            a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), alpha)
+            return tuple(None if t is None else t.unsqueeze(1) for t in self.lines(lo, up))
+        return self.relax(lo.unsqueeze(1), up.unsqueeze(1), alpha)
+
+    def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
+        a_l, b_l, a_u, b_u = self.row_lines(*in_bounds[0], alpha)
         negative = A.clamp(max=0)
         A_in = through_lines(A, negative, a_l, a_u)
         bias = batched_dot(negative, b_u)

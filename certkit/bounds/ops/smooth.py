@@ -215,8 +215,7 @@ class Smooth(Activation):
 
     def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
         """As :meth:`Activation.backward`, with 0·inf = 0 for infinite intercepts."""
-        lo, up = in_bounds[0]
-        a_l, b_l, a_u, b_u = self.relax(lo.unsqueeze(1), up.unsqueeze(1), alpha)
+        a_l, b_l, a_u, b_u = self.row_lines(*in_bounds[0], alpha)
         pos, neg = A.clamp(min=0), A.clamp(max=0)
         return [pos * a_l + neg * a_u], _dot_safe(pos, b_l) + _dot_safe(neg, b_u)
 
