@@ -4,6 +4,7 @@ The element-wise affine maps are Add/Sub/Mul/Div with one constant operand."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -174,37 +175,38 @@ def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups
 
 def _strided_adjoint(A: Tensor, sub: Tensor, w_shape, s: int, padding, output_padding) -> Tensor:
     """``conv_transpose2d(A, w, stride=s, …)`` for w of shape ``w_shape``: one convolution with
-    its phase sub-kernels ``sub`` (:func:`_phase_kernels`), then each phase copied to every s-th
-    position of the result, its padding cut (positions past the kernel's reach, the output
-    padding, stay zero). The copies do what ``pixel_shuffle`` and a crop would, 3–5× faster than
-    ``pixel_shuffle`` alone. A kernel narrower than the stride (1×1 stride 2) leaves phases
-    without a tap: they are not computed, their positions stay zero."""
+    its phase sub-kernels ``sub`` (:func:`_phase_kernels`), then one gather that puts each phase at
+    every s-th position of the result and cuts its padding (:func:`_interleave`: 1.2–1.7× faster
+    than a strided copy per phase, 3–5× faster than ``pixel_shuffle`` and a crop). A kernel
+    narrower than the stride (1×1 stride 2) leaves phases without a tap: they are not computed."""
     _, c_out, kh, kw = w_shape
     Lh, Lw = sub.shape[2:]
-    nh, nw = min(s, kh), min(s, kw)  # phases r < k hold a tap; the others are zero
     phases = F.conv2d(A, sub, None, 1, (Lh - 1, Lw - 1))  # phase (r_h, r_w) of position (q_h·s + r_h, q_w·s + r_w)
     N, _, Qh, Qw = phases.shape
-    phases = phases.view(N, c_out, nh, nw, Qh, Qw)
     H = (A.shape[2] - 1) * s - 2 * padding[0] + kh + output_padding[0]
     W = (A.shape[3] - 1) * s - 2 * padding[1] + kw + output_padding[1]
-    covered = padding[0] + H <= Qh * s and padding[1] + W <= Qw * s and (nh, nw) == (s, s)
-    out = (A.new_empty if covered else A.new_zeros)(N, c_out, H, W)
-    o_n, o_c, o_h, o_w = out.stride()
-    p_n, p_c, p_rh, p_rw, p_h, p_w = phases.stride()
-    for r_h in range(nh):
-        y0 = (r_h - padding[0]) % s  # the first row of the result in phase r_h, and its row in the phase
-        q_h, n_h = (y0 + padding[0] - r_h) // s, len(range(y0, H, s))
-        n_h = min(n_h, Qh - q_h)
-        for r_w in range(nw):
-            x0 = (r_w - padding[1]) % s
-            q_w, n_w = (x0 + padding[1] - r_w) // s, len(range(x0, W, s))
-            n_w = min(n_w, Qw - q_w)
-            if n_h > 0 and n_w > 0:  # out[:, :, y0::s, x0::s] = phases[:, :, r_h, r_w, q_h:, q_w:], one view each
-                size = (N, c_out, n_h, n_w)
-                out.as_strided(size, (o_n, o_c, s * o_h, s * o_w), out.storage_offset() + y0 * o_h + x0 * o_w).copy_(
-                    phases.as_strided(size, (p_n, p_c, p_h, p_w), phases.storage_offset() + r_h * p_rh + r_w * p_rw
-                                      + q_h * p_h + q_w * p_w))
-    return out
+    index, unreached = _interleave(c_out, min(s, kh), min(s, kw), Qh, Qw, s, tuple(padding), H, W, A.device)
+    out = phases.reshape(N, -1).index_select(1, index)
+    if unreached is not None:  # positions no tap reaches (output padding, phases without a tap) are 0
+        out.masked_fill_(unreached, 0)
+    return out.view(N, c_out, H, W)
+
+
+@functools.lru_cache(maxsize=256)
+def _interleave(c_out: int, nh: int, nw: int, Qh: int, Qw: int, s: int, padding: tuple[int, int], H: int, W: int,
+                device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """Where each element (c, y, x) of a strided adjoint's result lies among the flattened phases
+    (c, r_h, r_w, q_h, q_w) of :func:`_strided_adjoint`: y + p = q_h·s + r_h (likewise x). Positions
+    that no phase reaches (r ≥ n, q ≥ Q) point at element 0, and are marked in a mask (None when
+    there are none)."""
+    y = torch.arange(H) + padding[0]
+    x = torch.arange(W) + padding[1]
+    r_h, q_h, r_w, q_w = y % s, y // s, x % s, x // s
+    ok = ((r_h < nh) & (q_h < Qh))[:, None] & ((r_w < nw) & (q_w < Qw))[None, :]
+    within = ((r_h * nw)[:, None] + r_w[None, :]) * (Qh * Qw) + (q_h * Qw)[:, None] + q_w[None, :]  # (H, W)
+    index = torch.arange(c_out)[:, None, None] * (nh * nw * Qh * Qw) + torch.where(ok, within, 0)
+    unreached = None if bool(ok.all()) else (~ok).expand(c_out, H, W).reshape(-1).to(device)
+    return index.reshape(-1).to(device), unreached
 
 
 class Conv2d(_Weighted):
