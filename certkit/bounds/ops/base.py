@@ -164,13 +164,20 @@ class Activation(Monotone):
         every backward pass of one CROWN call through this node relaxes the same (l, u) tensors
         (matched by identity and version, so not after a change in place; the cache holds them, so
         no other tensor takes their place)."""
+        return self._cached(lo, up, "lines", lambda: self.relax(lo, up))
+
+    def _cached(self, lo: Tensor, up: Tensor, what: str, make: Callable[[], Any]) -> Any:
+        """``make()``, kept beside the relaxation of (lo, up) (see :meth:`lines`) under ``what``;
+        recomputed on every call while gradients are on."""
         if torch.is_grad_enabled():
-            return self.relax(lo, up)
+            return make()
         hit = getattr(self, "_relaxed", None)
         versions = (lo._version, up._version)
         if hit is None or hit[0] is not lo or hit[1] is not up or hit[2] != versions:
-            hit = self._relaxed = (lo, up, versions, self.relax(lo, up))
-        return hit[3]
+            hit = self._relaxed = (lo, up, versions, {})
+        if what not in hit[3]:
+            hit[3][what] = make()
+        return hit[3][what]
 
     def row_lines(self, lo: Tensor, up: Tensor, alpha: Tensor | None = None) -> tuple:
         """The lines a backward pass meets, with a row axis after the batch: the (cached) lines
@@ -179,13 +186,33 @@ class Activation(Monotone):
             return tuple(None if t is None else t.unsqueeze(1) for t in self.lines(lo, up))
         return self.relax(lo.unsqueeze(1), up.unsqueeze(1), alpha)
 
+    def _shared_terms(self, lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """What a backward step with lines shared by every row reads, derived once per relaxation:
+        the lower slopes and the slopes' gap a_u − a_l (B, 1, *shape), and the intercepts b_l, b_u
+        as columns (B, n, 1) of one batched product each."""
+        def make():
+            a_l, b_l, a_u, b_u = self.lines(lo, up)
+            column = lambda b: None if b is None else b.reshape(b.shape[0], -1, 1)  # noqa: E731
+            return a_l.unsqueeze(1), (a_u - a_l).unsqueeze(1), column(b_l), column(b_u)
+        return self._cached(lo, up, "shared terms", make)
+
     def backward(self, A, in_bounds, alpha: Tensor | None = None, **kw):
-        a_l, b_l, a_u, b_u = self.row_lines(*in_bounds[0], alpha)
+        if alpha is not None:
+            a_l, b_l, a_u, b_u = self.row_lines(*in_bounds[0], alpha)
+            negative = A.clamp(max=0)
+            A_in = through_lines(A, negative, a_l, a_u)
+            bias = batched_dot(negative, b_u)
+            if b_l is not None:
+                bias = bias + batched_dot(A - negative, b_l)
+            return [A_in], bias
+        # A⁺·a_l + A⁻·a_u = A·a_l + A⁻·(a_u − a_l); A⁻·b_u (+ A⁺·b_l) as batched products
+        a_l, gap, b_l, b_u = self._shared_terms(*in_bounds[0])
+        B, S = A.shape[:2]
         negative = A.clamp(max=0)
-        A_in = through_lines(A, negative, a_l, a_u)
-        bias = batched_dot(negative, b_u)
+        A_in = torch.addcmul(A * a_l, negative, gap)
+        bias = torch.bmm(negative.reshape(B, S, -1), b_u.expand(B, -1, -1)).squeeze(-1)
         if b_l is not None:
-            bias = bias + batched_dot(A - negative, b_l)
+            bias = bias + torch.bmm((A - negative).reshape(B, S, -1), b_l.expand(B, -1, -1)).squeeze(-1)
         return [A_in], bias
 
 
