@@ -14,14 +14,15 @@ def triangle_upper(lo: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     the triangle relaxation's u/(u − l) and −l·u/(u − l) (the intercept is the relaxation's
     largest gap, which branching and the MILP refinement weigh); for a stable one the exact
     line (1, 0 active; 0, 0 inactive)."""
-    return _upper_line(lo, up, (lo < 0) & (up > 0), lo >= 0)
+    return _upper_line(lo, up, (lo < 0) & (up > 0), ReLU.default_alpha(lo, up))
 
 
-def _upper_line(lo: Tensor, up: Tensor, unstable: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`triangle_upper` with the masks the caller already holds (the ReLU rule's hot path)."""
-    denom = torch.where(unstable, up - lo, torch.ones_like(up))
-    slope = torch.where(unstable, up / denom, active.to(up.dtype))
-    return slope, torch.where(unstable, -slope * lo, torch.zeros_like(lo))
+def _upper_line(lo: Tensor, up: Tensor, unstable: Tensor, adaptive: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`triangle_upper` with the masks the caller already holds (the ReLU rule's hot path);
+    ``adaptive`` (:meth:`ReLU.default_alpha`) is a stable neuron's exact slope. The ratio divides
+    by 1 where unused: a 0/0 there would give NaN gradients through the ``where``."""
+    slope = torch.where(unstable, up / torch.where(unstable, up - lo, 1.0), adaptive)
+    return slope, torch.where(unstable, -(slope * lo), 0.0)
 
 
 class ReLU(Activation):
@@ -39,16 +40,16 @@ class ReLU(Activation):
 
     @staticmethod
     def default_alpha(lo: Tensor, up: Tensor) -> Tensor:
+        """CROWN's adaptive lower slope (1 if u >= -l else 0), which is also the exact slope of a
+        stable neuron: 1 when l >= 0, 0 when u <= 0 < -l (and 0 for NaN bounds)."""
         return (up >= -lo).to(lo.dtype)
 
     def relax(self, lo, up, alpha=None):
-        active = lo >= 0
         unstable = (lo < 0) & (up > 0)
-        a_u, b_u = _upper_line(lo, up, unstable, active)
-        slope = self.default_alpha(lo, up) if alpha is None else clamp01(alpha)
-        a_l = torch.where(unstable, slope, active.to(lo.dtype))
+        adaptive = self.default_alpha(lo, up)
+        a_u, b_u = _upper_line(lo, up, unstable, adaptive)
+        a_l = adaptive if alpha is None else torch.where(unstable, clamp01(alpha), adaptive)
         return a_l, None, a_u, b_u
-
 
 
 class SShaped(Activation):
