@@ -115,6 +115,34 @@ _PADDED_PHASE_MAX_CHANNELS = 8
 _CHANNELS_LAST_FROM = 16
 
 
+# Convolutions on a CPU small enough for PyTorch's own kernel (im2col and one matrix product per
+# sample) rather than oneDNN's, which F.conv2d picks for kernels wider than 3 or several samples and
+# which costs 50–90 µs however small the work (one thread): at most this many multiply-adds in all,
+# in at most _NATIVE_MAX_SAMPLES samples (one with a stride: the im2col of a strided kernel is slow).
+# Measured 0.25–0.76× the time where chosen (OVAL21's 4×4 stride-2 convolutions of one box: 0.5–0.7×;
+# 2–8 rows of 2×2 and 3×3 adjoints), never slower.
+_NATIVE_MAX_MACS = 1 << 20
+_NATIVE_MAX_SAMPLES = 8
+
+
+def conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride, padding, dilation=(1, 1), groups: int = 1) -> Tensor:
+    """``F.conv2d`` (integer padding), by PyTorch's own kernel where oneDNN's fixed cost would
+    dominate (``_NATIVE_MAX_MACS``); the same sums, in another order."""
+    stride, padding = _pair(stride), _pair(padding)
+    if x.device.type == "cpu" and groups == 1 and _pair(dilation) == (1, 1) and x.dim() == 4:
+        N, _, H, W = x.shape
+        kh, kw = w.shape[2:]
+        out = ((H + 2 * padding[0] - kh) // stride[0] + 1) * ((W + 2 * padding[1] - kw) // stride[1] + 1)
+        if (N <= (1 if max(stride) > 1 else _NATIVE_MAX_SAMPLES)
+                and N * out * w.shape[0] * w.shape[1] * kh * kw <= _NATIVE_MAX_MACS):
+            return torch._C._nn.thnn_conv2d(x, w, [kh, kw], b, list(stride), list(padding))
+    return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def adjoint_kernel(w: Tensor, stride, groups: int, dilation) -> Tensor | None:
     """The kernel :func:`conv2d_adjoint` convolves with on a CPU, which depends on the weights
     alone (so callers may cache it): the kernel flipped with its channels swapped (no stride),
@@ -166,7 +194,7 @@ def conv2d_adjoint(A: Tensor, w: Tensor, stride, padding, output_padding, groups
             return _strided_adjoint(A, kernel, w.shape, stride[0], padding, output_padding)
         pad = [d * (kk - 1) - p for d, kk, p in zip(dilation, w.shape[2:], padding)]
         if min(pad) >= 0:
-            return F.conv2d(A, kernel, None, 1, pad, dilation)
+            return conv2d(A, kernel, None, 1, pad, dilation)
     if tuple(stride) != (1, 1) and A.shape[1] >= _CHANNELS_LAST_FROM and groups == 1 and A.device.type == "cpu":
         A = A.contiguous(memory_format=torch.channels_last)
         return F.conv_transpose2d(A, w, None, stride, padding, output_padding, groups, dilation).contiguous()
@@ -181,7 +209,7 @@ def _strided_adjoint(A: Tensor, sub: Tensor, w_shape, s: int, padding, output_pa
     narrower than the stride (1×1 stride 2) leaves phases without a tap: they are not computed."""
     _, c_out, kh, kw = w_shape
     Lh, Lw = sub.shape[2:]
-    phases = F.conv2d(A, sub, None, 1, (Lh - 1, Lw - 1))  # phase (r_h, r_w) of position (q_h·s + r_h, q_w·s + r_w)
+    phases = conv2d(A, sub, None, 1, (Lh - 1, Lw - 1))  # phase (r_h, r_w) of position (q_h·s + r_h, q_w·s + r_w)
     N, _, Qh, Qw = phases.shape
     H = (A.shape[2] - 1) * s - 2 * padding[0] + kh + output_padding[0]
     W = (A.shape[3] - 1) * s - 2 * padding[1] + kw + output_padding[1]
@@ -222,7 +250,7 @@ class Conv2d(_Weighted):
         self.in_shape = tuple(in_shape)
 
     def _apply(self, x, w, b):
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _params(self) -> tuple[Tensor, Tensor | None]:
         w, b = self.raw()
