@@ -16,6 +16,7 @@ same two passes over the graph:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -281,8 +282,11 @@ class BoundedModel:
             signs = passes.pop(0)
             if signs == (1.0,):
                 loose = loose & (uf > 0)
-            counts = loose.sum(1)
-            P, k = int(counts.sum()), int(counts.max())
+            if B == 1:
+                P = k = int(loose.sum())
+            else:
+                counts = loose.sum(1)
+                P, k = int(counts.sum()), int(counts.max())
             if P == 0:
                 break
             pass_per_pair = _PADDING_TO_PAIRS * P < B * k if per_pair is None else per_pair
@@ -292,7 +296,7 @@ class BoundedModel:
             if pass_per_pair:
                 self._refine_pairs(loose.nonzero(), *args)
             else:
-                self._refine_domains(loose, k, *args)
+                self._refine_domains(loose, k, P < B * k, *args)
         return lf.reshape(lo.shape), uf.reshape(up.shape)
 
     def _row_cost(self, name: str, alpha_iterations: int) -> int:
@@ -324,37 +328,43 @@ class BoundedModel:
         fit = rows_that_fit(cost * like.element_size(), self.memory_budget(like.device), what)
         return min(fit, max(1, _BACKWARD_BUDGET // cost)) if cap else fit
 
-    def _refine_domains(self, loose: Tensor, k: int, name: str, signs: tuple[float, ...], shape, lf: Tensor,
-                        uf: Tensor, bounds: dict[str, Interval], alpha_iterations: int) -> None:
-        """CROWN bounds of each domain's ``loose`` (B, n) neurons, at most ``k`` per domain, tightening
-        lf, uf (B, n) in place: the lower bounds for sign 1, the upper bounds for sign -1.
+    def _refine_domains(self, loose: Tensor, k: int, padded: bool, name: str, signs: tuple[float, ...], shape,
+                        lf: Tensor, uf: Tensor, bounds: dict[str, Interval], alpha_iterations: int) -> None:
+        """CROWN bounds of each domain's ``loose`` (B, n) neurons, at most ``k`` per domain (``padded``:
+        fewer in some), tightening lf, uf (B, n) in place: the lower bounds for sign 1, the upper
+        bounds for sign -1.
 
         Domain b's rows are its loose neurons, then (up to k) others of its neurons whose bounds are
         dropped: rows of one width for the whole batch, each reading its own domain's intervals
         (nothing gathered). Chunks of rows (and, when one row in every domain is over the memory
         budget, of domains) fit the budget; each row's bound is the same in any chunk."""
         B = lf.shape[0]
-        order = torch.argsort((~loose).to(torch.uint8), dim=1, stable=True)[:, :k]  # loose ones first
-        valid = torch.arange(k, device=lf.device) < loose.sum(1, keepdim=True)
+        if B == 1:
+            order = loose.nonzero()[:, 1].unsqueeze(0)  # (1, k), ascending as the stable sort's
+        else:
+            order = torch.argsort((~loose).to(torch.uint8), dim=1, stable=True)[:, :k]  # loose ones first
+        valid = torch.arange(k, device=lf.device) < loose.sum(1, keepdim=True) if padded else None
         rows = self._chunk_rows(self._row_cost(name, alpha_iterations), lf, f"the CROWN refinement of node {name!r}")
         group = min(B, rows)  # domains per chunk
         m = len(signs)
         for d0 in range(0, B, group):
             dom = slice(d0, min(B, d0 + group))
             g = dom.stop - d0
-            sub = bounds if g == B else self._domains(bounds, name, dom)
+            sub, lf_d, uf_d = (bounds, lf, uf) if g == B else (self._domains(bounds, name, dom), lf[dom], uf[dom])
             per_domain = max(1, rows // g)
-            for part, ok in zip(order[dom].split(per_domain, 1), valid[dom].split(per_domain, 1)):
+            for c0 in range(0, k, per_domain):
+                part = order[dom, c0:c0 + per_domain] if per_domain < k or g < B else order
+                ok = None if valid is None else valid[dom, c0:c0 + per_domain]
                 kk = part.shape[1]
-                index = part.repeat(1, m)  # (g, m·kk): every neuron with the first sign, then the next
-                row_signs = [s for s in signs for _ in range(kk)]
-                A = self._unit_rows(index, row_signs, shape, lf, alpha_iterations)
+                index = torch.cat([part] * m, 1) if m > 1 else part  # every neuron with the first sign, then the next
+                A = self._unit_rows(index, [s for s in signs for _ in range(kk)], shape, lf, alpha_iterations)
                 lb = self._backward(name, A, sub, stop_at_nonlinear=False)
                 lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
                 for j, s in enumerate(signs):
-                    bound = (lf if s > 0 else uf)[dom]
+                    bound = lf_d if s > 0 else uf_d
                     held = bound.gather(1, part)
-                    bound.scatter_(1, part, torch.where(ok, _tightened(held, lb[:, j * kk:(j + 1) * kk], s), held))
+                    new = _tightened(held, lb[:, j * kk:(j + 1) * kk] if m > 1 else lb, s)
+                    bound.scatter_(1, part, new if ok is None else torch.where(ok, new, held))
 
     def _unit_rows(self, index: Tensor, signs: list[float], shape, like: Tensor, alpha_iterations: int,
                    domain: Tensor | None = None) -> Tensor | windows.Windows:
@@ -362,7 +372,7 @@ class BoundedModel:
         windows (:mod:`certkit.bounds.windows`; ``domain``: the sample of the batch each row's
         intervals come from) where they can be, else dense (B, S, *shape) (windows off, α-CROWN's
         optimisation, or a node that is not an image)."""
-        sign = torch.tensor(signs, dtype=like.dtype, device=like.device)
+        sign = _sign_row(tuple(signs), like.dtype, like.device)
         if self.windowed and alpha_iterations == 0:
             win = windows.unit_rows(index, sign, shape, domain)
             if win is not None:
@@ -646,6 +656,12 @@ class _DomainBounds(Mapping[str, Interval]):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+@functools.lru_cache(maxsize=64)
+def _sign_row(signs: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The rows' signs as a tensor (read only), kept: a refinement asks for the same ones per node."""
+    return torch.tensor(signs, dtype=dtype, device=device)
 
 
 def _tightened(bound: Tensor, lb: Tensor, sign: float) -> Tensor:
