@@ -74,10 +74,8 @@ def _accumulate(pending: dict, name: str, A: Tensor | windows.Windows) -> None:
 
 def concretize(A: Tensor, box: Interval) -> Tensor:
     """Lower bound of A·x over the box: A⁺l + A⁻u = A·c − |A|·r, for A of shape (B, S, *shape)."""
-    lo, up = box
     B, S = A.shape[:2]
-    c = ((up + lo) / 2).reshape(B, -1, 1)
-    r = ((up - lo) / 2).reshape(B, -1, 1)
+    c, r = (t.reshape(t.shape[0], -1, 1).expand(B, -1, -1) for t in windows.box_center_radius(box))
     A = A.reshape(B, S, -1)
     return (torch.bmm(A, c) - torch.bmm(A.abs(), r)).squeeze(-1)
 
@@ -427,7 +425,7 @@ class BoundedModel:
         pending: dict[str, Tensor | windows.Windows] = {start: A}
         if isinstance(A, windows.Windows):
             A = A.A  # (B, S, ...): the rows' count and dtype
-        lb = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
+        lb = None
         for node in self._ancestors_of(start):
             A_n = pending.pop(node.name, None)
             if extra is not None and node.name in extra:
@@ -437,29 +435,30 @@ class BoundedModel:
             if isinstance(A_n, windows.Windows):
                 done = self._windowed_step(node, A_n, bounds, pending)
                 if done is not None:
-                    lb = lb + done
+                    lb = _add(lb, done)
                     continue
                 A_n = A_n.dense()
             if record is not None:
                 record[node.name] = A_n
             if node.op is None or (stop_at_nonlinear and not node.op.affine):
-                lb = lb + concretize(A_n, bounds[node.name])
+                lb = _add(lb, concretize(A_n, bounds[node.name]))
                 continue
             kw = {}
             if alphas is not None and node.name in alphas:
                 kw["alpha"] = alphas[node.name]
             A_ins, bias = node.op.backward(A_n, [bounds[i] for i in node.inputs], **kw)
             if bias is not None:
-                lb = lb + bias
+                lb = _add(lb, bias)
             for i, A_i in zip(node.inputs, A_ins):
                 _accumulate(pending, i, A_i)
-        return lb
+        zero = lb is None or lb.shape != A.shape[:2]  # (a term broadcast over the rows or samples)
+        return torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device) + (0 if lb is None else lb) if zero else lb
 
     def _windowed_step(self, node, win: windows.Windows, bounds: dict[str, Interval],
-                       pending: dict[str, Tensor | windows.Windows]) -> Tensor | None:
+                       pending: dict[str, Tensor | windows.Windows]) -> Tensor | int | None:
         """One step of the backward pass on windows (:mod:`certkit.bounds.windows`): the bias it
-        adds, with the inputs' windows added to ``pending``; None when this node needs dense
-        coefficients."""
+        adds (0 for none), with the inputs' windows added to ``pending``; None when this node needs
+        dense coefficients."""
         if win.domain is not None:  # the rows index the batch's intervals themselves
             bounds = bounds.whole
         if node.op is None:
@@ -471,7 +470,7 @@ class BoundedModel:
         A_ins, bias = step
         for i, A_i in zip(node.inputs, A_ins):
             _accumulate(pending, i, A_i if A_i.fits() else A_i.dense())
-        return torch.zeros(win.A.shape[:2], dtype=win.A.dtype, device=win.A.device) if bias is None else bias
+        return 0 if bias is None else bias
 
     def compute_bounds(self, lower: Tensor, upper: Tensor, method: str = "crown", C: Tensor | None = None,
                        bound_upper: bool = True, x: Tensor | None = None, intersect: bool = True,
@@ -662,6 +661,13 @@ class _DomainBounds(Mapping[str, Interval]):
 def _sign_row(signs: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """The rows' signs as a tensor (read only), kept: a refinement asks for the same ones per node."""
     return torch.tensor(signs, dtype=dtype, device=device)
+
+
+def _add(total: Tensor | None, term: Tensor | int) -> Tensor | None:
+    """A running sum of bias terms (None: nothing yet; 0: a step without one)."""
+    if isinstance(term, int):
+        return total
+    return term if total is None else total + term
 
 
 def _tightened(bound: Tensor, lb: Tensor, sign: float) -> Tensor:

@@ -29,6 +29,7 @@ are the same up to float rounding, and the tests hold the two paths to each othe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -127,9 +128,7 @@ class Windows:
             # by flat offsets: each row's window's first element, plus the window's own pattern
             Hp, Wp = padded.shape[2:]
             first = (which * C * Hp + top) * Wp + left  # (B, S)
-            pattern = ((torch.arange(C, device=first.device)[:, None, None] * Hp
-                        + torch.arange(kh, device=first.device)[:, None]) * Wp + torch.arange(kw, device=first.device))
-            index = (first[..., None] + pattern.reshape(-1)).reshape(-1)
+            index = (first[..., None] + _window_pattern(C, kh, kw, Hp, Wp, first.device)).reshape(-1)
             return padded.reshape(-1).index_select(0, index).reshape(B, S, C, kh, kw)
         # every window position copied once (see _WIDE), then whole rows of that matrix picked
         # (index_select: 3–6× faster than gathering each row's window from the strided view)
@@ -186,6 +185,14 @@ class Windows:
         out = self.A.new_zeros(R * n + 1)
         out.index_put_((index.reshape(-1),), self.A.reshape(-1))
         return out[:R * n].view(B, S, C, H, W)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_pattern(C: int, kh: int, kw: int, Hp: int, Wp: int, device: torch.device) -> Tensor:
+    """The flat offsets of a kh×kw window's elements (C, kh, kw, flattened) in (C, Hp, Wp) maps,
+    from its first element."""
+    pattern = (torch.arange(C)[:, None, None] * Hp + torch.arange(kh)[:, None]) * Wp + torch.arange(kw)
+    return pattern.reshape(-1).to(device)
 
 
 def unit_rows(index: Tensor, signs: Tensor, shape, domain: Tensor | None = None) -> Windows | None:
@@ -317,6 +324,22 @@ def merge(a: Windows, b: Windows) -> Windows | None:
 def concretize(win: Windows, box: Interval) -> Tensor:
     """Lower bound (B, S) of the windowed A·x over the box (A·c − |A|·r on each window; c and r
     are cut as zero off the map, so whatever A holds there adds nothing)."""
-    lo, up = box
-    c, r = win.cut_all((lo + up) / 2, (up - lo) / 2)
+    c, r = win.cut_all(*box_center_radius(box))
     return _dot(win.A, c) - _dot(win.A.abs(), r)
+
+
+_last_box: list = [None]
+
+
+def box_center_radius(box: Interval) -> tuple[Tensor, Tensor]:
+    """((u + l)/2, (u − l)/2) of a box, kept for the last box asked for while no gradient is
+    needed: every pass of one CROWN call concretises against the same input box (matched by
+    identity and version, as :meth:`~certkit.bounds.ops.Activation.lines` matches intervals)."""
+    lo, up = box
+    if torch.is_grad_enabled():
+        return (up + lo) / 2, (up - lo) / 2
+    hit = _last_box[0]
+    versions = (lo._version, up._version)
+    if hit is None or hit[0] is not lo or hit[1] is not up or hit[2] != versions:
+        hit = _last_box[0] = (lo, up, versions, ((up + lo) / 2, (up - lo) / 2))
+    return hit[3]

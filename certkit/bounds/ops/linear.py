@@ -92,7 +92,9 @@ class Linear(_Weighted):
     def backward(self, A, in_bounds, **kw):
         w, _ = self.raw()
         s, bias = self._output_affine()
-        bias_term = None if bias is None else A.matmul(bias).reshape(A.shape[0], A.shape[1], -1).sum(-1)
+        bias_term = None if bias is None else A.matmul(bias)
+        if bias_term is not None and A.dim() > 3:  # the map applied along the last of several dims
+            bias_term = bias_term.reshape(A.shape[0], A.shape[1], -1).sum(-1)
         return [(A if s is None else A * s).matmul(w)], bias_term
 
     def describe(self):
