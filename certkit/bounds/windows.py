@@ -49,6 +49,12 @@ _WIDE = 5
 # strided view, whose inner runs are a window's rows: 3×3 to 12×12); wider ones from the view
 # (31×31: 0.8× the time of the flat gather, which builds an index per element).
 _GATHER_WIDE = 16
+# Windowed convolution adjoints by a matrix product with the window-to-window map (_by_window_map):
+# its largest size (entries), the product's work (multiply-adds) below which it is used whatever the
+# map's zeros, and above it the largest ratio of its work to the convolution's.
+_WINDOW_MAP_MAX = 1 << 18
+_WINDOW_MAP_WORK = 1 << 24
+_WINDOW_MAP_DENSITY = 3
 # Share of its map from which a window goes dense before an activation's step: cutting the
 # relaxation's three maps (and the box at the input) at every row's window costs more than one
 # scatter of the rows into dense coefficients and steps over whole maps (ResNet-2B and -4B at
@@ -246,14 +252,11 @@ def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
     win = win.cleaned()  # what the padding holds must not reach the input's map
     B, S, C, kh, kw = win.A.shape
     rows = win.A.reshape(B * S, C, kh, kw)
-    if kh * kw == 1:
-        # single-position rows (a refinement's first step): one matrix product with the kernel's
-        # window-to-window map (cached per weights; a convolution call costs ~0.1 ms however few
-        # rows). Wider windows take the adjoint convolution: their dense window-to-window map is
-        # mostly zeros (11×11 windows into 23×23 ones by a 3×3 stride-2 kernel: 59× the multiplications)
-        T = op._from_weights("window map", w, lambda w: op.adjoint(
-            torch.eye(C, dtype=w.dtype, device=w.device).reshape(C, C, 1, 1), w, (0, 0), (0, 0)))
-        A_in = (rows.reshape(B * S, -1) @ T.reshape(T.shape[0], -1)).reshape(B, S, *T.shape[1:])
+    if _by_window_map(w, op.groups, C, kh, kw, s, d, B * S):
+        n = C * kh * kw
+        T = op._from_weights(f"window map {kh}x{kw}", w, lambda w: op.adjoint(
+            torch.eye(n, dtype=w.dtype, device=w.device).reshape(n, C, kh, kw), w, (0, 0), (0, 0)))
+        A_in = (rows.reshape(B * S, -1) @ T.reshape(n, -1)).reshape(B, S, *T.shape[1:])
     else:
         A_in = op.adjoint(rows, w, (0, 0), (0, 0))
         A_in = A_in.reshape(B, S, *A_in.shape[1:])
@@ -262,6 +265,27 @@ def _conv(op: Conv2d, win: Windows, in_shape: tuple[int, ...]):
                     clean=False)
     bias = None if b is None else win.A.sum((-2, -1)).matmul(b)
     return [grown], bias
+
+
+def _by_window_map(w: Tensor, groups: int, C: int, kh: int, kw: int, stride, dilation, rows: int) -> bool:
+    """Whether a convolution's adjoint on ``rows`` windows (C, kh, kw) runs as one matrix product
+    with its window-to-window map (the adjoint of every unit window, kept per weights and window
+    size) rather than as a convolution: single positions always (a refinement's first step: a
+    convolution call costs 50–100 µs however few the rows); wider windows without gradients (the
+    map is kept) when the map is small (``_WINDOW_MAP_MAX``), and either the product is small
+    (``_WINDOW_MAP_WORK``) or the map is not much sparser than the convolution's work
+    (``_WINDOW_MAP_DENSITY``): 4×4 to 6×6 windows of 8–32 channels, 16–200 rows, 0.2–0.9× the
+    convolution's time; 1,000–2,000 rows 0.2–1.06× within these limits."""
+    if kh * kw == 1:
+        return True
+    if torch.is_grad_enabled():
+        return False
+    kH, kW = w.shape[2:]
+    oh = (kh - 1) * stride[0] + dilation[0] * (kH - 1) + 1
+    ow = (kw - 1) * stride[1] + dilation[1] * (kW - 1) + 1
+    entries = C * kh * kw * w.shape[1] * groups * oh * ow
+    dense = oh * ow * groups <= _WINDOW_MAP_DENSITY * kH * kW  # the map's work over the convolution's
+    return entries <= _WINDOW_MAP_MAX and (rows * entries <= _WINDOW_MAP_WORK or dense)
 
 
 def _activation(op: Activation, win: Windows, bounds: Interval):
