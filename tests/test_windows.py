@@ -359,3 +359,66 @@ def test_lines_follow_intervals_changed_in_place():
         lo[0, 0] = 0.0  # the first neuron now stable: the identity
         again = relu.lines(lo, up)
     assert again is not first and again[0][0, 0] == 1 and again[2][0, 0] == 1 and again[3][0, 0] == 0
+
+
+def test_the_input_box_centre_follows_boxes_changed_in_place():
+    """Every pass of a call concretises against the same box, whose centre and radius are kept;
+    the same tensors changed in place are read again."""
+    from certkit.bounds.windows import box_center_radius
+
+    lo, up = torch.zeros(1, 3), torch.ones(1, 3)
+    with torch.no_grad():
+        first = box_center_radius((lo, up))
+        assert box_center_radius((lo, up)) is first
+        up[0, 1] = 3.0
+        c, r = box_center_radius((lo, up))
+    assert c[0, 1] == 1.5 and r[0, 1] == 1.5 and c[0, 0] == 0.5
+
+
+@pytest.mark.parametrize("rows", [1, 8, 300])
+@pytest.mark.parametrize("k, stride, pad, window",
+                         [(4, 2, 1, 4), (3, 1, 1, 6), (3, 2, 1, 3), (1, 2, 0, 2), (3, 1, 0, 1)])
+def test_windows_through_a_convolution_by_the_window_map_or_the_adjoint_agree(k, stride, pad, window, rows,
+                                                                             monkeypatch):
+    """A windowed convolution step gives the same windows by the kept window-to-window map (a
+    matrix product) as by the adjoint convolution, and the step on windows that of the dense rows."""
+    from certkit.bounds import windows
+    from certkit.bounds.ops.linear import Conv2d
+
+    g = torch.Generator().manual_seed(rows + 10 * k + window)
+    conv = nn.Conv2d(5, 6, k, stride=stride, padding=pad).double()
+    op = Conv2d(lambda: (conv.weight, conv.bias), conv.stride, conv.padding, conv.dilation, conv.groups, (5, 16, 16))
+    size = (16 + 2 * pad - k) // stride + 1
+    pos = torch.randint(0, size - window + 1, (1, rows, 2), generator=g)
+    win = Windows(torch.randn(1, rows, 6, window, window, generator=g, dtype=torch.float64), pos, (size, size),
+                  (1, 1), (0, 0), (6, size, size))
+    got = {}
+    for limit in (0, 1 << 30):  # never the map (beyond single positions), the map whenever it fits
+        monkeypatch.setattr(windows, "_WINDOW_MAP_MAX", limit)
+        monkeypatch.setattr(windows, "_WINDOW_MAP_WORK", limit)
+        with torch.no_grad():
+            (grown,), bias = windows._conv(op, win, (5, 16, 16))
+        got[limit] = (grown.cleaned().dense(), bias)
+        want_A, want_bias = op.backward(win.dense(), [])
+        torch.testing.assert_close(got[limit][0], want_A[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(bias, want_bias, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 9])
+@pytest.mark.parametrize("c_in, c_out, size, k, stride, pad", [(3, 8, 32, 4, 2, 1), (8, 12, 9, 2, 1, 1),
+                                                              (4, 4, 7, 3, 1, 0), (2, 5, 6, 1, 2, 0)])
+def test_small_convolutions_by_pytorchs_own_kernel_equal_conv2d(batch, c_in, c_out, size, k, stride, pad):
+    """certkit's conv2d (PyTorch's im2col kernel for small work, oneDNN's otherwise) is F.conv2d,
+    values and gradients."""
+    from certkit.bounds.ops.linear import conv2d
+
+    g = torch.Generator().manual_seed(batch * 100 + k)
+    x = torch.randn(batch, c_in, size, size, generator=g, requires_grad=True)
+    w = torch.randn(c_out, c_in, k, k, generator=g, requires_grad=True)
+    b = torch.randn(c_out, generator=g)
+    got, want = conv2d(x, w, b, stride, pad), F.conv2d(x, w, b, stride, pad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gx, gw = torch.autograd.grad(got.square().sum(), (x, w))
+    hx, hw = torch.autograd.grad(want.square().sum(), (x, w))
+    torch.testing.assert_close(gx, hx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, hw, rtol=1e-4, atol=1e-4)
