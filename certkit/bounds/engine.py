@@ -451,8 +451,7 @@ class BoundedModel:
                 lb = _add(lb, bias)
             for i, A_i in zip(node.inputs, A_ins):
                 _accumulate(pending, i, A_i)
-        zero = lb is None or lb.shape != A.shape[:2]  # (a term broadcast over the rows or samples)
-        return torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device) + (0 if lb is None else lb) if zero else lb
+        return _per_row(lb, A)
 
     def _windowed_step(self, node, win: windows.Windows, bounds: dict[str, Interval],
                        pending: dict[str, Tensor | windows.Windows]) -> Tensor | int | None:
@@ -668,6 +667,15 @@ def _add(total: Tensor | None, term: Tensor | int) -> Tensor | None:
     if isinstance(term, int):
         return total
     return term if total is None else total + term
+
+
+def _per_row(total: Tensor | None, A: Tensor) -> Tensor:
+    """A pass's summed bias terms as one value per row of A (B, S, ...): zero where it met none,
+    broadcast where its terms were."""
+    if total is not None and total.shape == A.shape[:2]:
+        return total
+    zero = torch.zeros(A.shape[:2], dtype=A.dtype, device=A.device)
+    return zero if total is None else zero + total
 
 
 def _tightened(bound: Tensor, lb: Tensor, sign: float) -> Tensor:

@@ -11,7 +11,8 @@ small kernels). Here each row keeps only its window (auto_LiRPA's "patches" keep
   the same for columns), where p is the row's neuron's position at the start node and the
   stride, padding and size accumulate along the path (:class:`Windows`);
 - through a convolution, the window grows by the kernel (one transposed convolution of the
-  small windows, without padding); positions outside the map, which only padding read, are
+  small windows, without padding, or one matrix product with the window-to-window map kept per
+  weights where that map is small); positions outside the map, which only padding read, are
   left as they come (``clean`` False) and zeroed only where a later step would read them: the
   next convolution, or a relaxation of intervals cut at each window (off the map [0, 0], whose
   lines need not be zero); the usual next step, an activation's lines or an affine map's scale
