@@ -131,7 +131,8 @@ def conv2d(x: Tensor, w: Tensor, b: Tensor | None, stride, padding, dilation=(1,
     """``F.conv2d`` (integer padding), by PyTorch's own kernel where oneDNN's fixed cost would
     dominate (``_NATIVE_MAX_MACS``); the same sums, in another order."""
     stride, padding = _pair(stride), _pair(padding)
-    if x.device.type == "cpu" and groups == 1 and _pair(dilation) == (1, 1) and x.dim() == 4:
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and groups == 1
+            and _pair(dilation) == (1, 1) and x.dim() == 4):
         N, _, H, W = x.shape
         kh, kw = w.shape[2:]
         out = ((H + 2 * padding[0] - kh) // stride[0] + 1) * ((W + 2 * padding[1] - kw) // stride[1] + 1)
