@@ -351,17 +351,17 @@ class BoundedModel:
             sub, lf_d, uf_d = (bounds, lf, uf) if g == B else (self._domains(bounds, name, dom), lf[dom], uf[dom])
             per_domain = max(1, rows // g)
             for c0 in range(0, k, per_domain):
-                part = order[dom, c0:c0 + per_domain] if per_domain < k or g < B else order
+                part = order[dom, c0:c0 + per_domain]
                 ok = None if valid is None else valid[dom, c0:c0 + per_domain]
                 kk = part.shape[1]
-                index = torch.cat([part] * m, 1) if m > 1 else part  # every neuron with the first sign, then the next
+                index = torch.cat([part] * m, 1)  # every neuron with the first sign, then the next
                 A = self._unit_rows(index, [s for s in signs for _ in range(kk)], shape, lf, alpha_iterations)
                 lb = self._backward(name, A, sub, stop_at_nonlinear=False)
                 lb = self._optimise_alphas(name, A, sub, lb, alpha_iterations)
                 for j, s in enumerate(signs):
                     bound = lf_d if s > 0 else uf_d
                     held = bound.gather(1, part)
-                    new = _tightened(held, lb[:, j * kk:(j + 1) * kk] if m > 1 else lb, s)
+                    new = _tightened(held, lb[:, j * kk:(j + 1) * kk], s)
                     bound.scatter_(1, part, new if ok is None else torch.where(ok, new, held))
 
     def _unit_rows(self, index: Tensor, signs: list[float], shape, like: Tensor, alpha_iterations: int,
